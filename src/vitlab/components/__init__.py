@@ -1,0 +1,34 @@
+"""Building blocks shared by every vitlab model family."""
+
+from .attention import (
+    Attention,
+    AttentionBase,
+    AttentionCapture,
+    AttentionRecord,
+    CrossAttention,
+    WindowAttention,
+    capture_attention,
+    explicit_attention,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from .embeddings import (
+    LinearPatchEmbed,
+    PatchEmbed,
+    RelativePositionBias,
+    interpolate_pos_embed,
+    relative_position_index,
+    resample_relative_position_table,
+    sincos_2d_pos_embed,
+    to_2tuple,
+)
+from .layers import Block, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path
+
+__all__ = [
+    "Attention", "AttentionBase", "AttentionCapture", "AttentionRecord", "CrossAttention", "WindowAttention",
+    "capture_attention", "explicit_attention", "shifted_window_mask", "window_partition", "window_reverse",
+    "LinearPatchEmbed", "PatchEmbed", "RelativePositionBias", "interpolate_pos_embed", "relative_position_index",
+    "resample_relative_position_table", "sincos_2d_pos_embed", "to_2tuple",
+    "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path",
+]

@@ -1,0 +1,270 @@
+"""Patch embeddings and position encodings.
+
+Patch embeddings: :class:`PatchEmbed` (convolution with kernel = stride = patch, or
+overlapping with stride < kernel) and :class:`LinearPatchEmbed` (the paper's linear map of
+flattened patches; same output as the conv form on the same weights).
+
+Position encodings: learned (a parameter of the model, resampled by
+:func:`interpolate_pos_embed`), fixed 2-D sin-cos (:func:`sincos_2d_pos_embed`) and relative
+position bias (:class:`RelativePositionBias`, resampled by :func:`resample_relative_position_table`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; a pair is returned as a tuple."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with a convolution.
+
+    With ``stride`` left at the patch size this is ViT's patch embedding (non-overlapping
+    patches). With ``stride < patch_size`` it is the overlapping embedding of PVT v2 and
+    convolutional stems (padding ``patch_size // 2`` by default).
+
+    Args:
+        patch_size: Kernel size.
+        in_channels: Image channels.
+        dim: Token width.
+        stride: Convolution stride; the patch size by default.
+        padding: Convolution padding; 0 for non-overlapping, ``patch_size // 2`` otherwise.
+        norm_layer: Optional norm applied to the tokens.
+        bias: Convolution bias.
+        pad_input: Pad the image on the right/bottom to a multiple of the stride (non-
+            overlapping case). When False, a size that is not a multiple raises ValueError.
+
+    Forward returns ``(tokens, grid)``: tokens (B, H' * W', dim) and the grid (H', W').
+    """
+
+    def __init__(
+        self,
+        patch_size: int | tuple[int, int] = 16,
+        in_channels: int = 3,
+        dim: int = 768,
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        bias: bool = True,
+        pad_input: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride) if stride is not None else self.patch_size
+        self.overlapping = self.stride != self.patch_size
+        if padding is None:
+            padding = (self.patch_size[0] // 2, self.patch_size[1] // 2) if self.overlapping else 0
+        self.padding = to_2tuple(padding)
+        self.in_channels = in_channels
+        self.dim = dim
+        self.pad_input = pad_input
+        self.proj = nn.Conv2d(in_channels, dim, self.patch_size, self.stride, self.padding, bias=bias)
+        self.norm = norm_layer(dim) if norm_layer is not None else nn.Identity()
+
+    def check_input(self, x: Tensor) -> Tensor:
+        """Validate (B, C, H, W) input and pad it to a multiple of the stride if allowed."""
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch of shape (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channel(s), got {c} (input shape {tuple(x.shape)}); "
+                f"build the model with in_channels={c} or convert the images"
+            )
+        ph, pw = self.patch_size
+        if h < ph or w < pw:
+            raise ValueError(f"image size {h}x{w} is smaller than one patch ({ph}x{pw})")
+        if not self.overlapping:
+            rh, rw = (-h) % ph, (-w) % pw
+            if rh or rw:
+                if not self.pad_input:
+                    raise ValueError(
+                        f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+                        f"resize to e.g. {h + rh}x{w + rw} or build the model with pad_input=True"
+                    )
+                x = F.pad(x, (0, rw, 0, rh))
+        return x
+
+    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid for an image size (after padding)."""
+        out = []
+        for s, k, st, p in zip(image_size, self.patch_size, self.stride, self.padding):
+            if not self.overlapping:
+                s = s + (-s) % k
+            out.append((s + 2 * p - k) // st + 1)
+        return out[0], out[1]
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, dim, H', W') for already validated input."""
+        return self.proj(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.embed(self.check_input(x))  # (B, dim, H', W')
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # (B, dim, H', W') -> (B, H'W', dim)
+        return self.norm(x), grid
+
+
+class LinearPatchEmbed(PatchEmbed):
+    """The ViT paper's form: flatten each P x P patch to a vector, then one linear map.
+
+    ``proj`` is an ``nn.Linear(C * P * P, dim)`` whose input is ordered (channel, row,
+    column), so a conv patch embedding's weight reshaped to (dim, C * P * P) gives the same
+    output. Conv-shaped weights in a state dict (timm, HF) are reshaped on load.
+    """
+
+    def __init__(
+        self,
+        patch_size: int | tuple[int, int] = 16,
+        in_channels: int = 3,
+        dim: int = 768,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        bias: bool = True,
+        pad_input: bool = True,
+    ) -> None:
+        super().__init__(patch_size, in_channels, dim, norm_layer=norm_layer, bias=bias, pad_input=pad_input)
+        ph, pw = self.patch_size
+        self.proj = nn.Linear(in_channels * ph * pw, dim, bias=bias)  # type: ignore[assignment]
+        self._register_load_state_dict_pre_hook(self._conv_weight_to_linear)
+
+    def _conv_weight_to_linear(self, state_dict, prefix, *args) -> None:
+        key = prefix + "proj.weight"
+        w = state_dict.get(key)
+        if w is not None and w.ndim == 4:
+            state_dict[key] = w.reshape(w.shape[0], -1)  # (dim, C, P, P) -> (dim, C*P*P)
+
+    def embed(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        ph, pw = self.patch_size
+        gh, gw = h // ph, w // pw
+        # (B, C, gh*ph, gw*pw) -> (B, gh, gw, C, ph, pw) -> (B, gh*gw, C*ph*pw)
+        patches = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+        tokens = self.proj(patches)  # (B, gh*gw, dim)
+        return tokens.transpose(1, 2).reshape(b, self.dim, gh, gw)  # -> (B, dim, gh, gw)
+
+
+def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10000.0) -> Tensor:
+    """Fixed 2-D sine-cosine position encoding, (gh * gw, dim), rows in raster order.
+
+    A quarter of the channels each for sin(y), cos(y), sin(x), cos(x) at geometric
+    frequencies (MAE / MoCo v3 form). ``dim`` must be divisible by 4.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position encoding needs dim divisible by 4, got {dim}")
+    gh, gw = grid
+    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ang_y = y.flatten()[:, None] * omega[None, :]  # (gh*gw, dim/4)
+    ang_x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)
+
+
+def interpolate_pos_embed(
+    pos_embed: Tensor,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    old_grid: tuple[int, int] | None = None,
+    mode: str = "bicubic",
+    antialias: bool = True,
+) -> Tensor:
+    """Resample a learned position embedding (1, P + gh * gw, C) to a new grid.
+
+    The first ``num_prefix_tokens`` rows (class / distillation tokens) are kept; the grid
+    rows are resampled with ``mode`` interpolation. ``old_grid`` defaults to a square grid.
+    """
+    if pos_embed.ndim != 3:
+        raise ValueError(f"expected a position embedding of shape (1, N, C), got {tuple(pos_embed.shape)}")
+    n = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = int(math.isqrt(n))
+        if side * side != n:
+            raise ValueError(f"cannot infer the grid of a position embedding with {n} grid tokens; pass old_grid")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"old_grid {old_grid} does not match {n} grid tokens")
+    new_grid = to_2tuple(new_grid)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    c = pos_embed.shape[-1]
+    dtype = pos_embed.dtype
+    # (1, gh*gw, C) -> (1, C, gh, gw)
+    g = grid_tokens.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2).float()
+    g = F.interpolate(g, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
+    # (1, C, gh', gw') -> (1, gh'*gw', C)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(dtype)
+    return torch.cat([prefix, g], dim=1)
+
+
+def relative_position_index(window: tuple[int, int]) -> Tensor:
+    """(N, N) index into a ((2wh - 1) * (2ww - 1))-row bias table for every token pair."""
+    wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2), in [-(w-1), w-1]
+    rel[:, :, 0] += wh - 1
+    rel[:, :, 1] += ww - 1
+    return rel[:, :, 0] * (2 * ww - 1) + rel[:, :, 1]
+
+
+def resample_relative_position_table(table: Tensor, new_window: tuple[int, int], old_window: tuple[int, int] | None = None) -> Tensor:
+    """Bicubically resample a relative position bias table ((2wh-1)(2ww-1), heads) to a new window."""
+    rows, heads = table.shape
+    if old_window is None:
+        side = int(math.isqrt(rows))
+        if side * side != rows:
+            raise ValueError(f"cannot infer the window of a bias table with {rows} rows; pass old_window")
+        old_window = ((side + 1) // 2, (side + 1) // 2)
+    old = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    new = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
+    if old == new:
+        return table
+    # (rows, heads) -> (1, heads, 2wh-1, 2ww-1)
+    t = table.T.reshape(1, heads, old[0], old[1]).float()
+    t = F.interpolate(t, size=new, mode="bicubic", align_corners=False)
+    return t.reshape(heads, -1).T.contiguous().to(table.dtype)  # -> (rows', heads)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned relative position bias for attention inside a window (Swin).
+
+    Holds a table of ``(2wh - 1) * (2ww - 1)`` rows by ``heads``; :meth:`forward` returns the
+    (heads, N, N) bias for a window (a smaller window uses the central part of the table).
+    """
+
+    def __init__(self, window: int | tuple[int, int], heads: int) -> None:
+        super().__init__()
+        self.window = to_2tuple(window)
+        self.heads = heads
+        wh, ww = self.window
+        self.table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        self.register_buffer("index", relative_position_index(self.window), persistent=False)
+
+    def forward(self, window: tuple[int, int] | None = None) -> Tensor:
+        window = self.window if window is None else to_2tuple(window)
+        if window == self.window:
+            index, table = self.index, self.table
+        else:
+            if window[0] > self.window[0] or window[1] > self.window[1]:
+                raise ValueError(f"window {window} is larger than the bias table's window {self.window}")
+            # Keep only the table rows of offsets that fit in the smaller window.
+            wh, ww = self.window
+            full = self.table.view(2 * wh - 1, 2 * ww - 1, self.heads)
+            oh, ow = wh - window[0], ww - window[1]
+            table = full[oh : oh + 2 * window[0] - 1, ow : ow + 2 * window[1] - 1].reshape(-1, self.heads)
+            index = relative_position_index(window).to(table.device)
+        n = window[0] * window[1]
+        return table[index.reshape(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)

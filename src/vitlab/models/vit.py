@@ -1,0 +1,321 @@
+"""Vision Transformer (Dosovitskiy et al., 2021): patch tokens, a class token, a stack of blocks.
+
+State-dict keys follow timm's layout (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.N.attn.qkv`` ...), so timm checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..components import Block, LinearPatchEmbed, PatchEmbed, checkpoint_seq, interpolate_pos_embed, sincos_2d_pos_embed, to_2tuple
+from ..config import build_config
+from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, pretrained_cfg, resolve_indices
+from .registry import register_family
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Configuration of a :class:`VisionTransformer`.
+
+    Attributes:
+        image_size: Default input size (int or (H, W)); the position embedding's grid.
+        patch_size: Patch side in pixels.
+        in_channels: Image channels.
+        num_classes: Classifier outputs; 0 for no head (features only).
+        dim: Token width.
+        depth: Number of blocks.
+        heads: Attention heads.
+        mlp_dim: Hidden width of the MLPs.
+        dropout: Dropout after the position embedding, in the MLPs and after attention.
+        attention_dropout: Dropout on the attention probabilities.
+        drop_path: Stochastic-depth rate of the last block (linearly increasing from 0).
+        qkv_bias: Bias in the qkv projection.
+        pool: ``"cls"`` (class token) or ``"mean"`` (mean of the patch tokens).
+        class_token: Prepend a learned class token.
+        representation_size: Width of the optional pre-logits layer (Linear + tanh).
+        layer_scale: Init value of LayerScale in every block; None for none.
+        pos_embed: ``"learned"``, ``"sincos"`` (fixed 2-D) or ``"none"``.
+        patch_embed: ``"conv"`` or ``"linear"`` (the paper's flattened-patch form).
+        pad_input: Pad inputs that are not a multiple of the patch size (else raise).
+        norm_eps: LayerNorm epsilon.
+        fc_norm: Norm after pooling instead of before it; default: True when pool is "mean".
+        head_dropout: Dropout before the classifier.
+    """
+
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    qkv_bias: bool = True
+    pool: Literal["cls", "mean"] = "cls"
+    class_token: bool = True
+    representation_size: int | None = None
+    layer_scale: float | None = None
+    pos_embed: Literal["learned", "sincos", "none"] = "learned"
+    patch_embed: Literal["conv", "linear"] = "conv"
+    pad_input: bool = True
+    norm_eps: float = 1e-6
+    fc_norm: bool | None = None
+    head_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", to_2tuple(self.image_size))
+        errors = []
+        for name in ("patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"):
+            if getattr(self, name) <= 0:
+                errors.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.heads > 0 and self.dim % self.heads:
+            errors.append(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        for name in ("dropout", "attention_dropout", "drop_path", "head_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pool not in ("cls", "mean"):
+            errors.append(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            errors.append("pool='cls' needs class_token=True; use pool='mean' without a class token")
+        if self.pos_embed not in ("learned", "sincos", "none"):
+            errors.append(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
+        if self.patch_embed not in ("conv", "linear"):
+            errors.append(f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}")
+        if any(s < self.patch_size for s in self.image_size):
+            errors.append(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if errors:
+            raise ValueError("invalid ViTConfig: " + "; ".join(errors))
+
+
+class VisionTransformer(Backbone):
+    """ViT classifier/backbone following vitlab's backbone contract.
+
+    Args:
+        config: A :class:`ViTConfig`; keyword arguments override its fields.
+
+    Example:
+        >>> model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, dim=64, depth=2, heads=2, mlp_dim=128))
+        >>> model(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 1000])
+    """
+
+    family = "vit"
+    config_class = ViTConfig
+    num_distill_tokens = 0
+    no_weight_decay_names = ("pos_embed", "cls_token", "dist_token")
+
+    def __init__(self, config: ViTConfig | None = None, **overrides) -> None:
+        super().__init__()
+        if config is None or overrides:
+            config = build_config(self.config_class, vars(config) if config is not None else {}, **overrides)
+        self.config = c = config
+        embed_cls = LinearPatchEmbed if c.patch_embed == "linear" else PatchEmbed
+        self.patch_embed = embed_cls(c.patch_size, c.in_channels, c.dim, pad_input=c.pad_input)
+        self.grid_size = self.patch_embed.grid_size(c.image_size)
+        self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens
+        self.num_features = c.representation_size or c.dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
+        n_pos = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        if c.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, c.dim))
+        elif c.pos_embed == "sincos":
+            fixed = torch.cat([torch.zeros(self.num_prefix_tokens, c.dim), sincos_2d_pos_embed(c.dim, self.grid_size)])
+            self.register_buffer("pos_embed", fixed.unsqueeze(0), persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(c.dropout)
+        norm = partial(nn.LayerNorm, eps=c.norm_eps)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                c.dim, c.heads, c.mlp_dim, qkv_bias=c.qkv_bias, dropout=c.dropout,
+                attention_dropout=c.attention_dropout, drop_path=r, layer_scale=c.layer_scale, norm_layer=norm,
+            )
+            for r in rates
+        )
+        use_fc_norm = c.fc_norm if c.fc_norm is not None else c.pool == "mean"
+        self.norm = nn.Identity() if use_fc_norm else norm(c.dim)
+        self.fc_norm = norm(c.dim) if use_fc_norm else nn.Identity()
+        if c.representation_size:
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(c.dim, c.representation_size), act=nn.Tanh()))
+        else:
+            self.pre_logits = nn.Identity()
+        self.head_drop = nn.Dropout(c.head_dropout)
+        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=c.dim, reduction=c.patch_size, module=f"blocks.{i}") for i in range(c.depth)]
+        self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0], mean=INCEPTION_MEAN, std=INCEPTION_STD)
+        self.init_weights()
+
+    # ----------------------------------------------------------------- init
+    def init_weights(self) -> None:
+        """timm's default scheme: truncated normal (std 0.02) for linears and position embedding."""
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------- features
+    def prefix_tokens(self, batch: int) -> list[Tensor]:
+        """The learned tokens put before the patch tokens, each (B, 1, C)."""
+        return [self.cls_token.expand(batch, -1, -1)] if self.cls_token is not None else []
+
+    def position_embedding(self, grid: tuple[int, int]) -> Tensor | None:
+        """The position embedding for a token grid, resampled (bicubic) if the grid is new."""
+        if self.pos_embed is None:
+            return None
+        if tuple(grid) == tuple(self.grid_size):
+            return self.pos_embed
+        if self.config.pos_embed == "sincos":
+            pe = sincos_2d_pos_embed(self.config.dim, grid).to(self.pos_embed)
+            return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], pe.unsqueeze(0)], dim=1)
+        return interpolate_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, old_grid=self.grid_size)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Image (B, C, H, W) -> tokens with prefix and position embedding (B, P + N, C), grid."""
+        x, grid = self.patch_embed(x)  # (B, N, C)
+        prefix = self.prefix_tokens(x.shape[0])
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)  # (B, P + N, C)
+        pos = self.position_embedding(grid)
+        if pos is not None:
+            x = x + pos
+        return self.pos_drop(x), grid
+
+    def run_block(self, i: int, x: Tensor) -> Tensor:
+        blk = self.blocks[i]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint_seq(blk, x)
+        return blk(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Image -> normed tokens (B, P + N, C), prefix tokens first."""
+        x, _ = self.embed(x)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x)
+        return self.norm(x)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, P + N, C) -> (B, C): the class token, or the mean of the patch tokens."""
+        if self.config.pool == "mean":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x[:, 0]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens -> logits (or the pooled, normed pre-logit features)."""
+        x = self.pre_logits(self.fc_norm(self.pool(x)))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def tokens_to_map(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Patch tokens of (B, P + N, C) -> (B, C, H', W')."""
+        b, _, c = x.shape
+        # (B, N, C) -> (B, C, H', W')
+        return x[:, self.num_prefix_tokens :].transpose(1, 2).reshape(b, c, grid[0], grid[1])
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> list[Tensor]:
+        """Feature maps (B, C, H', W') after the chosen blocks (see :func:`resolve_indices`).
+
+        Args:
+            x: Images (B, C, H, W).
+            indices: None for every block, k for the last k, or a list of block indices.
+            norm: Apply the final norm to each returned map's tokens.
+        """
+        take = resolve_indices(indices, len(self.blocks))
+        x, grid = self.embed(x)
+        out = []
+        for i in range(take[-1] + 1):
+            x = self.run_block(i, x)
+            if i in take:
+                out.append(self.tokens_to_map(self.norm(x) if norm else x, grid))
+        return out
+
+    # ------------------------------------------------------------- contract
+    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
+        if pool is not None:
+            if pool not in ("cls", "mean") or (pool == "cls" and self.cls_token is None):
+                raise ValueError(f"pool must be 'mean' or (with a class token) 'cls', got {pool!r}")
+            self.config = dataclasses.replace(self.config, pool=pool)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_layer_ids(self) -> int:
+        """Number of depth groups for layer-wise lr decay: embeddings, each block, the head."""
+        return len(self.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        """Depth index of a parameter: 0 for embeddings/tokens, i + 1 for block i, depth + 1 else."""
+        if name.startswith(("cls_token", "dist_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+    @classmethod
+    def tiny_overrides(cls, config: ViTConfig) -> dict:
+        """Same tokens, pooling and patch size; 2 blocks of width 8 per head, a 4x3 patch grid."""
+        heads = min(config.heads, 4)
+        p = config.patch_size
+        return dict(dim=8 * heads, heads=heads, depth=2, mlp_dim=16 * heads, image_size=(4 * p, 3 * p),
+                    representation_size=8 if config.representation_size else None)
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Resample a checkpoint's position embedding (bicubic) to this model's grid."""
+        pe = state_dict.get("pos_embed")
+        if isinstance(self.pos_embed, nn.Parameter) and pe is not None and pe.shape != self.pos_embed.shape:
+            if pe.ndim != 3 or pe.shape[-1] != self.pos_embed.shape[-1]:
+                return state_dict  # leave it to the shape-mismatch report
+            prefix = self.num_prefix_tokens
+            if pe.shape[1] - prefix <= 0:
+                return state_dict
+            state_dict = dict(state_dict)
+            state_dict["pos_embed"] = interpolate_pos_embed(pe, self.grid_size, prefix)
+        return state_dict
+
+
+_IN = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)
+
+register_family(
+    "vit",
+    VisionTransformer,
+    ViTConfig,
+    {
+        "vit_tiny_patch16_224": (dict(dim=192, depth=12, heads=3, mlp_dim=768),
+                                 pretrained_cfg(hub_id="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", **_IN)),
+        "vit_small_patch16_224": (dict(dim=384, depth=12, heads=6, mlp_dim=1536),
+                                  pretrained_cfg(hub_id="timm/vit_small_patch16_224.augreg_in21k_ft_in1k", **_IN)),
+        "vit_base_patch16_224": (dict(dim=768, depth=12, heads=12, mlp_dim=3072),
+                                 pretrained_cfg(hub_id="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", **_IN)),
+        "vit_base_patch32_224": (dict(patch_size=32, dim=768, depth=12, heads=12, mlp_dim=3072),
+                                 pretrained_cfg(hub_id="timm/vit_base_patch32_224.augreg_in21k_ft_in1k", **_IN)),
+        "vit_base_patch16_384": (dict(image_size=384, dim=768, depth=12, heads=12, mlp_dim=3072),
+                                 pretrained_cfg(input_size=384, crop_pct=1.0,
+                                                hub_id="timm/vit_base_patch16_384.augreg_in21k_ft_in1k", **_IN)),
+        "vit_large_patch16_224": (dict(dim=1024, depth=24, heads=16, mlp_dim=4096),
+                                  pretrained_cfg(hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k", **_IN)),
+        "vit_huge_patch14_224": (dict(patch_size=14, dim=1280, depth=32, heads=16, mlp_dim=5120),
+                                 pretrained_cfg(**_IN)),
+    },
+)

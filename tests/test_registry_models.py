@@ -1,0 +1,205 @@
+"""Tests parametrized over every registered variant: a new variant is tested the day it is added.
+
+Parameter counts are exact timm figures (1000 classes), counted on the meta device. The
+numerical tests run each variant shrunk by its family's ``tiny_overrides`` so CI stays fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitlab
+from vitlab.models import build_model, get_entry
+from vitlab.pretrained import load_model, save_checkpoint
+
+from conftest import tiny_model
+
+# Exact parameter counts of timm's models with 1000 classes (issue 2 / issue 3 tables).
+TIMM_PARAM_COUNTS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_base_patch32_224": 88_224_232,
+    "vit_base_patch16_384": 86_859_496,
+    "vit_large_patch16_224": 304_326_632,
+    "vit_huge_patch14_224": 632_045_800,
+    "deit_tiny_patch16_224": 5_717_416,
+    "deit_small_patch16_224": 22_050_664,
+    "deit_base_patch16_224": 86_567_656,
+    "deit_tiny_distilled_patch16_224": 5_910_800,
+    "deit_small_distilled_patch16_224": 22_436_432,
+    "deit_base_distilled_patch16_224": 87_338_192,
+    "swin_tiny_patch4_window7_224": 28_288_354,
+    "swin_small_patch4_window7_224": 49_606_258,
+    "swin_base_patch4_window7_224": 87_768_224,
+    "swin_base_patch4_window12_384": 87_903_584,
+    "swin_large_patch4_window7_224": 196_532_476,
+    "pvt_v2_b0": 3_666_760,
+    "pvt_v2_b1": 14_009_000,
+    "pvt_v2_b2": 25_362_856,
+    "pvt_v2_b2_li": 22_553_512,
+    "pvt_v2_b3": 45_238_696,
+    "pvt_v2_b4": 62_556_072,
+    "pvt_v2_b5": 81_956_008,
+    "cait_xxs24_224": 11_956_264,
+    "cait_xxs36_224": 17_299_720,
+    "cait_xs24_384": 26_670_088,
+    "cait_s24_224": 46_916_200,
+    "cait_s36_384": 68_366_632,
+    "crossvit_tiny_240": 7_014_800,
+    "crossvit_9_240": 8_553_296,
+    "crossvit_small_240": 26_856_272,
+    "crossvit_15_240": 27_528_464,
+    "crossvit_18_240": 43_271_408,
+    "crossvit_9_dagger_240": 8_776_592,
+    "crossvit_base_240": 105_025_232,
+}
+
+# Counts whose reference is not timm (the family's test module says where they come from).
+OTHER_PARAM_COUNTS: dict[str, int] = {}
+
+ALL = vitlab.list_models()
+
+
+def logits_of(out):
+    """A distilled model in training mode returns (cls, dist) logits; reduce to one tensor."""
+    return sum(out) if isinstance(out, tuple) else out
+
+
+def image_for(model, batch=2, size=None):
+    cfg = model.config
+    h, w = size or cfg.image_size
+    return torch.randn(batch, cfg.in_channels, h, w)
+
+
+def test_registry_is_populated():
+    assert {"vit_base_patch16_224", "deit_tiny_distilled_patch16_224"} <= set(ALL)
+    assert vitlab.list_models("vit_*") and all(n.startswith("vit_") for n in vitlab.list_models("vit_*"))
+
+
+def test_every_variant_has_a_reference_count():
+    missing = [n for n in ALL if n not in TIMM_PARAM_COUNTS and n not in OTHER_PARAM_COUNTS]
+    assert not missing, f"variants without a reference parameter count: {missing}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_exact_parameter_count(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    expected = TIMM_PARAM_COUNTS.get(name, OTHER_PARAM_COUNTS.get(name))
+    assert model.num_params() == expected
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_is_finite_and_eval_deterministic(name):
+    model = tiny_model(name, num_classes=7).eval()
+    x = image_for(model)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, model(x))  # eval mode: no dropout / drop-path randomness
+    # forward == forward_head(forward_features)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), out)
+    # Samples are independent: the first image alone gives the same logits.
+    torch.testing.assert_close(model(x[:1]), out[:1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_backward_reaches_every_parameter(name):
+    model = tiny_model(name, num_classes=5).train()
+    out = logits_of(model(image_for(model)))
+    (out.square().mean()).backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_other_input_size(name):
+    model = tiny_model(name, num_classes=3).eval()
+    h, w = model.config.image_size
+    for size in [(h + h // 2, w), (h // 2 + 3, w + 5)]:
+        out = model(image_for(model, 1, size))
+        assert out.shape == (1, 3) and torch.isfinite(out).all(), size
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_intermediates(name):
+    model = tiny_model(name).eval()
+    x = image_for(model)
+    maps = model.forward_intermediates(x)
+    assert len(maps) == len(model.feature_info)
+    h, w = model.config.image_size
+    for fmap, info in zip(maps, model.feature_info):
+        assert fmap.ndim == 4 and fmap.shape[0] == 2
+        assert fmap.shape[1] == info["num_chs"]
+        red = info["reduction"]
+        assert fmap.shape[2:] == (-(-h // red), -(-w // red)), (fmap.shape, info)
+        assert torch.isfinite(fmap).all()
+    last = model.forward_intermediates(x, indices=1)
+    assert len(last) == 1
+    torch.testing.assert_close(last[0], maps[-1])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_save_load_identical_logits(name, tmp_path):
+    model = tiny_model(name, num_classes=4).eval()
+    x = image_for(model)
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert type(loaded) is type(model)
+    assert torch.equal(loaded(x), model(x))
+    file = save_checkpoint(model, tmp_path / "single.safetensors")
+    assert torch.equal(load_model(file).eval()(x), model(x))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract_members(name):
+    model = tiny_model(name, num_classes=6)
+    params = dict(model.named_parameters())
+    nwd = model.no_weight_decay()
+    assert nwd <= set(params)
+    ids = {n: model.layer_id(n) for n in params}
+    assert min(ids.values()) == 0 and max(ids.values()) == model.num_layer_ids - 1
+    assert model.num_features > 0
+    model.reset_classifier(9)
+    assert model.eval()(image_for(model, 1)).shape == (1, 9)
+    model.reset_classifier(0)
+    feats = model.eval()(image_for(model, 1))
+    assert feats.shape == (1, model.num_features)
+    assert get_entry(name).model_class is type(model)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grad_checkpointing_same_gradients(name):
+    torch.manual_seed(1)
+    model = tiny_model(name, num_classes=3).train()
+    x = image_for(model)
+
+    def grads():
+        model.zero_grad()
+        logits_of(model(x)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    ckpt = grads()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_attention_capture_every_block(name):
+    model = tiny_model(name).eval()
+    x = image_for(model, 1)
+    ref = model(x)
+    with vitlab.capture_attention(model) as cap:
+        out = model(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # explicit path == SDPA path
+    assert len(cap.records) >= 1
+    for r in cap.records:
+        assert torch.isfinite(r.probs).all()
+        torch.testing.assert_close(r.probs.sum(-1), torch.ones_like(r.probs.sum(-1)), atol=1e-5, rtol=0)
+    # Outside the context nothing is recorded and SDPA is used again.
+    model(x)
+    assert all(m._capture is None for m in model.modules() if hasattr(m, "_capture"))
