@@ -158,8 +158,9 @@ class LinearPatchEmbed(PatchEmbed):
 def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10000.0) -> Tensor:
     """Fixed 2-D sine-cosine position encoding, (gh * gw, dim), rows in raster order.
 
-    A quarter of the channels each for sin(y), cos(y), sin(x), cos(x) at geometric
-    frequencies (MAE / MoCo v3 form). ``dim`` must be divisible by 4.
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (x = column, y = row)
+    at frequencies ``10000^(-i / (dim / 4))``, the channel order of MAE's fixed encoding.
+    ``dim`` must be divisible by 4.
     """
     if dim % 4 != 0:
         raise ValueError(f"sin-cos position encoding needs dim divisible by 4, got {dim}")
@@ -169,7 +170,7 @@ def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     ang_y = y.flatten()[:, None] * omega[None, :]  # (gh*gw, dim/4)
     ang_x = x.flatten()[:, None] * omega[None, :]
-    return torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)
+    return torch.cat([ang_x.sin(), ang_x.cos(), ang_y.sin(), ang_y.cos()], dim=1)
 
 
 def interpolate_pos_embed(

@@ -46,7 +46,8 @@ def to_tensor(image: ImageLike) -> Tensor:
             arr = arr[:, :, None]
         if arr.ndim not in (3, 4):
             raise ValueError(f"expected an image array (H, W), (H, W, C) or (B, H, W, C), got shape {arr.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr)
+        t = torch.from_numpy(arr)
         t = t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)  # HWC -> CHW
         image = t
     if not isinstance(image, Tensor):

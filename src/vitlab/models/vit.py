@@ -287,11 +287,11 @@ class VisionTransformer(Backbone):
         if isinstance(self.pos_embed, nn.Parameter) and pe is not None and pe.shape != self.pos_embed.shape:
             if pe.ndim != 3 or pe.shape[-1] != self.pos_embed.shape[-1]:
                 return state_dict  # leave it to the shape-mismatch report
-            prefix = self.num_prefix_tokens
-            if pe.shape[1] - prefix <= 0:
-                return state_dict
-            state_dict = dict(state_dict)
-            state_dict["pos_embed"] = interpolate_pos_embed(pe, self.grid_size, prefix)
+            try:
+                resampled = interpolate_pos_embed(pe, self.grid_size, self.num_prefix_tokens)
+            except ValueError:
+                return state_dict  # not a square grid with our prefix tokens: reported as a mismatch
+            state_dict = {**state_dict, "pos_embed": resampled}
         return state_dict
 
 
