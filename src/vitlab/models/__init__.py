@@ -1,12 +1,25 @@
 """Model families. Importing this package registers every variant."""
 
-from . import deit, vit  # noqa: F401  (registration)
+from . import convnet, deit, vit  # noqa: F401  (registration)
+from . import cait  # noqa: F401  (registration)
+from . import crossvit  # noqa: F401  (registration)
+from . import swin  # noqa: F401  (registration)
+from . import pvt  # noqa: F401  (registration)
+from .pvt import PvtConfig, PvtV2Config, PyramidVisionTransformer, PyramidVisionTransformerV2, SpatialReductionAttention
+from .swin import PatchMerging, SwinConfig, SwinTransformer
+from .crossvit import CrossViT, CrossViTConfig
+from .cait import CaiT, CaiTConfig
 from .base import Backbone
+from .convnet import ConvNet, ConvNetConfig
 from .deit import DeiTConfig, DistilledVisionTransformer
 from .registry import ModelEntry, build_model, create_model, get_entry, list_families, list_models, model_config
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
-    "Backbone", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
+    "Backbone", "ConvNet", "ConvNetConfig", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
     "build_model", "create_model", "get_entry", "list_families", "list_models", "model_config",
 ]
+__all__ += ["CaiT", "CaiTConfig"]
+__all__ += ["CrossViT", "CrossViTConfig"]
+__all__ += ["PatchMerging", "SwinConfig", "SwinTransformer"]
+__all__ += ["PvtConfig", "PvtV2Config", "PyramidVisionTransformer", "PyramidVisionTransformerV2", "SpatialReductionAttention"]

@@ -20,6 +20,10 @@ from .convert import (
 )
 from .hub import download, is_hub_id
 from .io import Checkpoint, checkpoint_metadata, read_weights, save_checkpoint
+from . import convert_cait  # noqa: F401  (registers converters)
+from . import convert_crossvit  # noqa: F401  (registers converters)
+from . import convert_swin  # noqa: F401  (registers converters)
+from . import convert_pvt  # noqa: F401  (registers converters)
 
 __all__ = [
     "Checkpoint", "checkpoint_metadata", "convert_checkpoint", "convert_state_dict", "detect_layout", "download",

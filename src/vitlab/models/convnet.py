@@ -1,0 +1,164 @@
+"""A small convolutional network, registered as a CNN teacher for DeiT distillation.
+
+DeiT's point is that a convolutional teacher hands its inductive bias to the transformer
+student through the distillation token. This is a plain VGG/ResNet-style stack: a stem
+convolution, then stages of [3x3 conv, BatchNorm, ReLU] blocks with a residual connection,
+each later stage halving the resolution, global average pooling and a linear head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..components import checkpoint_seq, to_2tuple
+from .base import Backbone, pretrained_cfg, resolve_indices
+from .registry import register_family
+
+
+@dataclass(frozen=True)
+class ConvNetConfig:
+    """Configuration of :class:`ConvNet`.
+
+    Attributes:
+        image_size: Default input size (any size works).
+        in_channels: Image channels.
+        num_classes: Classifier outputs (0: none).
+        widths: Channels per stage.
+        depths: Residual blocks per stage.
+        dropout: Dropout before the head.
+    """
+
+    image_size: int | tuple[int, int] = 224
+    in_channels: int = 3
+    num_classes: int = 1000
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    depths: tuple[int, ...] = (1, 1, 2, 1)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", to_2tuple(self.image_size))
+        object.__setattr__(self, "widths", tuple(self.widths))
+        object.__setattr__(self, "depths", tuple(self.depths))
+        if len(self.widths) != len(self.depths) or not self.widths:
+            raise ValueError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
+        if min(self.widths) <= 0 or min(self.depths) <= 0:
+            raise ValueError("widths and depths must be positive")
+        if self.num_classes < 0 or self.in_channels <= 0:
+            raise ValueError("num_classes must be >= 0 and in_channels positive")
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution (no bias) + BatchNorm."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+class ResidualBlock(nn.Module):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))``; the first block of a stage may downsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout, stride)
+        self.conv2 = conv_bn(cout, cout)
+        self.act = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.shortcut(x) + self.conv2(self.act(self.conv1(x))))
+
+
+class ConvNet(Backbone):
+    """A residual CNN with the vitlab backbone contract (a teacher for distillation)."""
+
+    family = "convnet"
+    config_class = ConvNetConfig
+
+    def __init__(self, config: ConvNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or ConvNetConfig()
+        self.stem = nn.Sequential(conv_bn(c.in_channels, c.widths[0]), nn.ReLU(inplace=True))
+        blocks, info, cin, reduction = [], [], c.widths[0], 1
+        for s, (w, d) in enumerate(zip(c.widths, c.depths)):
+            stride = 1 if s == 0 else 2
+            reduction *= stride
+            for j in range(d):
+                blocks.append(ResidualBlock(cin, w, stride if j == 0 else 1))
+                cin = w
+            info.append(dict(num_chs=w, reduction=reduction, module=f"blocks.{len(blocks) - 1}"))
+        self.blocks = nn.ModuleList(blocks)
+        self.stage_ends = [sum(c.depths[: s + 1]) - 1 for s in range(len(c.depths))]
+        self.feature_info = info
+        self.num_features = cin
+        self.head_drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(cin, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0])
+
+    def _run(self, i: int, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint_seq(self.blocks[i], x)
+        return self.blocks[i](x)
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images -> the last stage's map (B, C, H / 2^(stages-1), W / 2^(stages-1))."""
+        self._check(x)
+        x = self.stem(x)
+        for i in range(len(self.blocks)):
+            x = self._run(i, x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(x.mean(dim=(2, 3)))  # (B, C, H, W) -> (B, C)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> list[Tensor]:
+        """Stage output maps (B, C, H, W), one per selected stage."""
+        take = resolve_indices(indices, len(self.stage_ends))
+        self._check(x)
+        x = self.stem(x)
+        out, ends = [], {self.stage_ends[s]: s for s in take}
+        for i in range(self.stage_ends[take[-1]] + 1):
+            x = self._run(i, x)
+            if i in ends:
+                out.append(x)
+        return out
+
+    def reset_classifier(self, num_classes: int) -> None:
+        import dataclasses
+
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @property
+    def num_layer_ids(self) -> int:
+        return len(self.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        if name.startswith("stem"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+    @classmethod
+    def tiny_overrides(cls, config: ConvNetConfig) -> dict:
+        n = len(config.widths)
+        return dict(widths=tuple(8 * (i + 1) for i in range(n)), depths=(1,) * n, image_size=2 ** n * 4)
+
+
+register_family(
+    "convnet",
+    ConvNet,
+    ConvNetConfig,
+    {
+        # 6,591,784 parameters with 1000 classes (counted by hand in tests/test_registry_models.py).
+        "cnn_small": (dict(widths=(64, 128, 256, 512), depths=(1, 1, 2, 1)), pretrained_cfg()),
+    },
+)
