@@ -4,10 +4,11 @@ from .components import capture_attention
 from .models import DeiTConfig, ViTConfig, VisionTransformer, create_model, list_models
 from .pretrained import load_model, save_checkpoint
 from .tasks import ViTClassifier
+from .training import TrainConfig, ViTTrainer, ViTTransferLearning
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeiTConfig", "ViTClassifier", "ViTConfig", "VisionTransformer", "capture_attention", "create_model",
+    "DeiTConfig", "TrainConfig", "ViTClassifier", "ViTTrainer", "ViTTransferLearning", "ViTConfig", "VisionTransformer", "capture_attention", "create_model",
     "list_models", "load_model", "save_checkpoint", "__version__",
 ]

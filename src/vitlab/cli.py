@@ -62,6 +62,67 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_model_name(name: str) -> str:
+    """A registered name, or a short alias (``vit_base`` -> ``vit_base_patch16_224``)."""
+    from .models import get_entry, list_models
+
+    if name in list_models():
+        return name
+    candidates = list_models(f"{name}_*")
+    preferred = [c for c in candidates if c.endswith("patch16_224")] or candidates
+    if len(preferred) == 1 or (preferred and preferred[0].endswith("patch16_224")):
+        return preferred[0]
+    get_entry(name)  # raises with close matches
+    return name
+
+
+def _train_config(args: argparse.Namespace):
+    from .training.config import load_config
+    from .training.recipes import DIGITS_RECIPE
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name={resolve_model_name(args.model)}")
+        if not any(o.startswith("model.overrides") for o in overrides):
+            overrides.append("model.overrides={}")
+    flags = {"data.dataset": args.dataset, "data.data_dir": args.data_dir, "epochs": args.epochs,
+             "data.batch_size": args.batch_size, "optim.lr": args.lr, "seed": args.seed,
+             "output_dir": args.output_dir, "device": args.device, "precision": args.precision}
+    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(args.config, overrides, base=None if args.config else DIGITS_RECIPE)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .training.run import train
+
+    cfg = _train_config(args)
+    t0 = time.perf_counter()
+    results = train(cfg, resume=args.resume)
+    split = results.get("split", "test")
+    print(f"finished in {time.perf_counter() - t0:.0f}s; run directory: {cfg.output_dir}")
+    if f"{split}_top1" in results:
+        line = f"{split} accuracy: top-1 {results[f'{split}_top1']:.2f}%  top-5 {results[f'{split}_top5']:.2f}%"
+        if f"ema_{split}_top1" in results:
+            line += f"  (EMA top-1 {results[f'ema_{split}_top1']:.2f}%)"
+        print(line)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .training.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, args.dataset, split=args.split, data_dir=args.data_dir,
+                              output_dir=args.output_dir, device=args.device, batch_size=args.batch_size)
+    print(f"{args.dataset} {args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  (n={res['n']})")
+    if res.get("confusion_matrix_png"):
+        print(f"confusion matrix: {res['confusion_matrix_png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitlab`` argument parser."""
     p = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: models, training, analysis.")
@@ -89,6 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=_cmd_predict)
+
+    t = sub.add_parser("train", help="train a model (no arguments: the bundled digits recipe)",
+                       description="Train a model. Without --config the bundled digits recipe is used; "
+                                   "KEY=VALUE overrides (e.g. optim.lr=5e-4 model.overrides.depth=4) apply last.")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    t.add_argument("--config", type=Path, help="YAML recipe (configs/*.yaml)")
+    t.add_argument("--model", help="registered model name or alias (vit_base)")
+    t.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagenet | synthetic | PATH to an image folder")
+    t.add_argument("--data-dir", "--data_dir", dest="data_dir", help="where CIFAR / ImageNet data live")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
+    t.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--output-dir", "--output_dir", dest="output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5 and a confusion matrix")
+    e.add_argument("--checkpoint", required=True, help="checkpoint file or folder (or a run's checkpoints/epoch-N)")
+    e.add_argument("--dataset", default="digits")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--data-dir", "--data_dir", dest="data_dir")
+    e.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None, help="where to write the confusion matrix")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 

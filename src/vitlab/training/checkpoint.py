@@ -1,0 +1,126 @@
+"""Training checkpoints: written atomically each epoch, read back for an exact resume.
+
+A checkpoint is a folder ``checkpoints/epoch-NNNN`` holding ``model.safetensors`` (a vitlab
+checkpoint, usable on its own for predict/eval), ``ema.safetensors`` when EMA is on, and
+``state.pt`` (optimizer, scheduler, scaler, RNG states, counters: tensors and plain Python
+values only, read back with ``torch.load(weights_only=True)``). The folder is written under
+a temporary name and renamed; then the ``latest`` pointer file is replaced atomically. A
+kill at any moment leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..pretrained import read_weights, save_checkpoint
+
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from (torch CPU/CUDA, numpy, Python)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_training_checkpoint(
+    run_dir: str | Path,
+    epoch: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    ema_model: nn.Module | None = None,
+    labels: list[str] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest`` at it.
+
+    Args:
+        run_dir: The run directory.
+        epoch: Number of finished epochs.
+        model: The (unwrapped) model.
+        state: Optimizer/scheduler/scaler states, counters, metrics (tensors and plain values).
+        ema_model: The EMA model, if any.
+        labels: Class names stored with the weights.
+        keep: How many most recent checkpoints to keep.
+    """
+    ck_dir = Path(run_dir) / "checkpoints"
+    ck_dir.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:04d}"
+    tmp = ck_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
+    if ema_model is not None:
+        files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
+    torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+    files.append(tmp / "state.pt")
+    for f in files:
+        _fsync(f)
+    final = ck_dir / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = ck_dir / f".{LATEST}.tmp"
+    pointer_tmp.write_text(name)
+    _fsync(pointer_tmp)
+    os.replace(pointer_tmp, ck_dir / LATEST)
+    old = sorted(p for p in ck_dir.glob("epoch-*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder the ``latest`` pointer names, or None when the run has no checkpoint."""
+    ck_dir = Path(run_dir) / "checkpoints"
+    pointer = ck_dir / LATEST
+    if not pointer.is_file():
+        return None
+    folder = ck_dir / pointer.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def load_training_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder: ``{"model": state_dict, "ema": state_dict | None, **state}``."""
+    folder = Path(folder)
+    state_file = folder / "state.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (no state.pt)")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+        raise ValueError(f"cannot read {state_file} (truncated or corrupt?): {e}") from None
+    state["model"] = read_weights(folder / "model.safetensors").state_dict
+    ema = folder / "ema.safetensors"
+    state["ema"] = read_weights(ema).state_dict if ema.is_file() else None
+    return state
