@@ -15,14 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 CANDIDATES = {
     "default": [],
-    "bs32_e40": ["data.batch_size=32", "epochs=40"],
-    "small_bs32": ["model.overrides.dim=96", "model.overrides.depth=4", "model.overrides.mlp_dim=192", "data.batch_size=32"],
-    "bs32_lr1e-3_e80": ["data.batch_size=32", "optim.lr=1e-3", "epochs=80"],
-    "patch1": ["model.overrides.patch_size=1", "model.overrides.dim=64", "model.overrides.depth=4", "model.overrides.mlp_dim=128", "epochs=50"],
-    "cutmix": ["augment.cutmix_alpha=1.0", "augment.mixup_prob=0.5"],
-    "wd0.1_dp0.05": ["optim.weight_decay=0.1", "model.overrides.drop_path=0.05"],
-    "bs32_lr3e-3_e100": ["data.batch_size=32", "optim.lr=3e-3", "epochs=100"],
+    "lr1e-3": ["optim.lr=1e-3"],
+    "wd0.1_e150": ["optim.weight_decay=0.1", "epochs=150"],
+    "bs32_e80": ["data.batch_size=32", "epochs=80", "optim.lr=1e-3"],
 }
+SEEDS = (0, 1, 2, 3)
 
 
 def run(item: tuple[str, list[str]]) -> dict:
@@ -46,7 +43,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--only", nargs="*")
     args = p.parse_args()
-    items = [(k, v) for k, v in CANDIDATES.items() if not args.only or k in args.only]
+    items = [(f"{k}_s{seed}", v + [f"seed={seed}"]) for k, v in CANDIDATES.items() if not args.only or k in args.only
+             for seed in SEEDS]
     with ProcessPoolExecutor(args.jobs) as ex:
         for r in ex.map(run, items):
             print(json.dumps(r), flush=True)

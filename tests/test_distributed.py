@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 COMMON = [
     "data.dataset=synthetic", "epochs=2", "progress=false", "ema_decay=null", "augment.affine_p=0",
-    "augment.label_smoothing=0", "optim.warmup_epochs=1", "optim.lr=0.05",
+    "augment.label_smoothing=0", "augment.cutmix_alpha=0", "optim.warmup_epochs=1", "optim.lr=0.05",
     # SGD, not AdamW: the gradient of the key bias is exactly zero in theory (softmax ignores a
     # constant per row), so it holds only rounding noise, which Adam would scale up to full steps.
     "optim.name=sgd",

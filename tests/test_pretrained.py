@@ -218,6 +218,10 @@ def test_cli_models_table(capsys):
     out = capsys.readouterr().out
     assert "86,567,656" in out and "224x224" in out
     assert "35.1" in out  # GFLOPs with attention counted (17.56 GMACs)
+    # Every family can be counted (CaiT passes its class token straight into a block).
+    assert cli(["models", "cait_xxs24_224"]) == 0
+    assert "11,956,264" in capsys.readouterr().out
+    assert cli(["models", "no_such_*"]) == 1
 
 
 def test_cli_convert_and_predict(tmp_path, capsys):

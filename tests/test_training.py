@@ -87,6 +87,7 @@ def test_ema_update_formula():
 def test_gradient_accumulation_equals_large_batch(tmp_path):
     torch.manual_seed(0)
     base = ["optim.clip_grad=null", "ema_decay=null", "augment.affine_p=0", "augment.label_smoothing=0",
+            "augment.cutmix_alpha=0",
             "model.overrides.drop_path=0", "data.dataset=synthetic"]
     runs = {}
     for name, extra in (("big", ["data.batch_size=32"]), ("accum", ["data.batch_size=16", "optim.accumulation_steps=2"])):
@@ -100,7 +101,8 @@ def test_gradient_accumulation_equals_large_batch(tmp_path):
 
 
 def test_training_on_digits_learns(tmp_path):
-    cfg = tiny_cfg(tmp_path, "optim.lr=3e-3", "ema_decay=null", "augment.affine_p=0", "data.batch_size=16", epochs=5)
+    cfg = tiny_cfg(tmp_path, "optim.lr=3e-3", "ema_decay=null", "augment.affine_p=0", "augment.cutmix_alpha=0",
+                   "data.batch_size=16", epochs=5)
     results = build_trainer(cfg, log=lambda s: None).fit()
     assert results["split"] == "test" and results["test_n"] == 359
     assert results["test_top1"] > 50.0  # chance is 10%

@@ -57,7 +57,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ImportError(
-            "the digits dataset comes with scikit-learn: pip install scikit-learn (or vitlab[data])"
+            "the digits dataset comes with scikit-learn: pip install 'vitlab[digits]' (scikit-learn)"
         ) from None
     d = load_digits()
     images = (d.images.astype(np.float32) / 16.0)[:, None]  # (N, 8, 8) -> (N, 1, 8, 8), 0..16 -> [0, 1]

@@ -29,7 +29,9 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int, int] | None =
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), explicit_attention(model), FlopCounterMode(display=False) as counter:
+        # Grad mode stays on: FlopCounterMode's module tracker fails on a parameter passed
+        # straight into a submodule under no_grad (CaiT's class token).
+        with explicit_attention(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)

@@ -16,10 +16,11 @@ DIGITS_RECIPE: dict[str, Any] = {
     "augment": {
         "affine_p": 0.8, "affine_degrees": 12.0, "affine_translate": 0.125, "affine_scale": [0.9, 1.1],
         "affine_shear": 0.15,
+        "cutmix_alpha": 1.0, "mixup_prob": 0.3,
         "label_smoothing": 0.1,
     },
-    "optim": {"lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 5, "min_lr": 1e-5, "clip_grad": 1.0},
-    "epochs": 60,
+    "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 5, "min_lr": 1e-5, "clip_grad": 1.0},
+    "epochs": 120,
     "seed": 0,
     "ema_decay": 0.998,
     "output_dir": "runs/digits",
