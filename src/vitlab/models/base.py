@@ -29,6 +29,26 @@ def pretrained_cfg(
     )
 
 
+def init_linears(module: nn.Module, std: float = 0.02) -> None:
+    """timm's default init of every ``nn.Linear`` in ``module``: truncated normal weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def classifier_head(in_features: int, num_classes: int) -> nn.Module:
+    """A fresh linear classifier (initialised like :func:`init_linears`), or Identity for 0 classes."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes == 0:
+        return nn.Identity()
+    head = nn.Linear(in_features, num_classes)
+    init_linears(head)
+    return head
+
+
 def resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
     """Block indices for ``forward_intermediates``: None = all, an int k = the last k, else a list.
 

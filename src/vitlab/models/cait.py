@@ -49,7 +49,7 @@ from ..components import (
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, pretrained_cfg, resolve_indices
+from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 
@@ -221,15 +221,6 @@ class ClassAttentionBlock(nn.Module):
         return x_cls + self.drop_path(self.ls2(self.mlp(self.norm2(x_cls))))
 
 
-def _classifier(dim: int, num_classes: int) -> nn.Module:
-    """A fresh linear classifier (trunc-normal weights, zero bias), or Identity for 0 classes."""
-    if num_classes <= 0:
-        return nn.Identity()
-    head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    return head
-
 
 class CaiT(Backbone):
     """CaiT classifier/backbone following vitlab's backbone contract.
@@ -280,7 +271,7 @@ class CaiT(Backbone):
         )
         self.norm = norm(c.dim)
         self.head_drop = nn.Dropout(c.head_dropout)
-        self.head = _classifier(c.dim, c.num_classes)
+        self.head = classifier_head(c.dim, c.num_classes)
         self.feature_info = [dict(num_chs=c.dim, reduction=c.patch_size, module=f"blocks.{i}") for i in range(c.depth)]
         self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0], crop_pct=1.0)
         self.init_weights()
@@ -290,11 +281,7 @@ class CaiT(Backbone):
         """timm's scheme: truncated normal (std 0.02) for linears, tokens and position embedding."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # ------------------------------------------------------------- features
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
@@ -369,7 +356,7 @@ class CaiT(Backbone):
                 raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
             self.config = dataclasses.replace(self.config, pool=pool)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = _classifier(self.num_features, num_classes)
+        self.head = classifier_head(self.num_features, num_classes)
 
     @property
     def num_layer_ids(self) -> int:

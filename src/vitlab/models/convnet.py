@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import checkpoint_seq, to_2tuple
-from .base import Backbone, pretrained_cfg, resolve_indices
+from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 
@@ -134,7 +134,7 @@ class ConvNet(Backbone):
         import dataclasses
 
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = classifier_head(self.num_features, num_classes)
 
     @property
     def num_layer_ids(self) -> int:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..components import Block, CrossAttention, DropPath, PatchEmbed, checkpoint_seq, interpolate_pos_embed, to_2tuple
 from ..config import build_config
-from .base import Backbone, pretrained_cfg, resolve_indices
+from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 NUM_BRANCHES = 2
@@ -246,14 +246,6 @@ class FusionBlock(nn.Module):
         return x[:, :1] + self.drop_path(self.attn(normed[:, :1], context=normed))
 
 
-def _init_linear(m: nn.Module) -> None:
-    """timm's init of a linear layer: truncated normal weight (std 0.02), zero bias."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def _projection(in_dim: int, out_dim: int, norm_layer: Callable[[int], nn.Module]) -> nn.Sequential:
     """LayerNorm -> GELU -> Linear, the map of a class token between branch widths."""
     return nn.Sequential(norm_layer(in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
@@ -411,13 +403,11 @@ class CrossViT(Backbone):
         for b in range(NUM_BRANCHES):
             nn.init.trunc_normal_(getattr(self, f"cls_token_{b}"), std=0.02)
             nn.init.trunc_normal_(getattr(self, f"pos_embed_{b}"), std=0.02)
-        self.apply(_init_linear)
+        init_linears(self)
 
     def _new_heads(self, num_classes: int) -> nn.ModuleList:
         """One fresh classifier per branch (Identity when ``num_classes`` is 0)."""
-        heads = nn.ModuleList(nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity() for d in self.config.dim)
-        heads.apply(_init_linear)
-        return heads
+        return nn.ModuleList(classifier_head(d, num_classes) for d in self.config.dim)
 
     # ------------------------------------------------------------- features
     def _check_image(self, x: Tensor) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import pretrained_cfg
+from .base import classifier_head, pretrained_cfg
 from .registry import register_family
 from .vit import ViTConfig, VisionTransformer
 
@@ -44,10 +44,7 @@ class DistilledVisionTransformer(VisionTransformer):
         c = self.config
         self.dist_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         nn.init.trunc_normal_(self.dist_token, std=0.02)
-        self.head_dist = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
-        if isinstance(self.head_dist, nn.Linear):
-            nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
-            nn.init.zeros_(self.head_dist.bias)
+        self.head_dist = classifier_head(self.num_features, c.num_classes)
         self.distilled_training = True
         self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0], crop_pct=0.875)
 
@@ -70,10 +67,7 @@ class DistilledVisionTransformer(VisionTransformer):
 
     def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
         super().reset_classifier(num_classes, pool)
-        self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head_dist, nn.Linear):
-            nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
-            nn.init.zeros_(self.head_dist.bias)
+        self.head_dist = classifier_head(self.num_features, num_classes)
 
 
 _SIZES = {

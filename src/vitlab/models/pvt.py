@@ -53,7 +53,7 @@ from ..components import (
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, pretrained_cfg, resolve_indices
+from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 #: Side of the pooled key grid of v2's linear spatial-reduction attention.
@@ -436,24 +436,10 @@ class _PyramidBackbone(Backbone):
         """Embedding (0), every block in order, then the final norm / head."""
         return sum(self.config.depths) + 2
 
-    def _init_linears(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(head, nn.Linear):
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
-        return head
-
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = self._new_head(num_classes)
+        self.head = classifier_head(self.num_features, num_classes)
 
 
 # ---------------------------------------------------------------------------------- PVT v2
@@ -507,7 +493,7 @@ class PyramidVisionTransformerV2(_PyramidBackbone):
         self.stages = nn.ModuleList(PvtV2Stage(c, i, rates[i]) for i in range(c.num_stages))
         self.num_features = c.dims[-1]
         self.head_drop = nn.Dropout(c.head_dropout)
-        self.head = self._new_head(c.num_classes)
+        self.head = classifier_head(self.num_features, c.num_classes)
         self.feature_info = [
             dict(num_chs=c.dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(c.num_stages)
         ]
@@ -516,7 +502,7 @@ class PyramidVisionTransformerV2(_PyramidBackbone):
 
     def init_weights(self) -> None:
         """timm's scheme: truncated normal (std 0.02) linears; convolutions N(0, sqrt(2 / fan_out))."""
-        self._init_linears()
+        init_linears(self)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
@@ -623,7 +609,7 @@ class PyramidVisionTransformer(_PyramidBackbone):
         self.norm = nn.LayerNorm(c.dims[-1], eps=c.norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dims[-1]))
         self.num_features = c.dims[-1]
-        self.head = self._new_head(c.num_classes)
+        self.head = classifier_head(self.num_features, c.num_classes)
         self.feature_info = [
             dict(num_chs=c.dims[i], reduction=c.patch_size * 2**i, module=f"block{i + 1}") for i in range(n)
         ]
@@ -633,7 +619,7 @@ class PyramidVisionTransformer(_PyramidBackbone):
     def init_weights(self) -> None:
         """The official scheme: truncated normal (std 0.02) for linears, position embeddings
         and the class token; convolutions keep PyTorch's default."""
-        self._init_linears()
+        init_linears(self)
         for i in range(self.config.num_stages):
             nn.init.trunc_normal_(self.stage_pos_embed(i), std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

@@ -55,7 +55,7 @@ from ..components import (
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, pretrained_cfg, resolve_indices
+from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 
@@ -286,7 +286,7 @@ class SwinTransformer(Backbone):
         self.num_features = dims[-1]
         self.norm = norm(self.num_features)
         self.head_drop = nn.Dropout(c.head_dropout)
-        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.head = classifier_head(self.num_features, c.num_classes)
         self.feature_info = [
             dict(num_chs=d, reduction=c.patch_size * 2**i, module=f"layers.{i}") for i, d in enumerate(dims)
         ]
@@ -299,11 +299,7 @@ class SwinTransformer(Backbone):
 
         The bias tables initialise themselves (truncated normal, std 0.02), the LayerNorms to 1/0.
         """
-        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        for lin in linears:
-            nn.init.trunc_normal_(lin.weight, std=0.02)
-        for bias in (lin.bias for lin in linears if lin.bias is not None):
-            nn.init.zeros_(bias)
+        init_linears(self)
 
     # ------------------------------------------------------------- features
     def run_block(self, block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -360,15 +356,8 @@ class SwinTransformer(Backbone):
     # ------------------------------------------------------------- contract
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.head = classifier_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        if num_classes == 0:
-            self.head = nn.Identity()
-            return
-        self.head = nn.Linear(self.num_features, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
 
     @property
     def num_layer_ids(self) -> int:

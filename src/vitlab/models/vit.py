@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..components import Block, LinearPatchEmbed, PatchEmbed, checkpoint_seq, interpolate_pos_embed, sincos_2d_pos_embed, to_2tuple
 from ..config import build_config
-from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, pretrained_cfg, resolve_indices
+from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 
@@ -154,7 +154,7 @@ class VisionTransformer(Backbone):
         else:
             self.pre_logits = nn.Identity()
         self.head_drop = nn.Dropout(c.head_dropout)
-        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.head = classifier_head(self.num_features, c.num_classes)
         self.feature_info = [dict(num_chs=c.dim, reduction=c.patch_size, module=f"blocks.{i}") for i in range(c.depth)]
         self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0], mean=INCEPTION_MEAN, std=INCEPTION_STD)
         self.init_weights()
@@ -166,11 +166,7 @@ class VisionTransformer(Backbone):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # ------------------------------------------------------------- features
     def prefix_tokens(self, batch: int) -> list[Tensor]:
@@ -255,10 +251,7 @@ class VisionTransformer(Backbone):
                 raise ValueError(f"pool must be 'mean' or (with a class token) 'cls', got {pool!r}")
             self.config = dataclasses.replace(self.config, pool=pool)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        self.head = classifier_head(self.num_features, num_classes)
 
     @property
     def num_layer_ids(self) -> int:
