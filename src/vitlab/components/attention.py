@@ -117,6 +117,8 @@ class AttentionBase(nn.Module):
                 bias, window masks (large negative values block attention).
             logits_fn: Applied to the scaled logits before softmax (forces the explicit path).
             probs_fn: Applied to the probabilities after softmax (forces the explicit path).
+                Under capture the softmax probabilities are recorded (rows sum to 1) and what
+                ``probs_fn`` returns, the weights that multiply v, goes in ``info["mixed_probs"]``.
 
         Returns:
             (B, heads, Nq, d).
@@ -132,10 +134,15 @@ class AttentionBase(nn.Module):
         if logits_fn is not None:
             logits = logits_fn(logits)
         probs = logits.softmax(dim=-1)
+        info = self.capture_info
         if probs_fn is not None:
-            probs = probs_fn(probs)
+            mixed = probs_fn(probs)
+            if self._capture is not None:
+                info = {**info, "mixed_probs": mixed.detach() if self._capture.detach else mixed}
         if self._capture is not None:
-            self._capture.add(self._capture_name, probs, self.capture_info)
+            self._capture.add(self._capture_name, probs, info)
+        if probs_fn is not None:
+            probs = mixed
         probs = F.dropout(probs, p=p, training=self.training)
         return probs @ v
 

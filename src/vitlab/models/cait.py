@@ -157,8 +157,8 @@ class TalkingHeadsAttention(Attention):
     mixes go through :meth:`AttentionBase.attend`'s ``logits_fn`` / ``probs_fn`` hooks, so this
     attention always takes the explicit path.
 
-    Capture: the record's ``probs`` are the softmax probabilities (rows sum to 1); the
-    ``proj_w``-mixed ones that multiply the values are in ``info["mixed_probs"]``.
+    Capture (done by ``attend``): the record's ``probs`` are the softmax probabilities (rows
+    sum to 1); the ``proj_w``-mixed ones that multiply the values are in ``info["mixed_probs"]``.
     """
 
     def __init__(self, dim: int, heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -170,21 +170,8 @@ class TalkingHeadsAttention(Attention):
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
         self.capture_info = dict(grid=grid, num_prefix_tokens=0, talking_heads=True)
         q, k, v = self.qkv_heads(x)
-        # attend() would record what probs_fn returns (the mixed weights, not a distribution);
-        # record the softmax here instead, with the mixed weights beside it.
-        cap, self._capture = self._capture, None
-
-        def mix_probs(probs: Tensor) -> Tensor:
-            mixed = mix_heads(self.proj_w, probs)
-            if cap is not None:
-                info = dict(self.capture_info, mixed_probs=mixed.detach() if cap.detach else mixed)
-                cap.add(self._capture_name, probs, info)
-            return mixed
-
-        try:
-            out = self.attend(q, k, v, attn_bias, logits_fn=partial(mix_heads, self.proj_l), probs_fn=mix_probs)
-        finally:
-            self._capture = cap
+        out = self.attend(q, k, v, attn_bias, logits_fn=partial(mix_heads, self.proj_l),
+                          probs_fn=partial(mix_heads, self.proj_w))
         return self.proj_drop(self.proj(self.merge_heads(out)))
 
 
