@@ -77,6 +77,11 @@ def test_overlapping_patch_embed_grid():
     tokens, grid = pe(x)
     assert grid == pe.grid_size((33, 30)) == ((33 + 6 - 7) // 4 + 1, (30 + 6 - 7) // 4 + 1)
     torch.testing.assert_close(tokens[0, 0], F.conv2d(x, pe.proj.weight, pe.proj.bias, 4, 3)[0, :, 0, 0])
+    # The convolution's padding counts towards the minimum size: 3x3 / stride 2 / pad 1 maps 2x2 to 1x1.
+    down = PatchEmbed(patch_size=3, stride=2, in_channels=3, dim=4)
+    assert down(torch.randn(1, 3, 2, 2))[1] == (1, 1)
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        PatchEmbed(patch_size=7, stride=4, padding=0, in_channels=3, dim=4)(torch.randn(1, 3, 5, 5))
 
 
 def test_attention_sdpa_equals_explicit_and_manual():

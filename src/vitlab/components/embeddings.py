@@ -84,7 +84,9 @@ class PatchEmbed(nn.Module):
                 f"build the model with in_channels={c} or convert the images"
             )
         ph, pw = self.patch_size
-        if h < ph or w < pw:
+        # The convolution's own zero padding counts: a 3x3 stride-2 kernel with padding 1
+        # turns a 2x2 map into 1x1 (PVT v2's last downsampling).
+        if h + 2 * self.padding[0] < ph or w + 2 * self.padding[1] < pw:
             raise ValueError(f"image size {h}x{w} is smaller than one patch ({ph}x{pw})")
         if not self.overlapping:
             rh, rw = (-h) % ph, (-w) % pw

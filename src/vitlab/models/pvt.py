@@ -458,14 +458,8 @@ class PvtV2Stage(nn.Module):
         self.norm = nn.LayerNorm(c.dims[index], eps=c.norm_eps)
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Previous stage's map (B, C_in, H, W) -> tokens (B, H/2 * W/2, C), grid.
-
-        Runs the patch embedding without its image-size check: a 3x3 stride-2 convolution with
-        padding 1 handles maps smaller than its kernel (e.g. 2x2 -> 1x1), as timm's does.
-        """
-        x = self.downsample.embed(x)  # (B, C_in, H, W) -> (B, C, H', W')
-        grid = (x.shape[2], x.shape[3])
-        return self.downsample.norm(x.flatten(2).transpose(1, 2)), grid  # (B, C, H', W') -> (B, H'W', C)
+        """Previous stage's map (B, C_in, H, W) -> tokens (B, H/2 * W/2, C), grid."""
+        return self.downsample(x)
 
 
 class PyramidVisionTransformerV2(_PyramidBackbone):
