@@ -102,17 +102,17 @@ def test_gradient_accumulation_equals_large_batch(tmp_path):
 
 def test_training_on_digits_learns(tmp_path):
     cfg = tiny_cfg(tmp_path, "optim.lr=3e-3", "ema_decay=null", "augment.affine_p=0", "augment.cutmix_alpha=0",
-                   "data.batch_size=16", epochs=5)
+                   "data.batch_size=16", epochs=8)
     results = build_trainer(cfg, log=lambda s: None).fit()
     assert results["split"] == "test" and results["test_n"] == 359
-    assert results["test_top1"] > 50.0  # chance is 10%
+    assert results["test_top1"] > 50.0  # chance is 10%; seeds 0-2 give 70-81% here
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == list(range(1, 6))
+    assert [r["epoch"] for r in lines] == list(range(1, 9))
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     assert {"lr", "throughput", "epoch_time", "val_top1", "val_top5"} <= set(lines[0])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test_top1"] == pytest.approx(results["test_top1"])
-    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 5
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 8
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):

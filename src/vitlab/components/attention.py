@@ -67,9 +67,10 @@ class AttentionCapture:
 
 
 class AttentionBase(nn.Module):
-    """Holds the heads/scale/dropout settings and the one attention computation."""
+    """Holds the heads/scale/dropout settings, the output projection and the one attention computation."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int | None = None, attn_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
         super().__init__()
         if heads <= 0:
             raise ValueError(f"heads must be positive, got {heads}")
@@ -83,6 +84,8 @@ class AttentionBase(nn.Module):
         self.inner_dim = heads * head_dim
         self.scale = head_dim**-0.5
         self.attn_drop = attn_drop
+        self.proj = nn.Linear(self.inner_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
         # Set by capture_attention / explicit_attention; never saved in state dicts.
         self._capture: AttentionCapture | None = None
         self._capture_name = ""
@@ -99,6 +102,10 @@ class AttentionBase(nn.Module):
         # (B, heads, N, head_dim) -> (B, N, heads * head_dim)
         b, h, n, d = x.shape
         return x.transpose(1, 2).reshape(b, n, h * d)
+
+    def project(self, out: Tensor) -> Tensor:
+        """Per-head outputs (B, heads, N, head_dim) -> merged, projected tokens (B, N, dim)."""
+        return self.proj_drop(self.proj(self.merge_heads(out)))
 
     def attend(
         self,
@@ -168,10 +175,8 @@ class Attention(AttentionBase):
         proj_drop: float = 0.0,
         head_dim: int | None = None,
     ) -> None:
-        super().__init__(dim, heads, head_dim, attn_drop)
+        super().__init__(dim, heads, head_dim, attn_drop, proj_drop)
         self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
-        self.proj = nn.Linear(self.inner_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project tokens to per-head q, k, v, each (B, heads, N, head_dim)."""
@@ -182,8 +187,7 @@ class Attention(AttentionBase):
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
         q, k, v = self.qkv_heads(x)
-        out = self.merge_heads(self.attend(q, k, v, attn_bias))
-        return self.proj_drop(self.proj(out))
+        return self.project(self.attend(q, k, v, attn_bias))
 
 
 class CrossAttention(AttentionBase):
@@ -204,11 +208,9 @@ class CrossAttention(AttentionBase):
         head_dim: int | None = None,
         context_dim: int | None = None,
     ) -> None:
-        super().__init__(dim, heads, head_dim, attn_drop)
+        super().__init__(dim, heads, head_dim, attn_drop, proj_drop)
         self.q = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim or dim, 2 * self.inner_dim, bias=qkv_bias)
-        self.proj = nn.Linear(self.inner_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def kv_heads(self, context: Tensor) -> tuple[Tensor, Tensor]:
         b, n, _ = context.shape
@@ -219,8 +221,7 @@ class CrossAttention(AttentionBase):
     def forward(self, x: Tensor, context: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
         q = self.split_heads(self.q(x))
         k, v = self.kv_heads(x if context is None else context)
-        out = self.merge_heads(self.attend(q, k, v, attn_bias))
-        return self.proj_drop(self.proj(out))
+        return self.project(self.attend(q, k, v, attn_bias))
 
 
 def window_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
@@ -321,7 +322,7 @@ class WindowAttention(Attention):
             bias = attn_bias if bias is None else bias + attn_bias
         self.capture_info = dict(grid=(h, w), padded_grid=(hp, wp), window=window, shift=shift, batch=b)
         q, k, v = self.qkv_heads(windows)
-        out = self.proj_drop(self.proj(self.merge_heads(self.attend(q, k, v, bias))))
+        out = self.project(self.attend(q, k, v, bias))
         x = window_reverse(out, window, (hp, wp))
         if shifted:
             x = torch.roll(x, shifts=shift, dims=(1, 2))

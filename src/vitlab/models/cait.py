@@ -172,7 +172,7 @@ class TalkingHeadsAttention(Attention):
         q, k, v = self.qkv_heads(x)
         out = self.attend(q, k, v, attn_bias, logits_fn=partial(mix_heads, self.proj_l),
                           probs_fn=partial(mix_heads, self.proj_w))
-        return self.proj_drop(self.proj(self.merge_heads(out)))
+        return self.project(out)
 
 
 class ClassAttention(CrossAttention):
