@@ -1,6 +1,7 @@
 """vitlab: Vision Transformers in PyTorch."""
 
 from .components import capture_attention
+from .evaluation.visualization import AttentionVisualizer
 from .models import DeiTConfig, ViTConfig, VisionTransformer, create_model, list_models
 from .pretrained import load_model, save_checkpoint
 from .tasks import ViTClassifier
@@ -12,3 +13,4 @@ __all__ = [
     "DeiTConfig", "TrainConfig", "ViTClassifier", "ViTTrainer", "ViTTransferLearning", "ViTConfig", "VisionTransformer", "capture_attention", "create_model",
     "list_models", "load_model", "save_checkpoint", "__version__",
 ]
+__all__ += ["AttentionVisualizer"]

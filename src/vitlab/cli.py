@@ -50,7 +50,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .tasks import ViTClassifier
 
     source = args.checkpoint or args.model
-    clf = ViTClassifier.from_pretrained(source, device=args.device)
+    clf = ViTClassifier.from_pretrained(source, device=args.device, precision=args.precision, compile=args.compile)
     results = clf.predict([str(p) for p in args.images], top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": str(p), **r} for p, r in zip(args.images, results)], indent=2))
@@ -123,6 +123,55 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .evaluation.benchmark import benchmark
+
+    models = [m if Path(m).exists() else resolve_model_name(m) for m in args.models]
+    report = benchmark(models, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
+                       train=args.train, reference=args.reference, device=args.device, repeats=args.repeats,
+                       warmup=args.warmup, latency_repeats=args.latency_repeats, threads=args.threads,
+                       agreement_data=args.agreement_data,
+                       log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    print(report.to_markdown())
+    if args.output:
+        print(f"wrote {report.save(args.output)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import export_model
+
+    if args.checkpoint:
+        from .pretrained import load_model
+
+        model = load_model(args.checkpoint)
+    else:
+        from .models import create_model
+
+        model = create_model(resolve_model_name(args.model))
+    res = export_model(model, args.output, format=args.format, batch_size=args.batch_size, image_size=args.image_size,
+                       dynamic_batch=args.dynamic_batch, opset=args.opset, check=not args.no_check)
+    batch = "dynamic batch" if res.dynamic_batch else f"batch {res.input_shape[0]}"
+    print(f"wrote {res.path} (input {'x'.join(map(str, res.input_shape[1:]))}, {batch})")
+    if res.max_abs_diff is not None:
+        print(f"onnxruntime vs PyTorch: max abs logit difference {res.max_abs_diff:.3e}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .evaluation.explain import run_explain
+
+    model = resolve_model_name(args.model) if args.model else None
+    record = run_explain(args.image, args.method, checkpoint=args.checkpoint, model=model, layers=args.layers,
+                         target=args.target, output_dir=args.output_dir, device=args.device, heads=args.heads,
+                         pretrained=not args.random_init)
+    top = record["prediction"][0]
+    print(f"{args.image}: predicted {top['label']} ({top['probability']:.1%})")
+    for f in record["files"]:
+        print(f"wrote {f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitlab`` argument parser."""
     p = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: models, training, analysis.")
@@ -149,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-amp", "fp16", "int8"],
+                    help="inference precision (bf16: bfloat16 weights and activations; int8: dynamic quantization, CPU)")
+    pr.add_argument("--compile", action="store_true", help="torch.compile the model (the first call compiles)")
     pr.set_defaults(func=_cmd_predict)
 
     t = sub.add_parser("train", help="train a model (no arguments: the bundled digits recipe)",
@@ -179,6 +231,61 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("benchmark", help="throughput, latency, FLOPs, memory and agreement per inference mode",
+                       description="Benchmark models in inference modes (median throughput, batch-1 latency, "
+                                   "GFLOPs, peak memory, fraction of the measured matmul peak, agreement with fp32).")
+    b.add_argument("models", nargs="+", metavar="MODEL", help="registered names, aliases or checkpoint paths")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--image-size", type=int, help="input side (the model's own by default)")
+    b.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="inference modes: eager bf16 bf16-amp fp16 compile compile-bf16 int8 onnx (default on "
+                        "CPU: eager bf16 bf16-amp compile-bf16 int8 onnx; CUDA: eager bf16 fp16 compile compile-bf16)")
+    b.add_argument("--train", action="store_true",
+                   help="also time training steps (fp32/bf16, with/without checkpointing)")
+    b.add_argument("--reference", nargs="+", metavar="LIB",
+                   help="time the same architecture from hf (transformers, SDPA), hf-eager or timm")
+    b.add_argument("--agreement-data", choices=["digits"], help="measure agreement on the digits test set")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, help="torch (and onnxruntime) threads")
+    b.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--latency-repeats", type=int, default=20, help="timed batch-1 rounds (0: skip latency)")
+    b.add_argument("--output", type=Path, help="write the results (.md, .csv or .json)")
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
+    b.set_defaults(func=_cmd_benchmark)
+
+    x = sub.add_parser("export", help="export a model to ONNX and check it in onnxruntime")
+    g = x.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="registered model name or alias (random weights)")
+    g.add_argument("--checkpoint", help="checkpoint file or folder")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--output", required=True, type=Path, help="output file, e.g. model.onnx")
+    x.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
+    x.add_argument("--batch-size", type=int, default=1)
+    x.add_argument("--image-size", type=int, help="input side (the model's own by default)")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    x.set_defaults(func=_cmd_export)
+
+    from .evaluation.explain import METHODS as EXPLAIN_METHODS
+
+    ex = sub.add_parser("explain", help="attention maps, rollout, Grad-CAM, occlusion, saliency, PCA, distances",
+                        description="Explain a prediction: writes a PNG per method and a JSON of the numbers.")
+    g = ex.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="checkpoint file, folder or hub id")
+    g.add_argument("--model", help="registered model name or alias (its default pretrained weights)")
+    ex.add_argument("--image", required=True, type=Path, help="image file")
+    ex.add_argument("--method", default="attention", choices=[*EXPLAIN_METHODS, "all"])
+    ex.add_argument("--layers", type=int, nargs="+", metavar="N",
+                    help="1-based attention layers (attention), blocks / stages (gradcam, pca)")
+    ex.add_argument("--target", help="class index or name to explain (default: the prediction)")
+    ex.add_argument("--heads", default="mean", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
+                    help="attention heads: mean, max, all or a head index")
+    ex.add_argument("--output-dir", "--output_dir", dest="output_dir", default="explain")
+    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--random-init", action="store_true", help="with --model: random weights (no download)")
+    ex.set_defaults(func=_cmd_explain)
     return p
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets.transforms import EvalTransform, ImageLike
+from ..deploy.inference import prepare_for_inference
 
 
 def _is_batch(image: Any) -> bool:
@@ -29,15 +30,21 @@ class ViTClassifier:
         labels: Class names; defaults to the checkpoint's, ImageNet-1k's for 1000 classes,
             or ``class_<i>``.
         device: Where to run.
+        precision: ``fp32``, ``bf16`` (bfloat16 weights and activations), ``bf16-amp``,
+            ``fp16`` (autocast, GPU) or ``int8`` (dynamic quantization of the linear layers, CPU);
+            see :func:`vitlab.deploy.prepare_for_inference`.
+        compile: Run through ``torch.compile`` (the first call compiles).
 
     Example:
         >>> clf = ViTClassifier.from_pretrained("runs/digits/best")
         >>> clf.predict("seven.png")["class"]
     """
 
-    def __init__(self, model: nn.Module, labels: Sequence[str] | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, labels: Sequence[str] | None = None, device: str | torch.device = "cpu",
+                 precision: str = "fp32", compile: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.runner = prepare_for_inference(self.model, precision, compile=compile, device=self.device)
         n = model.config.num_classes
         if labels is None:
             labels = getattr(model, "labels", None)
@@ -75,7 +82,7 @@ class ViTClassifier:
     @torch.inference_mode()
     def predict_proba(self, image: ImageLike | Sequence[ImageLike]) -> Tensor:
         """Class probabilities (B, num_classes)."""
-        return self.model(self.preprocess(image)).float().softmax(dim=-1)
+        return self.runner(self.preprocess(image)).softmax(dim=-1)
 
     def predict(self, image: ImageLike | Sequence[ImageLike], top_k: int = 5) -> dict[str, Any] | list[dict[str, Any]]:
         """Classify one image (a dict) or a batch/list (a list of dicts).

@@ -1,0 +1,172 @@
+"""ONNX export of any vitlab model, checked by running the file in ONNX Runtime.
+
+``export_onnx`` writes the file; ``check_onnx`` runs it in onnxruntime on random images and
+returns the largest absolute difference from PyTorch's float32 logits; ``OnnxRuntimeModel``
+is the exported file as a callable on tensors (the benchmark's ``onnx`` mode).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+EXPORT_FORMATS = ("onnx",)
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("running ONNX files needs onnxruntime: pip install 'vitlab[onnx]'") from None
+    return onnxruntime
+
+
+def model_input_shape(model: nn.Module, batch_size: int = 1,
+                      image_size: int | tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """(B, C, H, W) of a model's default input (its config's image size unless given)."""
+    cfg = model.config
+    size = image_size if image_size is not None else cfg.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return batch_size, cfg.in_channels, int(h), int(w)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    batch_size: int = 1,
+    image_size: int | tuple[int, int] | None = None,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+) -> Path:
+    """Write ``model`` (float32, eval mode) as an ONNX file with input ``pixel_values``.
+
+    Args:
+        model: Any vitlab model.
+        path: Output ``.onnx`` file (folders are created).
+        batch_size: Batch size traced into the graph (and the only one accepted unless
+            ``dynamic_batch``).
+        image_size: Input size; the model's configured size by default. The graph accepts
+            only this size.
+        dynamic_batch: Make the batch dimension symbolic.
+        opset: ONNX opset.
+
+    Returns:
+        The written path.
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise ImportError("ONNX export needs onnx: pip install 'vitlab[onnx]'") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    x = torch.randn(model_input_shape(model, batch_size, image_size), device=device)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings on shape checks; exporter deprecation notices
+            torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+    finally:
+        model.train(was_training)
+    return path
+
+
+class OnnxRuntimeModel:
+    """An ONNX file run by onnxruntime on the CPU, called like a model: (B, C, H, W) -> logits.
+
+    Args:
+        path: The ``.onnx`` file.
+        threads: Intra-op threads; torch's thread count by default, so timings compare.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        ort = _onnxruntime()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def check_onnx(model: nn.Module, path: str | Path, batch_size: int = 2, image_size: int | tuple[int, int] | None = None,
+               seed: int = 0) -> float:
+    """Max absolute difference between onnxruntime's and PyTorch's logits on random images."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(model_input_shape(model, batch_size, image_size), generator=gen)
+    ort_out = OnnxRuntimeModel(path)(x)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(x.to(next(model.parameters()).device)).float().cpu()
+    finally:
+        model.train(was_training)
+    return float((ort_out - ref).abs().max())
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and how well it matches PyTorch.
+
+    Attributes:
+        path: The exported file.
+        format: ``"onnx"``.
+        input_shape: (B, C, H, W) traced; B is symbolic when ``dynamic_batch``.
+        dynamic_batch: Whether any batch size is accepted.
+        max_abs_diff: Largest |onnxruntime - PyTorch| logit difference (None when not checked).
+    """
+
+    path: Path
+    format: str
+    input_shape: tuple[int, int, int, int]
+    dynamic_batch: bool
+    max_abs_diff: float | None
+
+
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    format: str = "onnx",
+    batch_size: int = 1,
+    image_size: int | tuple[int, int] | None = None,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    check: bool = True,
+) -> ExportResult:
+    """Export ``model`` and (by default) check the file against PyTorch in onnxruntime.
+
+    With ``dynamic_batch`` the check runs at a batch size other than the traced one, so a
+    batch dimension that was baked in is caught.
+
+    Raises:
+        ValueError: An unknown format.
+        ImportError: onnx / onnxruntime missing (the ``vitlab[onnx]`` extra).
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    out = export_onnx(model, path, batch_size, image_size, dynamic_batch, opset)
+    diff = None
+    if check:
+        check_batch = batch_size + 1 if dynamic_batch else batch_size
+        diff = check_onnx(model, out, check_batch, image_size)
+    return ExportResult(out, format, model_input_shape(model, batch_size, image_size), dynamic_batch, diff)
+
+
+__all__ = ["EXPORT_FORMATS", "ExportResult", "OnnxRuntimeModel", "check_onnx", "export_model", "export_onnx",
+           "model_input_shape"]
