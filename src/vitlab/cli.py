@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -102,6 +103,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     t0 = time.perf_counter()
     results = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     split = results.get("split", "test")
     print(f"finished in {time.perf_counter() - t0:.0f}s; run directory: {cfg.output_dir}")
     if f"{split}_top1" in results:
