@@ -474,7 +474,7 @@ class ConvNetAdapter(FamilyAdapter):
     """Convolutional networks: no attention; feature maps at the end of every stage."""
 
     def attention_layers(self, model, records, image_size):
-        raise NotImplementedError
+        raise ValueError(f"{type(model).__name__} has no attention; use gradcam, occlusion, saliency or pca")
 
     def feature_points(self, model, image_size):
         return [FeaturePoint(f"stage {s + 1}", model.blocks[end], None, None,
