@@ -317,6 +317,23 @@ def rollout(model: nn.Module, x: Tensor, head_fusion: HeadFusion = "mean", disca
                        dict(head_fusion=head_fusion, discard_ratio=discard_ratio, layers=len(layers), readout=readout))
 
 
+def gradient_weighted_attention(probs: Tensor, grad: Tensor | None) -> Tensor:
+    """``relu(A * dS/dA)``: the attention entries that raise the target score, per head.
+
+    Args:
+        probs: Attention probabilities A, (B, heads, Nq, Nk).
+        grad: The target score's gradient with respect to ``probs`` (same shape), or None
+            when the layer does not reach the score (the result is then zero).
+
+    Returns:
+        (B, heads, Nq, Nk), non-negative: entries where attention and gradient disagree in
+        sign are dropped, not flipped.
+    """
+    if grad is None:
+        return torch.zeros_like(probs)
+    return (probs * grad).clamp(min=0)
+
+
 def gradient_rollout(model: nn.Module, x: Tensor, target: Target = None, discard_ratio: float = 0.0,
                      interpolation: str = "bilinear") -> Explanation:
     """Class-specific rollout: each layer's attention weighted by the target score's gradient.
@@ -329,8 +346,7 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: Target = None, discard
         targets = resolve_targets(logits, target)
         probs = [r.probs for r in cap.records]
         grads = torch.autograd.grad(_score(logits, targets), probs, allow_unused=True)
-    weighted = [dataclasses.replace(r, probs=(r.probs.detach() * g).clamp(min=0) if g is not None
-                                    else torch.zeros_like(r.probs.detach()))
+    weighted = [dataclasses.replace(r, probs=gradient_weighted_attention(r.probs.detach(), g))
                 for r, g in zip(cap.records, grads)]
     layers = attention_layers(model, weighted, x.shape[-2:])
     per_grid = rollout_layers(layers, adapter_for(model).readout(model), "mean", discard_ratio)
