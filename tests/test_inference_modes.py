@@ -104,6 +104,22 @@ def test_bf16_runs_bfloat16_weights_and_activations():
         assert not torch.equal(out, model(x))
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-amp", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_precisions_run_linears_in_half_precision(precision, dtype):
+    model = tiny_vit()
+    x = torch.randn(3, 1, 8, 8)
+    fast = prepare_for_inference(model, precision)
+    assert fast.model is model and {p.dtype for p in model.parameters()} == {torch.float32}  # weights stay float32
+    spy = DtypeSpy(fast.model)
+    out = fast(x)
+    spy.remove()
+    outs = {o for _, kind, _, o in spy.calls if kind is nn.Linear}
+    assert outs == {dtype}, f"{precision}: linear outputs {outs}"
+    assert out.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        torch.testing.assert_close(out, model(x).float(), atol=0, rtol=0)
+
+
 def test_int8_runs_dynamic_quantized_linears():
     model = tiny_vit()
     x = torch.randn(3, 1, 8, 8)
