@@ -334,7 +334,8 @@ def test_color_jitter_random_hue_is_one_shift_per_sample_within_the_range():
     assert len({round(s, 4) for s in shifts}) == 4 and max(map(abs, shifts)) > 0.01, shifts
 
 
-@pytest.mark.parametrize("name, factor, enhancer", [("brightness", 1.6, "Brightness"), ("brightness", 0.3, "Brightness"),
+@pytest.mark.parametrize("name, factor, enhancer", [("brightness", 1.6, "Brightness"),
+                                                    ("brightness", 0.3, "Brightness"),
                                                     ("saturation", 1.7, "Color"), ("saturation", 0.2, "Color"),
                                                     ("contrast", 1.5, "Contrast")])
 def test_color_jitter_factors_match_pil_image_enhance(name, factor, enhancer):

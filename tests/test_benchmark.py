@@ -75,7 +75,8 @@ def assert_peak_fractions(report) -> None:
     md = report.to_markdown().splitlines()
     col = md[0].split(" | ").index("% of peak")
     for r, line in zip(report.results, md[2:]):
-        assert line.split(" | ")[col] == f"{100 * r.achieved_gflops / report.peaks[r.compute_dtype]:.0f}% {r.compute_dtype}"
+        fraction = r.achieved_gflops / report.peaks[r.compute_dtype]
+        assert line.split(" | ")[col] == f"{100 * fraction:.0f}% {r.compute_dtype}"
     # The rows are independent measurements: a constant fraction would be a bug (and is what a broken
     # report would show). Different modes and dtypes give different fractions.
     assert len({round(r.peak_fraction, 12) for r in report.results}) == len(report.results)

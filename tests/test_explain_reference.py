@@ -124,7 +124,8 @@ def test_gradient_rollout_equals_the_definition_on_a_vit():
 @pytest.mark.parametrize("family", sorted(FAMILY_VARIANTS))
 def test_attention_capture_one_record_per_attention_module(family, monkeypatch):
     model = tiny_model(FAMILY_VARIANTS[family]).eval()
-    h, w = model.config.image_size if isinstance(model.config.image_size, (tuple, list)) else (model.config.image_size,) * 2
+    size = model.config.image_size
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
     x = torch.randn(2, model.config.in_channels, h, w)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, AttentionBase)}
     if family == "convnet":

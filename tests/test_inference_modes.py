@@ -37,12 +37,16 @@ def linears(model: nn.Module) -> list[str]:
 
 
 class DtypeSpy:
-    """Forward hooks on every Linear / LayerNorm / quantized Linear: (name, type, input dtype, output dtype) per call."""
+    """Forward hooks on every Linear, LayerNorm and quantized Linear.
+
+    ``calls``: (name, type, input dtype, output dtype) per call.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.calls: list[tuple[str, type, torch.dtype, torch.dtype]] = []
         kinds = (nn.Linear, nn.LayerNorm, QLinear)
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
+                        if isinstance(m, kinds)]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:

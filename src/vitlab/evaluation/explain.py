@@ -97,6 +97,7 @@ def _to_json(t: Tensor) -> list:
     if t.numel() > MAX_JSON_VALUES:
         t = F.adaptive_avg_pool2d(t[None, None] if t.ndim == 2 else t[None], 64)[0]
         t = t[0] if t.ndim == 3 and t.shape[0] == 1 else t
+    # (..., W) -> (rows, W)
     return [[round(float(v), 6) for v in row] for row in t.reshape(-1, t.shape[-1])]
 
 

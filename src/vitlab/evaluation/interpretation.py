@@ -277,6 +277,7 @@ def rollout_layers(
     out = {}
     for key, (start, seg) in state.columns.items():
         if seg.is_grid:
+            # (B, h*w) -> (B, h, w)
             out[key] = (seg.grid, row[:, start : start + seg.size].reshape(b, *seg.grid.shape))
     return out
 
@@ -498,9 +499,9 @@ def occlusion(model: nn.Module, x: Tensor, target: Target = None, patch_size: in
             batch = x[img] * (1 - m) + fills[img][:, :, None, None] * m
             scores = _logits(model, batch).gather(1, targets[img][:, None])[:, 0]
             drops[pair] = base[img] - scores
-    drops = drops.view(b, n_masks)
+    drops = drops.view(b, n_masks)  # (B * M,) -> (B, M)
     maps = torch.einsum("bm,mhw->bhw", drops, masks) / counts
-    token = drops.view(b, len(ys), len(xs))
+    token = drops.view(b, len(ys), len(xs))  # (B, M) -> (B, rows, cols)
     return Explanation("occlusion", maps, {"occlusion": token}, targets, logits,
                        dict(patch_size=p, stride=s, baseline=baseline, masks=int(masks.shape[0])))
 
@@ -576,7 +577,7 @@ def pca_features(model: nn.Module, x: Tensor, layers: int | Sequence[int] | None
         rgb = (proj - lo) / (hi - lo).clamp(min=1e-8)
         if k < 3:
             rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - k)], dim=1)
-        rgb = rgb.view(b, h, w, 3)
+        rgb = rgb.view(b, h, w, 3)  # (B*h*w, 3) -> (B, h, w, 3)
         var = sv**2
         explained = (var[:k] / var.sum().clamp(min=1e-12)).tolist()
         grid = TokenGrid((h, w), point.cell)
