@@ -14,8 +14,7 @@ import torch
 
 from vitlab.components import capture_attention
 from vitlab.components.attention import AttentionBase
-from vitlab.evaluation import attention_rollout, gradient_rollout, pca_features
-from vitlab.evaluation.interpretation import gradient_weighted_attention
+from vitlab.evaluation import attention_rollout, gradient_rollout, gradient_weighted_attention, pca_features
 from vitlab.models import get_entry, list_families, list_models
 
 from conftest import tiny_model
