@@ -8,14 +8,10 @@ built here from tiny configs and re-randomised the same way, so every weight mov
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 import vitlab
@@ -33,21 +29,15 @@ from vitlab.models import (
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked
 
 from test_registry_models import OTHER_PARAM_COUNTS
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-transformers = pytest.importorskip("transformers")
+from timm_fixtures import resample_reference
+from timm_fixtures import timm_fixture as read_timm_fixture
 
 
 # ---------------------------------------------------------------------------------- helpers
 def timm_fixture(case: str) -> tuple[dict, dict, dict]:
     """(timm state dict, other tensors, constructor kwargs) of ``timm_<case>.safetensors``."""
-    path = FIXTURES / f"timm_{case}.safetensors"
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        kwargs = json.loads(f.metadata()["kwargs"])
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return sd, {k: v for k, v in tensors.items() if not k.startswith("model.")}, kwargs
+    kwargs, sd, rest, _ = read_timm_fixture(case)
+    return sd, rest, kwargs
 
 
 def v2_config_from_timm(kw: dict) -> PvtV2Config:
@@ -75,6 +65,7 @@ def rerandomise(model: nn.Module, seed: int = 0) -> None:
 
 def hf_v2(linear: bool = False, classifier: bool = True):
     """A tiny re-randomised HF PvtV2 (dims 4/8/20/32, two blocks in stage 0)."""
+    transformers = pytest.importorskip("transformers")  # skips only the tests that build HF models
     cfg = transformers.PvtV2Config(
         hidden_sizes=[4, 8, 20, 32], depths=[2, 1, 1, 1], num_attention_heads=[1, 2, 5, 8],
         sr_ratios=[8, 4, 2, 1], mlp_ratios=[8, 8, 4, 4], num_labels=10, linear_attention=linear,
@@ -96,6 +87,7 @@ def vitlab_v2_for(hf_cfg, **extra) -> dict:
 
 def hf_v1(classifier: bool = True):
     """A tiny re-randomised HF Pvt (v1; dims 4/8/20/32, two blocks in stage 0, 64x64)."""
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.PvtConfig(
         image_size=64, hidden_sizes=[4, 8, 20, 32], depths=[2, 1, 1, 1], num_attention_heads=[1, 2, 5, 8],
         sequence_reduction_ratios=[8, 4, 2, 1], mlp_ratios=[8, 8, 4, 4], patch_sizes=[4, 2, 2, 2],
@@ -242,12 +234,16 @@ def test_detectors_do_not_misfire():
         assert detect_layout(sd, "pvt_v2") == "vitlab", case
         assert detect_layout(sd, "pvt") == "vitlab", case
     assert detect_layout(v2_timm, "pvt") == "vitlab"
-    assert detect_layout(hf_v1().state_dict(), "pvt_v2") == "vitlab"
-    assert detect_layout(hf_v2().state_dict(), "pvt") == "vitlab"
     tiny_v1 = PyramidVisionTransformer(PvtConfig(**PyramidVisionTransformer.tiny_overrides(PvtConfig())))
     assert detect_layout(tiny_v1.state_dict(), "pvt_v2") == "vitlab"  # official v1 keys are not v2's
     tiny_v2 = PyramidVisionTransformerV2(PvtV2Config(**PyramidVisionTransformerV2.tiny_overrides(PvtV2Config())))
     assert detect_layout(tiny_v2.state_dict(), "pvt_v2") == "vitlab"  # vitlab's own keys need no conversion
+
+
+def test_hf_detectors_do_not_misfire():
+    """HF v1 keys are not claimed as v2, nor v2 as v1."""
+    assert detect_layout(hf_v1().state_dict(), "pvt_v2") == "vitlab"
+    assert detect_layout(hf_v2().state_dict(), "pvt") == "vitlab"
 
 
 # ---------------------------------------------------------------------------------- PVT v1

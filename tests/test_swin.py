@@ -9,28 +9,19 @@ window clipped to 2x2 in stage 3). The Hugging Face reference is ``transformers`
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import vitlab
 from vitlab.models import SwinConfig, SwinTransformer, build_model, create_model
 from vitlab.models import swin as swin_module
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked, save_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "timm_swin.safetensors"
+from timm_fixtures import resample_reference, timm_fixture
+
 TINY = dict(image_size=32, patch_size=2, window_size=4, dim=8, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4))
-
-
-def read_fixture(path: Path = FIXTURE) -> tuple[dict, dict[str, torch.Tensor]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(meta["kwargs"]), tensors
 
 
 def model_from_timm_kwargs(kw: dict) -> SwinTransformer:
@@ -45,8 +36,7 @@ def model_from_timm_kwargs(kw: dict) -> SwinTransformer:
 
 # --------------------------------------------------------------------------- timm parity
 def test_timm_fixture_parity():
-    kw, t = read_fixture()
-    sd = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+    kw, sd, t, _ = timm_fixture("swin")
     model = model_from_timm_kwargs(kw)
     converted, layout = convert_state_dict(sd, model)
     assert layout == "timm"
@@ -65,12 +55,9 @@ def test_timm_fixture_parity():
 
 def test_original_microsoft_layout_parity():
     """Microsoft's checkpoints merge patches at the end of stages 0..2 and name the head ``head``."""
-    kw, t = read_fixture()
+    kw, timm_sd, t, _ = timm_fixture("swin")
     sd = {}
-    for k, v in t.items():
-        if not k.startswith("model."):
-            continue
-        k = k[len("model."):]
+    for k, v in timm_sd.items():
         if k.startswith("layers.") and ".downsample." in k:
             i = int(k.split(".")[1])
             k = k.replace(f"layers.{i}.downsample.", f"layers.{i - 1}.downsample.")
@@ -86,10 +73,8 @@ def test_original_microsoft_layout_parity():
 
 
 def test_detectors_do_not_misfire():
-    _, t = read_fixture()
-    swin_sd = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
-    _, vit = read_fixture(FIXTURE.with_name("timm_vit.safetensors"))
-    vit_sd = {k[len("model."):]: v for k, v in vit.items() if k.startswith("model.")}
+    swin_sd = timm_fixture("swin").state_dict
+    vit_sd = timm_fixture("vit").state_dict
     assert detect_layout(vit_sd, "swin") == "vitlab"  # no swin converter claims a ViT checkpoint
     assert detect_layout(swin_sd, "vit") == "vitlab"
     own = SwinTransformer(SwinConfig(**TINY)).state_dict()

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
 
 import vitlab
 from vitlab.models import DistilledVisionTransformer, ViTConfig, VisionTransformer
 from vitlab.pretrained import convert_state_dict, load_model, load_state_dict_checked
 
-transformers = pytest.importorskip("transformers")
-FIXTURES = Path(__file__).parent / "fixtures"
+from timm_fixtures import resample_reference, timm_fixture
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -38,6 +33,7 @@ HF_CONFIGS = {
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
 def test_hf_vit_for_image_classification_parity(size, tmp_path):
+    transformers = pytest.importorskip("transformers")  # only the HF tests need it
     cfg = transformers.ViTConfig(**HF_CONFIGS[size], num_labels=10, layer_norm_eps=1e-6)
     hf = transformers.ViTForImageClassification(cfg).eval()
     randomize(hf, seed=1)
@@ -58,6 +54,7 @@ def test_hf_vit_for_image_classification_parity(size, tmp_path):
 
 
 def test_hf_vit_model_features_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")  # only the HF tests need it
     """A ViTModel checkpoint (no classifier): features match; the head is initialised fresh."""
     cfg = transformers.ViTConfig(**HF_CONFIGS["tiny"], layer_norm_eps=1e-6)
     hf = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
@@ -77,6 +74,7 @@ def test_hf_vit_model_features_parity(tmp_path):
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
 def test_hf_deit_with_teacher_parity(size, tmp_path):
+    transformers = pytest.importorskip("transformers")  # only the HF tests need it
     cfg = transformers.DeiTConfig(**HF_CONFIGS[size], num_labels=7, layer_norm_eps=1e-6)
     hf = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
     randomize(hf, seed=3)
@@ -98,11 +96,8 @@ def test_hf_deit_with_teacher_parity(size, tmp_path):
 
 
 def _fixture(case: str):
-    f = safe_open(str(FIXTURES / f"timm_{case}.safetensors"), "pt")
-    kw = json.loads(f.metadata()["kwargs"])
-    sd = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.")}
-    return kw, sd, tensors
+    """(timm kwargs, timm state dict, other tensors) of ``timm_<case>.safetensors``."""
+    return timm_fixture(case)[:3]
 
 
 def _vit_config(kw) -> ViTConfig:
