@@ -16,7 +16,6 @@ from torch import nn
 
 import vitlab
 import vitlab.models.pvt as pvt_module
-from vitlab.components import interpolate_pos_embed
 from vitlab.models import (
     PvtConfig,
     PvtV2Config,
@@ -324,19 +323,27 @@ def test_v1_class_token_and_position_embeddings():
         ref = model(x)
         model.cls_token.add_(1.0)
         assert not torch.allclose(model(x), ref)
-    # Another grid: bicubic resampling of each stage's grid rows, the class row kept.
-    grid = (9, 14)
-    pe = model.position_embedding(3, grid)
-    torch.testing.assert_close(pe, interpolate_pos_embed(model.pos_embed4, grid, 1, old_grid=(2, 2)))
+    # Another grid: each stage's grid rows resampled as timm's resample_abs_pos_embed does
+    # (bicubic, antialias; reference values in timm_resample.safetensors), the class row kept.
+    ref = resample_reference()
+    with torch.no_grad():
+        model.pos_embed4.copy_(ref["pvt_v1.pos_embed4"])
+    pe = model.position_embedding(3, (9, 14))
     assert pe.shape == (1, 1 + 9 * 14, 32)
+    torch.testing.assert_close(pe.detach(), ref["pvt_v1.pos_embed4.9x14"], atol=1e-6, rtol=0)
 
 
 def test_v1_checkpoint_of_another_size_is_resampled():
+    """A 64x64 model's per-stage embeddings (grids 16/8/4/2) loaded into a 96x96 model (24/12/6/3)
+    equal timm's resampler on them (timm_resample.safetensors); stage 4 keeps its class row."""
+    ref = resample_reference()
     small = PyramidVisionTransformer(PvtConfig(image_size=64, dims=(4, 8, 20, 32), depths=(1, 1, 1, 1)))
     big = PyramidVisionTransformer(PvtConfig(image_size=96, dims=(4, 8, 20, 32), depths=(1, 1, 1, 1)))
-    load_state_dict_checked(big, small.state_dict())
-    torch.testing.assert_close(big.pos_embed1, interpolate_pos_embed(small.pos_embed1, (24, 24), 0))
-    torch.testing.assert_close(big.pos_embed4, interpolate_pos_embed(small.pos_embed4, (3, 3), 1))
+    sd = {**small.state_dict(), **{f"pos_embed{i}": ref[f"pvt_v1.pos_embed{i}"] for i in range(1, 5)}}
+    load_state_dict_checked(big, sd)
+    for i, side in enumerate((24, 12, 6, 3), start=1):
+        expected = ref[f"pvt_v1.pos_embed{i}.{side}x{side}"]
+        torch.testing.assert_close(getattr(big, f"pos_embed{i}").detach(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(big.cls_token, small.cls_token)
 
 

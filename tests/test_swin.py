@@ -16,6 +16,7 @@ import torch
 
 import vitlab
 from vitlab.models import SwinConfig, SwinTransformer, build_model, create_model
+from vitlab.components import resample_relative_position_table
 from vitlab.models import swin as swin_module
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked, save_checkpoint
 
@@ -217,6 +218,35 @@ def test_window7_checkpoint_into_window12_model(tmp_path):
     torch.testing.assert_close(big.layers[1].blocks[1].attn.qkv.weight, small.layers[1].blocks[1].attn.qkv.weight)
     out = big(torch.randn(1, 3, 96, 96))
     assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+TABLE_PAIRS = [((4, 4), (6, 6)), ((7, 7), (12, 12)), ((4, 4), (3, 3)), ((2, 2), (4, 4)), ((4, 4), (4, 6))]
+
+
+@pytest.mark.parametrize("old,new", TABLE_PAIRS, ids=[f"{o[0]}x{o[1]}-{n[0]}x{n[1]}" for o, n in TABLE_PAIRS])
+def test_bias_table_resampling_matches_timm(old, new):
+    """A random table resized as timm's Swin checkpoint filter resizes it (resize_rel_pos_bias_table:
+    geometric offsets, linear interpolation; values in timm_resample.safetensors)."""
+    ref = resample_reference()
+    table = ref[f"swin.table.{old[0]}x{old[1]}"]
+    out = resample_relative_position_table(table, new, old)
+    expected = ref[f"swin.table.{old[0]}x{old[1]}.to.{new[0]}x{new[1]}"]
+    assert out.shape == expected.shape == ((2 * new[0] - 1) * (2 * new[1] - 1), 3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_timm_checkpoint_into_window6_model_resizes_tables_like_timm():
+    """The window-4 fixture loaded into a window-6 model (image 96: stage grids 48/24/12/6, no
+    window clipped): every bias table equals what timm's checkpoint_filter_fn makes of it."""
+    kw, sd, _, _ = timm_fixture("swin")
+    model = model_from_timm_kwargs({**kw, "img_size": 96, "window_size": 6})
+    load_state_dict_checked(model, convert_state_dict(sd, model)[0])
+    ref = resample_reference()
+    keys = [k for k in sd if k.endswith("relative_position_bias_table")]
+    assert len(keys) == 8 and {sd[k].shape[0] for k in keys} == {49, 9}  # window 4; 2 (clipped) in stage 3
+    for key in keys:
+        ours = model.get_parameter(key.replace("relative_position_bias_table", "relative_position.table"))
+        torch.testing.assert_close(ours.detach(), ref[f"swin.window6.{key}"], atol=1e-6, rtol=0, msg=key)
 
 
 def test_clipped_window_takes_the_central_offsets():
