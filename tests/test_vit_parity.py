@@ -145,7 +145,7 @@ def test_timm_fixture_through_file_and_create_model(tmp_path):
     torch.testing.assert_close(bigger.pos_embed[:, :1], sd["pos_embed"][:, :1])
 
 
-@pytest.mark.parametrize("grid", [(6, 6), (6, 5)], ids=["6x6", "6x5"])
+@pytest.mark.parametrize("grid", [(6, 6), (6, 5), (3, 2)], ids=["6x6", "6x5", "3x2"])
 @pytest.mark.parametrize("case", ["vit", "vit_gap", "deit_distilled"])
 def test_timm_checkpoint_on_another_grid_resamples_like_timm(case, grid):
     """Loading the 4x4-grid fixture into a model with another grid gives the position embedding
