@@ -90,6 +90,33 @@ def test_crash_after_the_model_file_leaves_no_half_checkpoint(tmp_path, monkeypa
     assert load_training_checkpoint(ck_dir / "epoch-0002")["epoch"] == 2
 
 
+def crash_on_rename_of(monkeypatch, name: str) -> None:
+    """Make renaming the finished temporary folder ``name`` into place raise."""
+    real_replace = ck.os.replace
+
+    def replace(src, dst):
+        if Path(src).name == name:
+            raise Crash("killed before the new folder was renamed in")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+
+
+def test_crash_before_the_rename_keeps_the_pointer_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    """All files written, killed just before the rename: the pointer is only moved afterwards."""
+    run = trainer(tmp_path, ema=False)
+    run.epoch = 1
+    run.save()
+    run.epoch = 2
+    crash_on_rename_of(monkeypatch, ".epoch-0002.tmp")
+    with pytest.raises(Crash):
+        run.save()
+    monkeypatch.undo()
+    ck_dir = tmp_path / "checkpoints"
+    assert (ck_dir / "latest").read_text().strip() == "epoch-0001"
+    assert sorted(p.name for p in ck_dir.iterdir() if not p.name.startswith(".")) == ["epoch-0001", "latest"]
+
+
 def test_crash_while_saving_the_same_epoch_again_resumes_from_a_whole_checkpoint(tmp_path, monkeypatch):
     """Saving epoch 2 a second time replaces the folder; a kill between moving the old one away
     and renaming the new one in leaves the pointer naming a missing folder: resume falls back to
@@ -98,14 +125,7 @@ def test_crash_while_saving_the_same_epoch_again_resumes_from_a_whole_checkpoint
     for epoch in (1, 2):
         run.epoch = epoch
         run.save()
-    real_replace = ck.os.replace
-
-    def replace(src, dst):
-        if Path(src).name == ".epoch-0002.tmp":
-            raise Crash("killed before the new folder was renamed in")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(ck.os, "replace", replace)
+    crash_on_rename_of(monkeypatch, ".epoch-0002.tmp")
     with pytest.raises(Crash):
         run.save()
     monkeypatch.undo()
