@@ -4,7 +4,6 @@ tiny ViT trained for a few steps on the digits (8x8 images)."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -207,7 +206,7 @@ def test_distillation_is_applied_end_to_end(tmp_path, kind):
     def recording(x, out, y):
         loss = real(x, out, y)
         if "batch" not in record:
-            record["batch"] = (x.detach().clone(), y.clone(), loss.detach().clone(),
+            record["batch"] = (x.detach().clone(), [o.detach().clone() for o in out], y.clone(), loss.detach().clone(),
                                {n: p.detach().clone() for n, p in student.named_parameters()})
         return loss
 
@@ -234,7 +233,7 @@ def test_distillation_is_applied_end_to_end(tmp_path, kind):
     trainer.train_epoch()
     after = gap_on_fixed()
 
-    x, y, loss, weights = record["batch"]
+    x, out, y, loss, weights = record["batch"]
     now = {n: p.detach().clone() for n, p in student.named_parameters()}
     student.load_state_dict(weights, strict=False)  # the weights of the first step, to redo its forward
     student.train()
@@ -243,9 +242,13 @@ def test_distillation_is_applied_end_to_end(tmp_path, kind):
         cls_logits, dist_logits = student(x)
         t = teacher(x)
     student.load_state_dict(now, strict=False)
+    # The criterion saw the student's input and both of its heads' outputs ...
+    torch.testing.assert_close(cls_logits, out[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dist_logits, out[1], rtol=1e-5, atol=1e-6)
     base = F.cross_entropy(cls_logits, y)
     distill = distill_gap(kind, dist_logits, t, 2.0)
     assert abs(distill.item()) > 1e-3 and abs(distill.item() - base.item()) > 1e-3
-    assert loss.item() == pytest.approx(0.5 * base.item() + 0.5 * distill.item(), rel=1e-4)
+    # ... and the loss it returned is DeiT's: (1 - alpha) * base + alpha * distillation.
+    assert loss.item() == pytest.approx(0.5 * base.item() + 0.5 * distill.item(), rel=1e-5)
     # Training pulls the distillation head toward the teacher.
     assert after < 0.6 * before, (before, after)  # ~0.4x (hard) and ~0.4x (soft) here
