@@ -4,7 +4,6 @@ tiny ViT trained for a few steps on the digits (8x8 images)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
