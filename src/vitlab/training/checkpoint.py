@@ -10,6 +10,7 @@ kill at any moment leaves the previous checkpoint and pointer intact.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -78,26 +79,41 @@ def save_training_checkpoint(
     name = f"epoch-{epoch:04d}"
     tmp = ck_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
-    if ema_model is not None:
-        files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
-    torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
-    files.append(tmp / "state.pt")
-    for f in files:
-        _fsync(f)
-    final = ck_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = ck_dir / f".{LATEST}.tmp"
-    pointer_tmp.write_text(name)
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, ck_dir / LATEST)
+    try:
+        tmp.mkdir()
+        files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
+        if ema_model is not None:
+            files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
+        _torch_save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+        files.append(tmp / "state.pt")
+        for f in files:
+            _fsync(f)
+        final = ck_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = ck_dir / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name)
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, ck_dir / LATEST)
+    except BaseException:  # disk full, permission, Ctrl-C: the previous checkpoint and pointer stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        (ck_dir / f".{LATEST}.tmp").unlink(missing_ok=True)
+        raise
     old = sorted(p for p in ck_dir.glob("epoch-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save``, with its short-write RuntimeError (``unexpected pos``) raised as OSError(ENOSPC)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        if "unexpected pos" in str(e) or "write" in str(e).lower():
+            raise OSError(errno.ENOSPC, f"write failed, disk full? ({str(e).splitlines()[0]})", str(path)) from None
+        raise
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
