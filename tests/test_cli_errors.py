@@ -107,6 +107,11 @@ def test_predict_with_a_mistyped_model_says_unknown_model(ckpt_and_image, capsys
     one_line_error(capsys, "'swin' names several models", "swin_tiny_patch4_window7_224")
     with pytest.raises(UnknownModelError, match="unknown model"):
         vitlab.ViTClassifier.from_pretrained("vit_tiny_patch16_22")
+    # ... while a missing --checkpoint is a missing checkpoint, never a model name
+    assert cli(["predict", "--checkpoint", "ck_missing", str(img)]) == 2
+    one_line_error(capsys, "checkpoint not found: ck_missing")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        vitlab.ViTClassifier.from_pretrained("runs/missing/best")
 
 
 # ------------------------------------------------------------------ config values

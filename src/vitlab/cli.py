@@ -52,8 +52,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    source = args.checkpoint or resolve_model_name(args.model)
-    clf = ViTClassifier.from_pretrained(source, device=args.device, precision=args.precision, compile=args.compile)
+    if args.checkpoint:  # a path or hub id only: never taken as a model name
+        from .pretrained import load_model
+
+        clf = ViTClassifier(load_model(args.checkpoint), device=args.device, precision=args.precision,
+                            compile=args.compile)
+    else:
+        clf = ViTClassifier.from_pretrained(resolve_model_name(args.model), device=args.device,
+                                            precision=args.precision, compile=args.compile)
     results = clf.predict([str(p) for p in args.images], top_k=args.top_k)
     for path, r in zip(args.images, results):  # notes go to stderr: stdout stays parseable
         for note in r["notes"]:

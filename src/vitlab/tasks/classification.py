@@ -82,8 +82,9 @@ class ViTClassifier:
         from ..pretrained import is_hub_id, load_model
 
         src = str(name_or_path)
-        if Path(src).exists() or is_hub_id(src):
-            model = load_model(name_or_path)
+        looks_like_path = isinstance(name_or_path, Path) or "/" in src or "\\" in src or Path(src).suffix != ""
+        if Path(src).exists() or is_hub_id(src) or looks_like_path:
+            model = load_model(name_or_path)  # FileNotFoundError names a missing path
         else:
             model = create_model(resolve_model_name(src), pretrained=True)
         return cls(model, device=device, **kwargs)

@@ -205,7 +205,7 @@ def to_unit_tensor(image: Any, background: float = 1.0) -> Tensor:
     else:
         raise InputError(f"unsupported image type {type(image).__name__}: use a path, PIL image, numpy array or tensor")
     if t.shape[-3] in (2, 4):  # alpha last: composite on the background
-        t = _composite(t.movedim(-3, -1), background).movedim(-1, -3)
+        t = _composite(t.movedim(-3, -1), background).movedim(-1, -3)  # (.., C, H, W) -> (.., C - 1, H, W)
     return t.contiguous()
 
 
