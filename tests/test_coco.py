@@ -71,6 +71,24 @@ def test_bad_annotation_names_its_id(tmp_path, bad, message):
         CocoDetection(path, tmp_path / "img")
 
 
+def test_box_within_tolerance_is_clipped_beyond_it_is_an_error(tmp_path):
+    near = {"id": 40, "image_id": 12, "category_id": 3, "bbox": [-0.5, 12, 10, 8.75], "area": 1, "iscrowd": 0}
+    ds = CocoDetection(_user_dataset(tmp_path, GOOD + [near]), tmp_path / "img")
+    assert torch.equal(ds[1]["boxes"][1], torch.tensor([0.0, 12.0, 9.5, 20.0]))
+    with pytest.raises(AnnotationError, match="annotation 40: box"):
+        CocoDetection(_user_dataset(tmp_path, GOOD + [near]), tmp_path / "img", box_tolerance=0.25)
+
+
+def test_polygon_segmentation_is_decoded(tmp_path):
+    ann = {"id": 50, "image_id": 12, "category_id": 3, "bbox": [2, 2, 6, 4], "area": 24, "iscrowd": 0,
+           "segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]]}
+    ds = CocoDetection(_user_dataset(tmp_path, [ann]), tmp_path / "img", load_masks=True)
+    mask = ds[1]["instance_masks"][0]
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    # pycocotools rasterises the 6x4 rectangle to pixel columns 2..7 and rows 2..5
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 7, 2, 5) and int(mask.sum()) == 24
+
+
 def test_missing_image_names_the_file(tmp_path):
     path = _user_dataset(tmp_path, GOOD)
     (tmp_path / "img" / "b.jpg").unlink()
@@ -122,7 +140,13 @@ def test_digit_scenes_round_trip_through_coco(tmp_path):
     data = json.loads(path.read_text())
     assert [c["id"] for c in data["categories"]] == list(range(1, 11))
     ann = data["annotations"][0]
-    assert ann["area"] == float(scenes[ann["image_id"]]["instance_masks"][0].sum())
+    mask = scenes[ann["image_id"]]["instance_masks"][0]
+    assert ann["area"] == float(mask.sum())
+    # the written RLE is standard COCO: pycocotools decodes it to the same mask
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects(ann["segmentation"], 48, 64)
+    assert np.array_equal(mask_utils.decode(rle).astype(bool), mask.numpy())
 
 
 # ---------------------------------------------------------------- evaluation

@@ -41,6 +41,15 @@ def _rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
+def _rle_decode(counts: Sequence[int], h: int, w: int) -> np.ndarray:
+    """(H, W) bool mask from uncompressed COCO RLE counts (column-major runs, 0s first)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != h * w or (counts < 0).any():
+        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h}x{w} = {h * w}")
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape(w, h).T  # column-major runs: (W, H) -> (H, W)
+
+
 def _image_to_uint8(image: Tensor) -> tuple[np.ndarray, str]:
     x = image.detach().cpu().float()
     if x.dim() != 3 or x.shape[0] not in (1, 3):
@@ -115,8 +124,8 @@ class CocoDetection(Dataset):
     (:attr:`category_ids` maps back). Crowd annotations (``iscrowd: 1``) are not targets.
     A sample is a dict with ``image`` ``(C, H, W)`` float32 in ``[0, 1]`` (1 channel for gray
     images, else RGB), ``boxes`` ``(n, 4)`` float32 xyxy pixels, ``labels`` ``(n,)`` int64,
-    ``image_id``, and with ``load_masks`` ``instance_masks`` ``(n, H, W)`` bool (decoded by
-    pycocotools).
+    ``image_id``, and with ``load_masks`` ``instance_masks`` ``(n, H, W)`` bool (uncompressed
+    RLE decoded here; polygons and compressed RLE by pycocotools).
 
     Args:
         annotation_file: The ``instances`` JSON.
@@ -258,21 +267,24 @@ class CocoDetection(Dataset):
 
     @staticmethod
     def _masks(objs: list[tuple[list[float], int, dict[str, Any]]], h: int, w: int) -> Tensor:
-        try:
-            from pycocotools import mask as mask_utils
-        except ImportError:
-            raise ImportError("COCO masks need pycocotools: pip install 'vitlab[detection]' (pycocotools)") from None
         masks = np.zeros((len(objs), h, w), dtype=bool)
         for k, (_, _, ann) in enumerate(objs):
             seg = ann.get("segmentation")
             if not seg:
                 raise AnnotationError(f"annotation {ann.get('id')}: no segmentation, but masks were requested")
-            if isinstance(seg, list):  # polygons
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-                rle = mask_utils.frPyObjects(seg, h, w)
-            else:
-                rle = seg
+            if isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
+                try:
+                    masks[k] = _rle_decode(seg["counts"], h, w)
+                except ValueError as e:
+                    raise AnnotationError(f"annotation {ann.get('id')}: bad RLE segmentation: {e}") from None
+                continue
+            try:
+                from pycocotools import mask as mask_utils
+            except ImportError:
+                raise ImportError(
+                    "polygon and compressed-RLE masks need pycocotools: pip install 'vitlab[detection]' (pycocotools)"
+                ) from None
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg  # polygons
             masks[k] = mask_utils.decode(rle).astype(bool)
         return torch.from_numpy(masks)
 
