@@ -223,3 +223,25 @@ def test_evaluator_equals_cocoeval_run_on_the_written_files(tmp_path):
     assert list(ours.values()) == pytest.approx(direct, abs=1e-9)
     assert list(from_files.values()) == pytest.approx(direct, abs=1e-9)
     assert 0.05 < ours["AP"] < 0.95  # neither trivial nor perfect
+
+
+def test_perfect_detr_outputs_through_postprocessing_give_ap_one(tmp_path):
+    # the whole path a model's outputs take: normalised cxcywh -> pixels -> COCO results -> mAP
+    pytest.importorskip("sklearn")
+    from vitlab.datasets.digit_scenes import DigitScenes
+    from vitlab.tasks.detection import normalize_boxes, postprocess_detections
+
+    scenes = DigitScenes("test", 5, canvas_size=(48, 80), max_overlap=0.3, seed=12)
+    evaluator = CocoEvaluator(write_coco(scenes, tmp_path, scenes.classes))
+    for s in scenes:
+        n, queries = len(s["labels"]), 6
+        logits = torch.full((1, queries, 11), -10.0)
+        logits[0, n:, 10] = 10.0  # the spare queries say no-object
+        logits[0, torch.arange(n), s["labels"]] = 10.0
+        boxes = torch.full((1, queries, 4), 0.5)
+        boxes[0, :n] = normalize_boxes(s["boxes"], (48, 80))
+        dets = postprocess_detections(logits, boxes, [(48, 80)], score_threshold=0.5)
+        assert len(dets[0]["labels"]) == n
+        evaluator.update(dets, [s["image_id"]])
+    m = evaluator.compute()
+    assert m["AP"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
