@@ -89,6 +89,21 @@ def test_polygon_segmentation_is_decoded(tmp_path):
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 7, 2, 5) and int(mask.sum()) == 24
 
 
+def test_malformed_file_gives_one_clear_error(tmp_path):
+    path = _user_dataset(tmp_path, GOOD)
+    data = json.loads(path.read_text())
+    (tmp_path / "no_categories.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(AnnotationError, match="not a COCO instances file: no categories"):
+        CocoDetection(tmp_path / "no_categories.json", tmp_path / "img")
+    del data["images"][1]["height"]
+    (tmp_path / "no_height.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match="image entry 1 has no height"):
+        CocoDetection(tmp_path / "no_height.json", tmp_path / "img")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(AnnotationError, match="broken.json is not valid JSON"):
+        CocoDetection(tmp_path / "broken.json", tmp_path / "img")
+
+
 def test_missing_image_names_the_file(tmp_path):
     path = _user_dataset(tmp_path, GOOD)
     (tmp_path / "img" / "b.jpg").unlink()

@@ -167,25 +167,30 @@ class CocoDetection(Dataset):
         self.num_classes = len(self.category_ids)
         cat_to_label = {c: k for k, c in enumerate(self.category_ids)}
 
+        for k, img in enumerate(data["images"]):
+            absent = [key for key in ("id", "file_name", "width", "height") if not isinstance(img, dict) or key not in img]
+            if absent:
+                raise AnnotationError(f"{path}: image entry {k} has no {', '.join(absent)}")
         self.images: dict[int, dict[str, Any]] = {}
         for img in data["images"]:
             file = self.image_dir / str(img["file_name"])
             if not file.is_file():
-                self._bad(MissingImageError(f"image {img['file_name']!r} (id {img['id']}) not found in {self.image_dir}"), "images")
+                error = MissingImageError(f"image {img['file_name']!r} (id {img['id']}) not found in {self.image_dir}")
+                self._bad(error, "images")
                 continue
             self.images[int(img["id"])] = img
         known_images = {int(i["id"]) for i in data["images"]}
 
         targets: dict[int, list[tuple[list[float], int, dict[str, Any]]]] = {i: [] for i in self.images}
         for ann in data["annotations"]:
-            aid, image_id = ann.get("id"), int(ann.get("image_id", -1))
+            aid, image_id = ann.get("id"), ann.get("image_id")
             if image_id not in known_images:
                 self._bad(AnnotationError(f"annotation {aid}: unknown image_id {image_id}"), "annotations")
                 continue
             if image_id not in self.images:  # its image is missing and was skipped
                 self.skipped["annotations"] += 1
                 continue
-            if int(ann.get("category_id", -1)) not in cat_to_label:
+            if ann.get("category_id") not in cat_to_label:
                 self._bad(
                     AnnotationError(
                         f"annotation {aid}: unknown category_id {ann.get('category_id')} "
@@ -199,12 +204,14 @@ class CocoDetection(Dataset):
             img = self.images[image_id]
             bbox = ann.get("bbox")
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-                self._bad(AnnotationError(f"annotation {aid}: bbox must be [x, y, width, height], got {bbox!r}"), "annotations")
+                error = AnnotationError(f"annotation {aid}: bbox must be [x, y, width, height], got {bbox!r}")
+                self._bad(error, "annotations")
                 continue
             x, y, bw, bh = (float(v) for v in bbox)
             W, H, tol = float(img["width"]), float(img["height"]), box_tolerance
             if bw <= 0 or bh <= 0:
-                self._bad(AnnotationError(f"annotation {aid}: empty box {bbox} (width and height must be > 0)"), "annotations")
+                error = AnnotationError(f"annotation {aid}: empty box {bbox} (width and height must be > 0)")
+                self._bad(error, "annotations")
                 continue
             if x < -tol or y < -tol or x + bw > W + tol or y + bh > H + tol:
                 self._bad(
@@ -216,7 +223,7 @@ class CocoDetection(Dataset):
                 )
                 continue
             xyxy = [min(max(x, 0.0), W), min(max(y, 0.0), H), min(x + bw, W), min(y + bh, H)]
-            targets[image_id].append((xyxy, cat_to_label[int(ann["category_id"])], ann))
+            targets[image_id].append((xyxy, cat_to_label[ann["category_id"]], ann))
         self._targets = targets
         self.image_ids: list[int] = sorted(self.images)
         if any(self.skipped.values()):
