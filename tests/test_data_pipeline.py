@@ -99,8 +99,8 @@ def test_random_resized_crop_boxes_follow_scale_and_ratio():
 def test_cli_trains_on_a_folder_of_mixed_size_and_mode_photos(tree, tmp_path, size):
     extra = [] if size is None else [f"data.image_size={size}"]
     out = tmp_path / "run"
-    code = cli(["train", TINY_VIT, *extra, "--dataset", str(tree), "--epochs", "1", "--batch-size", "4",
-                "--output-dir", str(out), "--no-progress", "data.num_workers=2", "augment.cutmix_alpha=0"])
+    code = cli(["train", TINY_VIT, *extra, "data.num_workers=2", "augment.cutmix_alpha=0", "--dataset", str(tree),
+                "--epochs", "1", "--batch-size", "4", "--output-dir", str(out), "--no-progress"])
     assert code == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["image_size"] == (size or 224)  # folders default to 224

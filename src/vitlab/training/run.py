@@ -163,10 +163,11 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any | None]:
 
 
 #: Effective training rate assumed for the CPU estimate (GFLOP/s, forward + backward); set
-#: ``VITLAB_CPU_GFLOPS`` to your machine's. Measured: the digits recipe (0.0112 GFLOPs per
-#: image forward, x3 for training, 1257 images x 120 epochs) takes about 2 minutes on 2
-#: cores (~45 GFLOP/s effective, eval and data included).
-ASSUMED_CPU_GFLOPS: float = 40.0
+#: ``VITLAB_CPU_GFLOPS`` to your machine's. Measured: the digits recipe (0.0276 GFLOPs per
+#: image forward, x3 for training, 1257 images x 120 epochs = 12.5 TFLOP) trains in about
+#: 125 s on 2 CPU cores, i.e. ~100 GFLOP/s effective; larger models run their matmuls at a
+#: similar or better rate.
+ASSUMED_CPU_GFLOPS: float = 100.0
 #: Runs estimated above this many hours on a CPU get a warning line before they start.
 CPU_WARN_HOURS: float = 1.0
 
@@ -218,7 +219,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path | None = None, log: C
     torch.manual_seed(cfg.seed)  # the model's initialisation is part of the run's reproducibility
     data = cfg.data
     if output_dir is None and cfg.output_dir is None:
-        cfg.output_dir = str(new_run_dir(cfg))
+        prepare_output_dir(cfg)  # a fresh runs/<recipe>/<model>-<dataset>-<N>
     train_set, val_set, test_set = build_datasets(cfg)
     sample, _ = train_set[0]
     channels = sample.shape[0]
@@ -320,6 +321,11 @@ def prepare_output_dir(cfg: TrainConfig, resume: bool = False, overwrite: bool =
     """
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces it: choose one")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cfg.output_dir is None:
+            raise ValueError("a distributed run (torchrun) needs --output-dir: the ranks must share one run directory")
+        if int(os.environ.get("RANK", "0")) != 0:
+            return Path(cfg.output_dir)  # rank 0 checks (and clears) it; the others follow
     if cfg.output_dir is None:
         if resume:
             raise ValueError("--resume needs the run directory: pass --output-dir RUN_DIR")
