@@ -236,6 +236,10 @@ def test_vit_trainer_records_given_preprocessing_and_refuses_to_guess(tmp_path):
         ViTTrainer(config, output_dir=tmp_path / "unknown", progress=False).train(_tiny_loader(), epochs=1)
     with pytest.raises(ValueError, match="does not record its preprocessing"):
         ViTClassifier.from_pretrained(latest_checkpoint(tmp_path / "unknown"))
+    from vitlab.training.evaluate import evaluate_checkpoint
+
+    with pytest.raises(ValueError, match="does not record its preprocessing"):
+        evaluate_checkpoint(latest_checkpoint(tmp_path / "unknown"), "synthetic")
     with pytest.raises(ValueError, match="missing interpolation"):
         ViTTrainer(config, preprocessing=dict(mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0))
 
