@@ -52,7 +52,7 @@ def linear_probe_vit_s(log=print) -> tuple[torch.nn.Module, float]:
 
     from vitlab.datasets.factory import build_dataset
     from vitlab.evaluation.benchmark import digits_agreement_data
-    from vitlab.models import create_model
+    from vitlab import create_model
 
     torch.manual_seed(0)
     model = create_model("vit_small_patch16_224", num_classes=10).eval()

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from vitlab.datasets import build_dataset
 from vitlab.datasets.pipeline import RandomResizedCropSample
-from vitlab.models import create_model
+from vitlab import create_model
 from vitlab.training.config import AugmentSection
 from vitlab.training.run import build_augment
 

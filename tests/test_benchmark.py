@@ -15,8 +15,8 @@ from vitlab.datasets.factory import build_dataset
 from vitlab.deploy import prepare_for_inference
 from vitlab.evaluation import benchmark, count_flops, measure_matmul_peak
 from vitlab.evaluation.benchmark import digits_agreement_data, peak_allocated_bytes
-from vitlab.models import create_model
-from vitlab.tasks import ViTClassifier
+from vitlab import create_model
+from vitlab.deploy import ViTClassifier
 
 SMALL_PEAK = ((128, 128, 128),)  # a quick matmul "peak" for the tests; real runs use large GEMMs
 

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 import vitlab
 import vitlab.models.cait as cait_module
 from vitlab.components import Attention
-from vitlab.models import CaiT, CaiTConfig, create_model
+from vitlab import create_model
+from vitlab.models import CaiT, CaiTConfig
 from vitlab.models.cait import TalkingHeadsAttention, mix_heads
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked
 

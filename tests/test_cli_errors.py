@@ -270,7 +270,7 @@ def test_debug_shows_the_traceback(ckpt_and_image):
 
 
 def test_unexpected_errors_are_one_line_with_a_debug_hint(ckpt_and_image, monkeypatch, capsys):
-    import vitlab.tasks.classification as classification
+    import vitlab.deploy.classifier as classification
 
     ck, img = ckpt_and_image
 

@@ -17,7 +17,7 @@ from vitlab.cli import _train_config, build_parser
 from vitlab.cli import main as cli
 from vitlab.datasets import EvalTransform, normalize
 from vitlab.datasets.pipeline import RandomResizedCropSample, ResizeCenterCropSample
-from vitlab.tasks import ViTClassifier
+from vitlab.deploy import ViTClassifier
 from vitlab.training import build_trainer, load_config
 from vitlab.training.checkpoint import latest_checkpoint
 from vitlab.training.run import build_datasets

@@ -17,8 +17,8 @@ from torch import nn
 from vitlab.cli import main
 from vitlab.deploy import prepare_for_inference
 from vitlab.evaluation import benchmark
-from vitlab.models import create_model
-from vitlab.tasks import ViTClassifier
+from vitlab import create_model
+from vitlab.deploy import ViTClassifier
 
 QLinear = pytest.importorskip("torch.ao.nn.quantized.dynamic").Linear
 

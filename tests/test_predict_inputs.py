@@ -14,7 +14,7 @@ import vitlab
 from vitlab.cli import main as cli
 from vitlab.errors import InputError, NonFiniteOutputError
 from vitlab.pretrained import save_checkpoint
-from vitlab.tasks import ViTClassifier
+from vitlab.deploy import ViTClassifier
 from vitlab.tasks.inputs import to_unit_tensor
 
 TINY = dict(image_size=32, patch_size=8, dim=24, depth=2, heads=3, mlp_dim=48)

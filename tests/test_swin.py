@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vitlab
-from vitlab.models import SwinConfig, SwinTransformer, build_model, create_model
+from vitlab import create_model
+from vitlab.models import SwinConfig, SwinTransformer, build_model
 from vitlab.components import resample_relative_position_table
 from vitlab.models import swin as swin_module
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked, save_checkpoint

@@ -1,10 +1,10 @@
 """vitlab: Vision Transformers in PyTorch."""
 
 from .components import capture_attention
+from .deploy import ViTClassifier
 from .evaluation.visualization import AttentionVisualizer
-from .models import DeiTConfig, ViTConfig, VisionTransformer, create_model, list_models
-from .pretrained import load_model, save_checkpoint
-from .tasks import ViTClassifier
+from .models import DeiTConfig, ViTConfig, VisionTransformer, list_models
+from .pretrained import create_model, load_model, save_checkpoint
 from .training import TrainConfig, ViTTrainer, ViTTransferLearning
 
 __version__ = "0.1.0"

@@ -48,7 +48,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .tasks import ViTClassifier
+    from .deploy import ViTClassifier
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
@@ -191,7 +191,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         model = load_model(args.checkpoint)
     else:
-        from .models import create_model
+        from .pretrained import create_model
 
         model = create_model(resolve_model_name(args.model))
     res = export_model(model, args.output, format=args.format, batch_size=args.batch_size, image_size=args.image_size,

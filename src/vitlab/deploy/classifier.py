@@ -1,4 +1,4 @@
-"""Image classification inference: :class:`ViTClassifier`."""
+"""Image classification inference: :class:`ViTClassifier` (a model, its preprocessing and labels)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets.transforms import EvalTransform, ImageLike
-from ..deploy.inference import prepare_for_inference
-from .inputs import background_for, check_finite, input_notes, to_unit_tensor
+from .inference import prepare_for_inference
+from ..tasks.inputs import background_for, check_finite, input_notes, to_unit_tensor
 
 
 def _is_batch(image: Any) -> bool:
@@ -78,8 +78,8 @@ class ViTClassifier:
             UnknownModelError: Neither an existing path, a hub id nor a model name (with suggestions).
             FileNotFoundError: Weights that are neither cached nor reachable.
         """
-        from ..models.registry import create_model, resolve_model_name
-        from ..pretrained import is_hub_id, load_model
+        from ..models.registry import resolve_model_name
+        from ..pretrained import create_model, is_hub_id, load_model
 
         src = str(name_or_path)
         looks_like_path = isinstance(name_or_path, Path) or "/" in src or "\\" in src or Path(src).suffix != ""

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .figures import save_figure
 from .layouts import AttentionLayer
 from .plots import _pyplot
 
@@ -160,7 +161,5 @@ def plot_attention_analysis(analysis: dict[str, Any], save_to: str | Path | None
     ax2.set_title("normalised attention entropy")
     fig.tight_layout()
     if save_to is not None:
-        from .visualization import save_figure
-
         save_figure(fig, save_to)
     return fig

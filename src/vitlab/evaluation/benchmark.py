@@ -368,7 +368,8 @@ def _load(model: str | nn.Module, image_size: int | None, label: str | None = No
         if label:
             return label, model
         return getattr(model, "model_name", None) or type(model).__name__, model
-    from ..models.registry import create_model, list_models
+    from ..models.registry import list_models
+    from ..pretrained import create_model
 
     if model in list_models() and not Path(model).exists():
         return model, create_model(model, **({"image_size": image_size} if image_size else {}))

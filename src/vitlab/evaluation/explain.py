@@ -57,7 +57,7 @@ def load_explain_model(checkpoint: str | Path | None = None, model: str | None =
 
         net = load_model(checkpoint)
     else:
-        from ..models.registry import create_model
+        from ..pretrained import create_model
 
         net = create_model(model, pretrained=True if pretrained else None)
     return net.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

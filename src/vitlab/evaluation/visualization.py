@@ -36,6 +36,7 @@ from .interpretation import (
     saliency,
 )
 from .layouts import AttentionLayer, TokenGrid, adapter_for, grid_to_image, require_attention, resolve_layers
+from .figures import save_figure  # noqa: F401  (re-exported: vitlab.evaluation.visualization.save_figure)
 from .plots import _pyplot
 
 Heads = Literal["mean", "max", "all"] | int
@@ -317,16 +318,6 @@ def plot_sheet(image: Tensor, rows: Sequence[tuple[str, Sequence[Panel]]], save_
     if save_to is not None:
         save_figure(fig, save_to)
     return fig
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write a figure as PNG (folders created) and close it."""
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
-    return path
 
 
 def plot_attention_maps(maps: AttentionMaps, save_to: str | Path | None = None, index: int = 0,

@@ -1,4 +1,8 @@
-"""Model families. Importing this package registers every variant."""
+"""Model families. Importing this package registers every variant.
+
+:func:`build_model` makes a randomly initialised model; :func:`vitlab.create_model` (in
+:mod:`vitlab.pretrained`) also loads weights.
+"""
 
 from . import convnet, deit, vit  # noqa: F401  (registration)
 from . import cait  # noqa: F401  (registration)
@@ -12,13 +16,13 @@ from .cait import CaiT, CaiTConfig
 from .base import Backbone
 from .convnet import ConvNet, ConvNetConfig
 from .deit import DeiTConfig, DistilledVisionTransformer
-from .registry import (ModelEntry, build_model, create_model, get_entry, list_families, list_models, model_config,
+from .registry import (ModelEntry, build_model, get_entry, list_families, list_models, model_config,
                        resolve_model_name)
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
     "Backbone", "ConvNet", "ConvNetConfig", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
-    "build_model", "create_model", "get_entry", "list_families", "list_models", "model_config", "resolve_model_name",
+    "build_model", "get_entry", "list_families", "list_models", "model_config", "resolve_model_name",
 ]
 __all__ += ["CaiT", "CaiTConfig"]
 __all__ += ["CrossViT", "CrossViTConfig"]

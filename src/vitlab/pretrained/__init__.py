@@ -1,4 +1,5 @@
-"""Pretrained weights: vitlab safetensors checkpoints, timm / Hugging Face conversion, the hub."""
+"""Pretrained weights: vitlab safetensors checkpoints, timm / Hugging Face conversion, the hub,
+and the model factories that use them (:func:`create_model`, :func:`load_model`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .convert import (
     read_checkpoint,
     register_converter,
 )
+from .factory import create_model
 from .hub import download, is_hub_id
 from .io import Checkpoint, checkpoint_metadata, read_weights, save_checkpoint
 from . import convert_cait  # noqa: F401  (registers converters)
@@ -26,7 +28,7 @@ from . import convert_swin  # noqa: F401  (registers converters)
 from . import convert_pvt  # noqa: F401  (registers converters)
 
 __all__ = [
-    "Checkpoint", "checkpoint_metadata", "convert_checkpoint", "convert_state_dict", "detect_layout", "download",
+    "Checkpoint", "checkpoint_metadata", "convert_checkpoint", "create_model", "convert_state_dict", "detect_layout", "download",
     "imagenet_labels", "infer_model_name", "is_hub_id", "load_model", "load_pretrained", "load_state_dict_checked",
     "read_checkpoint", "read_weights", "register_converter", "save_checkpoint",
 ]

@@ -1,5 +1,6 @@
-"""Tasks built on any backbone through the contract."""
+"""Tasks built on any backbone through the contract.
 
-from .classification import ViTClassifier
+Inference with a trained classifier (:class:`vitlab.ViTClassifier`) lives in :mod:`vitlab.deploy`.
+"""
 
-__all__ = ["ViTClassifier"]
+__all__: list[str] = []

@@ -112,7 +112,8 @@ class ViTTransferLearning:
 
     def __init__(self, pretrained_model: str | Path | nn.Module, num_classes: int, freeze_backbone: bool = True,
                  device: str = "auto") -> None:
-        from ..models.registry import create_model, list_models
+        from ..models.registry import list_models
+        from ..pretrained import create_model
         from ..pretrained import load_model
 
         if isinstance(pretrained_model, nn.Module):

@@ -32,7 +32,7 @@ from ..datasets.pipeline import (
     dataset_label,
     preprocessing_record,
 )
-from ..models.registry import create_model
+from ..pretrained import create_model
 from .config import AugmentSection, TrainConfig, _build, set_dotted
 from .losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .mixup import Mixup
