@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vitlab.evaluation import benchmark
+from vitlab.benchmark import benchmark
 from vitlab.pretrained import load_model
 from vitlab.training import build_trainer, load_config
 from vitlab.training.recipes import DIGITS_RECIPE
@@ -51,7 +51,7 @@ def linear_probe_vit_s(log=print) -> tuple[torch.nn.Module, float]:
     import torch.nn.functional as F
 
     from vitlab.datasets.factory import build_dataset
-    from vitlab.evaluation.benchmark import digits_agreement_data
+    from vitlab.benchmark import digits_agreement_data
     from vitlab import create_model
 
     torch.manual_seed(0)

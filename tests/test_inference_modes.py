@@ -16,7 +16,7 @@ from torch import nn
 
 from vitlab.cli import main
 from vitlab.deploy import prepare_for_inference
-from vitlab.evaluation import benchmark
+from vitlab.benchmark import benchmark
 from vitlab import create_model
 from vitlab.deploy import ViTClassifier
 
@@ -254,7 +254,7 @@ def test_benchmark_mode_runs_what_it_names(monkeypatch, mode):
     compiled = mode.startswith("compile")
     assert (counts["graphs"] >= 1 and counts["calls"] >= 1) if compiled else counts["compile"] == 0
     # Run the mode once more with spies on what executes (the benchmark's own runner).
-    from vitlab.evaluation.benchmark import _prepare_mode
+    from vitlab.benchmark.modes import _prepare_mode
 
     spy = GlobalSpy(monkeypatch)
     runner = _prepare_mode(mode, model, torch.device("cpu"), None, 1)

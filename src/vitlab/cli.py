@@ -169,7 +169,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from .evaluation.benchmark import benchmark
+    from .benchmark import benchmark
 
     models = [m if Path(m).exists() else resolve_model_name(m) for m in args.models]
     report = benchmark(models, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,

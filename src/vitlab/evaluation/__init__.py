@@ -1,9 +1,11 @@
-"""Evaluation and analysis: FLOPs, the benchmark harness, explainability and attention analysis."""
+"""Evaluation and analysis: FLOPs, explainability and attention analysis.
 
-from .benchmark import BenchmarkReport, BenchmarkResult, benchmark, measure_matmul_peak
-from .flops import count_flops
+The benchmark harness is :mod:`vitlab.benchmark` (it sits above :mod:`vitlab.deploy`).
+"""
 
-__all__ = ["BenchmarkReport", "BenchmarkResult", "benchmark", "count_flops", "measure_matmul_peak"]
+from ..models.flops import count_flops
+
+__all__ = ["count_flops"]
 
 # Explainability and attention analysis (issue 5).
 from .analysis import analyze_attention, attention_entropy, mean_attention_distance, plot_attention_analysis

@@ -184,7 +184,7 @@ def estimate_train_hours(model: nn.Module, image_size: int, in_channels: int, im
         epochs: Epochs still to run.
         gflops_per_s: Effective rate; ``$VITLAB_CPU_GFLOPS`` or :data:`ASSUMED_CPU_GFLOPS`.
     """
-    from ..evaluation.flops import count_flops
+    from ..models.flops import count_flops
 
     rate = gflops_per_s or float(os.environ.get("VITLAB_CPU_GFLOPS", ASSUMED_CPU_GFLOPS))
     flops = count_flops(model, (1, in_channels, image_size, image_size))
