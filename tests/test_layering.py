@@ -232,5 +232,25 @@ def test_checker_catches_an_upward_and_a_circular_import(tmp_path: Path) -> None
                                           ["vitlab.models.vit", "vitlab.training.trainer"]]
 
 
+def test_readme_layout_matches_the_tree() -> None:
+    """The README's layout section names every top-level package and module, and nothing
+    that is not there (the project's own map stays true)."""
+    readme = (SRC.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Layout"):]
+    block = section[section.index("```") + 3:]
+    block = block[: block.index("```")]
+    named = set()
+    for line in block.splitlines():
+        if line.startswith("src/vitlab/"):
+            head = line.split("  ")[0]  # "src/vitlab/config.py, errors.py" or "src/vitlab/models"
+            for item in head[len("src/vitlab/"):].split(","):
+                named.add(item.strip().removesuffix(".py"))
+    present = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+               if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
+    assert named == present, f"README layout names {sorted(named - present)} that do not exist and misses " \
+        f"{sorted(present - named)}"
+    assert present - {"__init__"} <= set(TOP_LEVEL), "every top-level module has a layer"
+
+
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
