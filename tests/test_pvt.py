@@ -23,9 +23,8 @@ from vitlab.models import (
     PyramidVisionTransformerV2,
     SpatialReductionAttention,
     build_model,
-    create_model,
 )
-from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked
+from vitlab.pretrained import convert_state_dict, create_model, detect_layout, load_state_dict_checked
 
 from test_registry_models import OTHER_PARAM_COUNTS
 from timm_fixtures import resample_reference
