@@ -29,7 +29,8 @@ and is exempt, and nothing inside the package imports it. A new top-level module
 must be given a layer here (the test says so) before it can pass.
 
 A second test forbids import cycles between modules (a circle such as the old
-``evaluation/analysis.py`` <-> ``evaluation/visualization.py``), counting lazy imports too.
+``evaluation/analysis.py`` <-> ``evaluation/visualization.py``), counting lazy imports too
+(imports under ``if TYPE_CHECKING:`` count for the layers but not as cycles: they never run).
 """
 
 from __future__ import annotations
@@ -89,13 +90,30 @@ def _resolve(name: str, modules: dict[str, tuple[Path, bool]]) -> str:
     return ".".join(parts) if parts else name
 
 
-def import_edges(root: Path = PACKAGE) -> list[tuple[str, Path, int, str]]:
-    """Every import of a vitlab module: (importing module, file, line, imported module)."""
+def _type_checking_imports(tree: ast.AST) -> set[ast.AST]:
+    """Import nodes under ``if TYPE_CHECKING:`` (they never run)."""
+    out: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for stmt in node.body:
+                out.update(n for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return out
+
+
+def import_edges(root: Path = PACKAGE, runtime_only: bool = False) -> list[tuple[str, Path, int, str]]:
+    """Every import of a vitlab module: (importing module, file, line, imported module).
+
+    ``runtime_only`` leaves out imports under ``if TYPE_CHECKING:``.
+    """
     modules = _modules(root)
     edges = []
     for mod, (path, is_pkg) in modules.items():
         package = mod.split(".") if is_pkg else mod.split(".")[:-1]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        skip = _type_checking_imports(tree) if runtime_only else set()
+        for node in ast.walk(tree):
+            if node in skip:
+                continue
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -143,10 +161,11 @@ def upward_imports(root: Path = PACKAGE) -> list[str]:
 
 
 def import_cycles(root: Path = PACKAGE) -> list[list[str]]:
-    """Strongly connected groups of modules (size > 1) in the import graph; a package
+    """Strongly connected groups of modules (size > 1) in the import graph of imports that
+    run (``if TYPE_CHECKING:`` ones are the way to name a type without a cycle); a package
     ``__init__`` importing its own submodules is not counted as an edge back up."""
     graph: dict[str, set[str]] = {}
-    for mod, _path, _line, target in import_edges(root):
+    for mod, _path, _line, target in import_edges(root, runtime_only=True):
         if target != mod and not target.startswith(mod + "."):
             graph.setdefault(mod, set()).add(target)
     index: dict[str, int] = {}
@@ -226,6 +245,8 @@ def test_checker_catches_an_upward_and_a_circular_import(tmp_path: Path) -> None
     (pkg / "training" / "trainer.py").write_text("from ..models import vit\n")
     (pkg / "evaluation" / "a.py").write_text("from . import b\n")
     (pkg / "evaluation" / "b.py").write_text("import vitlab.evaluation.a\n")
+    (pkg / "models" / "base.py").write_text("from typing import TYPE_CHECKING\nfrom . import reg\n")
+    (pkg / "models" / "reg.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .base import B\n")
     bad = upward_imports(pkg)
     assert len(bad) == 1 and "vitlab/models/vit.py:2" in bad[0] and "models -> training" in bad[0]
     assert sorted(import_cycles(pkg)) == [["vitlab.evaluation.a", "vitlab.evaluation.b"],
