@@ -27,8 +27,6 @@ raster order over ``info["grid"]``] (``info["num_prefix_tokens"] == 1``).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Sequence
@@ -43,13 +41,18 @@ from ..components import (
     DropPath,
     LayerScale,
     Mlp,
+    AttentionLayout,
+    FeatureLayout,
     PatchEmbed,
-    checkpoint_seq,
-    interpolate_pos_embed,
+    Segment,
+    TokenGrid,
+    TokenLayout,
+    pos_embed_for_grid,
+    resample_checkpoint_pos_embed,
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import Backbone, GroupMatcher, OutputFormat, classifier_head, init_linears, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 
@@ -273,40 +276,26 @@ class CaiT(Backbone):
     # ------------------------------------------------------------- features
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """The patch position embedding for a token grid, resampled (bicubic) if the grid is new."""
-        if tuple(grid) == tuple(self.grid_size):
-            return self.pos_embed
-        return interpolate_pos_embed(self.pos_embed, grid, num_prefix_tokens=0, old_grid=self.grid_size)
+        return pos_embed_for_grid(self.pos_embed, grid, self.grid_size, 0)
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> patch tokens with position embedding (B, N, C), and the grid."""
         x, grid = self.patch_embed(x)  # (B, N, C)
         return self.pos_drop(x + self.position_embedding(grid)), grid
 
-    def _checkpointing(self) -> bool:
-        return self.grad_checkpointing and self.training and torch.is_grad_enabled()
-
-    def run_block(self, i: int, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Self-attention block ``i`` on the patch tokens (checkpointed when enabled)."""
-        blk = self.blocks[i]
-        if self._checkpointing():
-            return checkpoint_seq(blk, x, grid=grid)
-        return blk(x, grid=grid)
-
     def forward_cls(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Class-attention stage: patch tokens (B, N, C) -> [class token, patch tokens] (B, 1 + N, C)."""
         x_cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
         for blk in self.blocks_token_only:
-            if self._checkpointing():
-                x_cls = checkpoint_seq(blk, x_cls, x, grid=grid)
-            else:
-                x_cls = blk(x_cls, x, grid=grid)
+            x_cls = self.run_checkpointed(blk, x_cls, x, grid=grid)
         return torch.cat([x_cls, x], dim=1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Image -> normed tokens (B, 1 + N, C), class token first."""
+        self.reject_mask(mask)
         x, grid = self.embed(x)
-        for i in range(len(self.blocks)):
-            x = self.run_block(i, x, grid)
+        for blk in self.blocks:
+            x = self.run_checkpointed(blk, x, grid=grid)
         return self.norm(self.forward_cls(x, grid))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -315,50 +304,49 @@ class CaiT(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
-                              norm: bool = False) -> list[Tensor]:
-        """Patch-token maps (B, C, H', W') after the chosen self-attention blocks.
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFormat = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Patch-token maps (B, C, H', W') after the chosen self-attention blocks, and the final tokens.
 
-        Args:
-            x: Images (B, C, H, W).
-            indices: None for every self-attention block, k for the last k, or a list of indices.
-            norm: Apply the final norm to each returned map's tokens.
+        ``norm`` applies the final norm to each returned map's tokens.
         """
         take = resolve_indices(indices, len(self.blocks))
         x, grid = self.embed(x)
-        out = []
-        for i in range(take[-1] + 1):
-            x = self.run_block(i, x, grid)
+        maps = []
+        for i in range(take[-1] + 1 if intermediates_only else len(self.blocks)):
+            x = self.run_checkpointed(self.blocks[i], x, grid=grid)
             if i in take:
-                y = self.norm(x) if norm else x
-                b, _, c = y.shape
-                out.append(y.transpose(1, 2).reshape(b, c, grid[0], grid[1]))  # (B, N, C) -> (B, C, H', W')
-        return out
+                maps.append((self.norm(x) if norm else x, grid, 0))
+        final = None if intermediates_only else self.norm(self.forward_cls(x, grid))
+        return self.format_intermediates(final, maps, output_fmt, intermediates_only)
 
     # ------------------------------------------------------------- contract
-    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
-        if pool is not None:
-            if pool not in ("cls", "mean"):
-                raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-            self.config = dataclasses.replace(self.config, pool=pool)
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = classifier_head(self.num_features, num_classes)
+    def group_matcher(self) -> GroupMatcher:
+        """Stem: tokens and embeddings; one group per self-attention block, then per class-attention block."""
+        return dict(stem=r"^(cls_token|pos_embed|patch_embed)",
+                    blocks=[(r"^blocks\.(\d+)", (0,)), (r"^blocks_token_only\.(\d+)", (1,))])
 
-    @property
-    def num_layer_ids(self) -> int:
-        """Depth groups for layer-wise lr decay: embeddings, each SA block, each CA block, norm + head."""
-        return len(self.blocks) + len(self.blocks_token_only) + 2
-
-    def layer_id(self, name: str) -> int:
-        """0 for embeddings/tokens, i + 1 for SA block i, depth + 1 + j for CA block j, the last id else."""
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        if name.startswith("blocks_token_only."):
-            return len(self.blocks) + 1 + int(name.split(".")[1])
-        return self.num_layer_ids - 1
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Self-attention over the patch grid, then class attention of the class token over [cls, grid]."""
+        pe = self.patch_embed
+        grid = Segment(("grid", 0), TokenGrid(pe.grid_size(tuple(image_size)), (float(pe.stride[0]), float(pe.stride[1]))))
+        cls = Segment(("cls", 0))
+        n = len(self.blocks)
+        attention = [AttentionLayout(f"blocks.{i}.attn", f"block {i + 1}", "self", (grid,), (grid,)) for i in range(n)]
+        attention += [AttentionLayout(f"blocks_token_only.{j}.attn", f"class-attention block {j + 1}", "class",
+                                      (cls,), (cls, grid)) for j in range(len(self.blocks_token_only))]
+        return TokenLayout(
+            tuple(attention),
+            tuple(FeatureLayout(f"block {i + 1}", grid.grid, f"blocks.{i}", 0) for i in range(n)),
+            readout=(("grid", 0),) if self.config.pool == "mean" else (("cls", 0),),
+            default_queries=("cls",),
+        )
 
     @classmethod
     def tiny_overrides(cls, config: CaiTConfig) -> dict[str, Any]:
@@ -369,15 +357,7 @@ class CaiT(Backbone):
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample a checkpoint's (square-grid) patch position embedding to this model's grid."""
-        pe = state_dict.get("pos_embed")
-        if pe is None or pe.shape == self.pos_embed.shape or pe.ndim != 3 or pe.shape[-1] != self.pos_embed.shape[-1]:
-            return state_dict
-        side = math.isqrt(pe.shape[1])
-        if side * side != pe.shape[1]:
-            return state_dict  # not a square patch grid (e.g. a ViT's with a class row): shape-mismatch report
-        state_dict = dict(state_dict)
-        state_dict["pos_embed"] = interpolate_pos_embed(pe, self.grid_size, num_prefix_tokens=0, old_grid=(side, side))
-        return state_dict
+        return resample_checkpoint_pos_embed(state_dict, "pos_embed", self.pos_embed, self.grid_size, 0)
 
 
 def _variant(image_size: int, dim: int, depth: int, heads: int, init_values: float, tag: str):

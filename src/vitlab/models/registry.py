@@ -5,11 +5,12 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..config import check_keys, suggest
+
+if TYPE_CHECKING:
+    from .base import Backbone
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def model_config(name: str, **overrides: Any) -> Any:
     return entry.config_class(**{**entry.defaults, **overrides})
 
 
-def build_model(name: str, **overrides: Any) -> nn.Module:
+def build_model(name: str, **overrides: Any) -> Backbone:
     """A randomly initialised registered model."""
     entry = get_entry(name)
     model = entry.model_class(model_config(name, **overrides))
@@ -89,7 +90,7 @@ def create_model(
     pretrained: bool | str | Path | None = None,
     num_classes: int | None = None,
     **overrides: Any,
-) -> nn.Module:
+) -> Backbone:
     """Build a registered model, optionally with weights.
 
     Args:
