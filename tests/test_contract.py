@@ -153,6 +153,11 @@ def test_forward_intermediates_and_feature_info(name):
     last = model.forward_intermediates(x, indices=1, intermediates_only=True)
     assert len(last) == 1
     torch.testing.assert_close(last[0], maps[-1], atol=1e-6, rtol=0)
+    # one pixel more each way: every map gains a row and a column of (padded) tokens where the stride says so
+    plus = model.forward_intermediates(images(model, (h + 1, w + 1)), intermediates_only=True)
+    for fmap, info in zip(plus, model.feature_info):
+        r = info["reduction"]
+        assert fmap.shape[-2:] == (math.ceil((h + 1) / r), math.ceil((w + 1) / r)), info
     _, nlc = model.forward_intermediates(x, indices=[0], output_fmt="NLC")
     torch.testing.assert_close(nlc[0], maps[0].flatten(2).transpose(1, 2), atol=0, rtol=0)
     with pytest.raises(ValueError, match="out of range"):
@@ -345,3 +350,15 @@ def test_transfer_learning_trains_what_forward_head_uses():
     trainable = {n for n, p in tl.model.named_parameters() if p.requires_grad}
     assert trainable == set(model.head_parameter_names())
     assert {"pre_logits.fc.weight", "fc_norm.weight", "head.weight"} <= trainable
+
+
+def test_default_gradcam_layers_follow_the_layout_streams():
+    """Grad-CAM's default layers come from the token layout: the deepest map reaching the head
+    on every stream (both CrossViT branches' last stage; one block for a ViT)."""
+    from vitlab.evaluation.interpretation import default_cam_layers, feature_points
+
+    cross = tiny("crossvit_9_240")
+    depth = len(cross.blocks)
+    assert default_cam_layers(cross, feature_points(cross, image_size(cross))) == [depth, 2 * depth]
+    vit = tiny("vit_tiny_patch16_224")
+    assert default_cam_layers(vit, feature_points(vit, image_size(vit))) == [1]  # block 2's patches never reach the head
