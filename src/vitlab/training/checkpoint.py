@@ -11,6 +11,7 @@ and no half-written ``epoch-NNNN`` folder; the next save removes the temporary f
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -80,25 +81,30 @@ def save_training_checkpoint(
     name = f"epoch-{epoch:04d}"
     tmp = ck_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
-    if ema_model is not None:
-        files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
-    torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
-    files.append(tmp / "state.pt")
-    for f in files:
-        _fsync(f)
     final = ck_dir / name
     replaced = None
-    if final.exists():  # the same epoch again: move the old folder aside in one step, never half-deleted
-        replaced = ck_dir / f".{name}.old"
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
-    os.replace(tmp, final)
-    pointer_tmp = ck_dir / f".{LATEST}.tmp"
-    pointer_tmp.write_text(name)
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, ck_dir / LATEST)
+    try:
+        tmp.mkdir()
+        files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
+        if ema_model is not None:
+            files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
+        _torch_save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+        files.append(tmp / "state.pt")
+        for f in files:
+            _fsync(f)
+        if final.exists():  # the same epoch again: move the old folder aside in one step, never half-deleted
+            replaced = ck_dir / f".{name}.old"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        pointer_tmp = ck_dir / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name)
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, ck_dir / LATEST)
+    except BaseException:  # disk full, permission, Ctrl-C: the previous checkpoint and pointer stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        (ck_dir / f".{LATEST}.tmp").unlink(missing_ok=True)
+        raise
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     old = sorted(p for p in ck_dir.glob("epoch-*") if p.is_dir() and p.name != name)
@@ -109,6 +115,16 @@ def save_training_checkpoint(
 
 def _is_complete(folder: Path) -> bool:
     return (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save``, with its short-write RuntimeError (``unexpected pos``) raised as OSError(ENOSPC)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        if "unexpected pos" in str(e) or "write" in str(e).lower():
+            raise OSError(errno.ENOSPC, f"write failed, disk full? ({str(e).splitlines()[0]})", str(path)) from None
+        raise
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
