@@ -362,3 +362,14 @@ def test_default_gradcam_layers_follow_the_layout_streams():
     assert default_cam_layers(cross, feature_points(cross, image_size(cross))) == [depth, 2 * depth]
     vit = tiny("vit_tiny_patch16_224")
     assert default_cam_layers(vit, feature_points(vit, image_size(vit))) == [1]  # block 2's patches never reach the head
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_validation_names_every_problem(name):
+    """One validation helper for every family: a bad value raises one ValueError naming the
+    config class and every problem at once."""
+    cls = type(model_config(name)).__name__
+    with pytest.raises(ValueError, match=rf"^invalid {cls}: .*num_classes must be >= 0, got -1.*in_channels must be "
+                                         r"positive, got 0|^invalid " + cls + r": .*in_channels must be positive, got 0.*"
+                                         r"num_classes must be >= 0, got -1"):
+        model_config(name, num_classes=-1, in_channels=0)

@@ -74,6 +74,52 @@ def resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
     return sorted(set(out))
 
 
+def config_errors(
+    config: Any,
+    positive: Sequence[str] = (),
+    rates: Sequence[str] = (),
+    checks: Sequence[tuple[bool, str]] = (),
+) -> list[str]:
+    """Every problem with a model config's values, as messages (the one validation helper).
+
+    Args:
+        config: The config dataclass (its ``__post_init__`` calls this).
+        positive: Fields that must be > 0 (a tuple field: every entry).
+        rates: Fields that must lie in [0, 1) (dropout and drop-path rates).
+        checks: Family-specific ``(ok, message)`` pairs; a message is kept where ``ok`` is False.
+
+    ``num_classes`` must be >= 0 in every config.
+    """
+    errors = []
+    for name in positive:
+        v = getattr(config, name)
+        if any(x <= 0 for x in (v if isinstance(v, (tuple, list)) else (v,))):
+            errors.append(f"{name} must be positive, got {v}")
+    if getattr(config, "num_classes", 0) < 0:
+        errors.append(f"num_classes must be >= 0, got {config.num_classes}")
+    for name in rates:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            errors.append(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    errors += [message for ok, message in checks if not ok]
+    return errors
+
+
+def raise_config_errors(config: Any, errors: Sequence[str]) -> None:
+    """Raise one ValueError naming the config class and every problem, when there are any."""
+    if errors:
+        raise ValueError(f"invalid {type(config).__name__}: " + "; ".join(errors))
+
+
+def check_config(
+    config: Any,
+    positive: Sequence[str] = (),
+    rates: Sequence[str] = (),
+    checks: Sequence[tuple[bool, str]] = (),
+) -> None:
+    """:func:`config_errors` then :func:`raise_config_errors`."""
+    raise_config_errors(config, config_errors(config, positive, rates, checks))
+
+
 @runtime_checkable
 class BackboneConfig(Protocol):
     """What every model config has (each family's frozen dataclass adds its own fields)."""

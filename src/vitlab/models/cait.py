@@ -52,7 +52,16 @@ from ..components import (
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, GroupMatcher, OutputFormat, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    Backbone,
+    GroupMatcher,
+    OutputFormat,
+    check_config,
+    classifier_head,
+    init_linears,
+    pretrained_cfg,
+    resolve_indices,
+)
 from .registry import register_family
 
 
@@ -120,25 +129,22 @@ class CaiTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
-        checks = [
-            *((f"{n} must be positive, got {getattr(self, n)}", getattr(self, n) > 0)
-              for n in ("patch_size", "in_channels", "dim", "heads", "depth", "mlp_ratio", "mlp_ratio_token_only",
-                        "init_values", "norm_eps")),
-            *((f"{n} must be in [0, 1), got {getattr(self, n)}", 0.0 <= getattr(self, n) < 1.0)
-              for n in ("dropout", "attention_dropout", "drop_path", "drop_path_token_only", "head_dropout")),
-            (f"mlp_dim must be positive (or None for dim * mlp_ratio), got {self.mlp_dim}",
-             self.mlp_dim is None or self.mlp_dim > 0),
-            (f"depth_token_only must be >= 1 (the class token is read out after class attention), "
-             f"got {self.depth_token_only}", self.depth_token_only >= 1),
-            (f"num_classes must be >= 0, got {self.num_classes}", self.num_classes >= 0),
-            (f"dim ({self.dim}) must be divisible by heads ({self.heads})", self.heads <= 0 or self.dim % self.heads == 0),
-            (f"pool must be 'cls' or 'mean', got {self.pool!r}", self.pool in ("cls", "mean")),
-            (f"image_size {self.image_size} is smaller than patch_size {self.patch_size}",
-             min(self.image_size) >= self.patch_size),
-        ]
-        errors = [message for message, ok in checks if not ok]
-        if errors:
-            raise ValueError("invalid CaiTConfig: " + "; ".join(errors))
+        check_config(
+            self,
+            positive=("patch_size", "in_channels", "dim", "heads", "depth", "mlp_ratio", "mlp_ratio_token_only",
+                      "init_values", "norm_eps"),
+            rates=("dropout", "attention_dropout", "drop_path", "drop_path_token_only", "head_dropout"),
+            checks=[
+                (self.mlp_dim is None or self.mlp_dim > 0,
+                 f"mlp_dim must be positive (or None for dim * mlp_ratio), got {self.mlp_dim}"),
+                (self.depth_token_only >= 1, f"depth_token_only must be >= 1 (the class token is read out after class "
+                                             f"attention), got {self.depth_token_only}"),
+                (self.heads <= 0 or self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+                (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+                (min(self.image_size) >= self.patch_size,
+                 f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"),
+            ],
+        )
 
     @property
     def hidden_dim(self) -> int:

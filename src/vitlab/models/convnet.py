@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import FeatureLayout, TokenGrid, TokenLayout, square_cell, to_2tuple
-from .base import Backbone, GroupMatcher, OutputFormat, classifier_head, pretrained_cfg, resolve_indices
+from .base import Backbone, GroupMatcher, OutputFormat, check_config, classifier_head, pretrained_cfg, resolve_indices
 from .registry import register_family
 
 
@@ -43,12 +43,10 @@ class ConvNetConfig:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
         object.__setattr__(self, "widths", tuple(self.widths))
         object.__setattr__(self, "depths", tuple(self.depths))
-        if len(self.widths) != len(self.depths) or not self.widths:
-            raise ValueError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
-        if min(self.widths) <= 0 or min(self.depths) <= 0:
-            raise ValueError("widths and depths must be positive")
-        if self.num_classes < 0 or self.in_channels <= 0:
-            raise ValueError("num_classes must be >= 0 and in_channels positive")
+        check_config(self, positive=("widths", "depths", "in_channels", "image_size"), rates=("dropout",), checks=[
+            (len(self.widths) == len(self.depths) > 0,
+             f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length"),
+        ])
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -51,7 +51,17 @@ from ..components import (
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, GroupMatcher, OutputFormat, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    Backbone,
+    GroupMatcher,
+    OutputFormat,
+    classifier_head,
+    config_errors,
+    init_linears,
+    pretrained_cfg,
+    raise_config_errors,
+    resolve_indices,
+)
 from .registry import register_family
 
 NUM_BRANCHES = 2
@@ -149,20 +159,17 @@ class CrossViTConfig:
                     errors.append(f"a depth stage needs >= 1 block per branch and >= 0 fusion blocks, got {stage}")
                 stages.append(stage)
             setf("depth", tuple(stages))
-        rates = {n: getattr(self, n) for n in ("dropout", "attention_dropout", "drop_path", "head_dropout")}
         ratios = self.mlp_ratio if isinstance(self.mlp_ratio, tuple) else ()
-        checks = [
-            (all(v > 0 for v in (*self.patch_size, *self.dim, *self.heads, *self.img_scale, self.in_channels)),
-             f"patch_size {self.patch_size}, dim {self.dim}, heads {self.heads}, img_scale {self.img_scale} and "
-             f"in_channels {self.in_channels} must be positive"),
-            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (all(h <= 0 or d % h == 0 for d, h in zip(self.dim, self.heads)),
-             f"each dim {self.dim} must be divisible by its branch's heads {self.heads}"),
-            (all(r > 0 for r in ratios), f"mlp_ratio values must be positive, got {self.mlp_ratio}"),
-            (all(0.0 <= r < 1.0 for r in rates.values()), f"dropout and drop-path rates must be in [0, 1), got {rates}"),
-            (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
-        ]
-        errors += [message for ok, message in checks if not ok]
+        errors += config_errors(
+            self, positive=("patch_size", "dim", "heads", "img_scale", "in_channels"),
+            rates=("dropout", "attention_dropout", "drop_path", "head_dropout"),
+            checks=[
+                (all(h <= 0 or d % h == 0 for d, h in zip(self.dim, self.heads)),
+                 f"each dim {self.dim} must be divisible by its branch's heads {self.heads}"),
+                (all(r > 0 for r in ratios), f"mlp_ratio values must be positive, got {self.mlp_ratio}"),
+                (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+            ],
+        )
         if self.multi_conv:
             bad = [p for p in self.patch_size if p not in ConvPatchEmbed.STEMS]
             if bad:
@@ -177,8 +184,7 @@ class CrossViTConfig:
                         f"image_size {self.image_size} resized by img_scale[{b}]={self.img_scale[b]:.4g} is "
                         f"{scaled}, smaller than patch_size[{b}]={self.patch_size[b]}"
                     )
-        if errors:
-            raise ValueError("invalid CrossViTConfig: " + "; ".join(errors))
+        raise_config_errors(self, errors)
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:

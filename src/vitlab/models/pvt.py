@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import PatchEmbed, drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, tokens_to_map
-from .base import GroupMatcher, OutputFormat, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import GroupMatcher, OutputFormat, classifier_head, config_errors, init_linears, pretrained_cfg, resolve_indices
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
 from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2  # noqa: F401  (re-exported: the PVT family)
 from .pyramid import SpatialReductionAttention  # noqa: F401  (re-exported)
@@ -54,14 +54,10 @@ class PvtConfig(PyramidConfig):
         return max(super().min_image_size(), self.patch_size)
 
     def validate(self) -> list[str]:
-        errors = super().validate()
-        if self.patch_size <= 0:
-            errors.append(f"patch_size must be positive, got {self.patch_size}")
-        if self.sr_ratios and self.sr_ratios[-1] != 1:
-            errors.append(
-                f"the last stage carries the class token, so its sr_ratio must be 1 (got sr_ratios={self.sr_ratios})"
-            )
-        return errors
+        return super().validate() + config_errors(self, positive=("patch_size",), checks=[
+            (not self.sr_ratios or self.sr_ratios[-1] == 1,
+             f"the last stage carries the class token, so its sr_ratio must be 1 (got sr_ratios={self.sr_ratios})"),
+        ])
 
 
 

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 from torch import Tensor, nn
 
 from ..components import PatchEmbed, drop_path_rates, tokens_to_map
-from .base import GroupMatcher, OutputFormat, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import GroupMatcher, OutputFormat, classifier_head, config_errors, init_linears, pretrained_cfg, resolve_indices
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
 from .registry import register_family
 
@@ -53,10 +53,7 @@ class PvtV2Config(PyramidConfig):
         return max(super().min_image_size(), 7)  # the 7x7 stem convolution
 
     def validate(self) -> list[str]:
-        errors = super().validate()
-        if not 0.0 <= self.head_dropout < 1.0:
-            errors.append(f"head_dropout must be in [0, 1), got {self.head_dropout}")
-        return errors
+        return super().validate() + config_errors(self, rates=("head_dropout",))
 
 
 class PvtV2Stage(nn.Module):

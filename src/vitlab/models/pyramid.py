@@ -40,7 +40,7 @@ from ..components import (
     to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone
+from .base import Backbone, config_errors, raise_config_errors
 
 #: Side of the pooled key grid of v2's linear spatial-reduction attention.
 LINEAR_POOL_SIZE = 7
@@ -104,8 +104,7 @@ class PyramidConfig:
                 self.check_image_size(self.image_size, what="image_size")
             except ValueError as e:
                 errors.append(str(e))
-        if errors:
-            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(errors))
+        raise_config_errors(self, errors)
 
     @property
     def num_stages(self) -> int:
@@ -155,26 +154,13 @@ class PyramidConfig:
         for name in ("dims", "heads", "mlp_ratios", "sr_ratios"):
             if len(getattr(self, name)) != n:
                 errors.append(f"{name} has {len(getattr(self, name))} entries but depths has {n} stages")
-        for name in ("dims", "depths", "heads", "mlp_ratios", "sr_ratios"):
-            if any(v <= 0 for v in getattr(self, name)):
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.in_channels <= 0:
-            errors.append(f"in_channels must be positive, got {self.in_channels}")
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
-        for d, h in zip(self.dims, self.heads):
-            if h > 0 and d % h:
-                errors.append(f"dims {self.dims} must be divisible by heads {self.heads} stage by stage")
-                break
-        for name in ("dropout", "attention_dropout", "drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("norm_eps", "local_norm_eps"):
-            if getattr(self, name) <= 0:
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        if any(s <= 0 for s in self.image_size):
-            errors.append(f"image_size must be positive, got {self.image_size}")
-        return errors
+        return errors + config_errors(
+            self, positive=("dims", "depths", "heads", "mlp_ratios", "sr_ratios", "in_channels", "norm_eps",
+                            "local_norm_eps", "image_size"),
+            rates=("dropout", "attention_dropout", "drop_path"),
+            checks=[(all(h <= 0 or d % h == 0 for d, h in zip(self.dims, self.heads)),
+                     f"dims {self.dims} must be divisible by heads {self.heads} stage by stage")],
+        )
 
 
 # ---------------------------------------------------------------------------------- layers

@@ -61,7 +61,17 @@ from ..components import (
     tokens_to_map,
 )
 from ..config import build_config
-from .base import Backbone, GroupMatcher, OutputFormat, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    Backbone,
+    GroupMatcher,
+    OutputFormat,
+    classifier_head,
+    config_errors,
+    init_linears,
+    pretrained_cfg,
+    raise_config_errors,
+    resolve_indices,
+)
 from .registry import register_family
 
 
@@ -112,11 +122,6 @@ class SwinConfig:
             raise ValueError(f"invalid SwinConfig: image_size and window_size must be an int or a pair ({e})") from None
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
-        for name in ("patch_size", "in_channels", "dim"):
-            if getattr(self, name) <= 0:
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
         if not self.depths:
             errors.append("depths must name at least one stage")
         if len(self.depths) != len(self.heads):
@@ -129,19 +134,12 @@ class SwinConfig:
             for i, h in enumerate(self.heads):
                 if (self.dim * 2**i) % h:
                     errors.append(f"stage {i} width {self.dim * 2**i} (dim * 2**{i}) is not divisible by its heads ({h})")
-        if any(w <= 0 for w in self.window_size):
-            errors.append(f"window_size must be positive, got {self.window_size}")
-        if self.mlp_ratio <= 0:
-            errors.append(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for name in ("dropout", "attention_dropout", "drop_path", "head_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.norm_eps <= 0:
-            errors.append(f"norm_eps must be positive, got {self.norm_eps}")
         if self.patch_size > 0 and any(s < self.patch_size for s in self.image_size):
             errors.append(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        if errors:
-            raise ValueError("invalid SwinConfig: " + "; ".join(errors))
+        raise_config_errors(self, config_errors(
+            self, positive=("patch_size", "in_channels", "dim", "window_size", "mlp_ratio", "norm_eps"),
+            rates=("dropout", "attention_dropout", "drop_path", "head_dropout"),
+        ) + errors)
 
     @property
     def num_stages(self) -> int:

@@ -35,6 +35,7 @@ from .base import (
     INCEPTION_STD,
     Backbone,
     GroupMatcher,
+    check_config,
     OutputFormat,
     classifier_head,
     init_linears,
@@ -98,29 +99,22 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
-        errors = []
-        for name in ("patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, name) <= 0:
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.heads > 0 and self.dim % self.heads:
-            errors.append(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        for name in ("dropout", "attention_dropout", "drop_path", "head_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.pool not in ("cls", "mean"):
-            errors.append(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        if self.pool == "cls" and not self.class_token:
-            errors.append("pool='cls' needs class_token=True; use pool='mean' without a class token")
-        if self.pos_embed not in ("learned", "sincos", "none"):
-            errors.append(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
-        if self.patch_embed not in ("conv", "linear"):
-            errors.append(f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}")
-        if any(s < self.patch_size for s in self.image_size):
-            errors.append(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        if errors:
-            raise ValueError("invalid ViTConfig: " + "; ".join(errors))
+        check_config(
+            self,
+            positive=("patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"),
+            rates=("dropout", "attention_dropout", "drop_path", "head_dropout"),
+            checks=[
+                (self.heads <= 0 or self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+                (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+                (self.pool != "cls" or self.class_token,
+                 "pool='cls' needs class_token=True; use pool='mean' without a class token"),
+                (self.pos_embed in ("learned", "sincos", "none"),
+                 f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}"),
+                (self.patch_embed in ("conv", "linear"), f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}"),
+                (all(s >= self.patch_size for s in self.image_size),
+                 f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"),
+            ],
+        )
 
 
 class VisionTransformer(Backbone):
