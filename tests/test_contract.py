@@ -44,7 +44,7 @@ def test_backbone_is_abstract():
     class NoLayout(Backbone):  # every member but token_layout
         def forward_features(self, x, mask=None): return x
         def forward_head(self, x, pre_logits=False): return x
-        def forward_intermediates(self, x, indices=None, norm=False, output_fmt="NCHW", intermediates_only=False): return []
+        def collect_intermediates(self, x, take, norm, stop_early): return x, []
         def group_matcher(self): return {}
 
     with pytest.raises(TypeError, match="token_layout"):

@@ -133,6 +133,8 @@ class BackboneConfig(Protocol):
 #: see :func:`resolve_layer_ids`.
 GroupMatcher = dict[str, Any]
 OutputFormat = Literal["NCHW", "NLC"]
+#: What ``collect_intermediates`` returns: final features (or None) and ``(tokens or map, grid, prefix)`` per index.
+IntermediateResult = tuple[Tensor | None, list[tuple[Tensor, tuple[int, int], int]]]
 
 
 def resolve_layer_ids(names: Sequence[str], matcher: GroupMatcher) -> tuple[dict[str, int], int]:
@@ -173,12 +175,13 @@ def resolve_layer_ids(names: Sequence[str], matcher: GroupMatcher) -> tuple[dict
 class Backbone(nn.Module, metaclass=ABCMeta):
     """Abstract base class of every registered model: the backbone contract (DESIGN.md section 3).
 
-    A family implements ``forward_features``, ``forward_head``, ``forward_intermediates``,
+    A family implements ``forward_features``, ``forward_head``, ``collect_intermediates``,
     ``group_matcher`` and ``token_layout`` and sets ``config``, ``num_features`` and
     ``feature_info``. This class supplies ``forward``, the classifier (``get_classifier``,
     ``reset_classifier``), grad checkpointing (``set_grad_checkpointing``, ``run_checkpointed``),
-    ``no_weight_decay``, the layer ids resolved from ``group_matcher``, the intermediates'
-    output formatting and the checkpoint adaptation hook.
+    ``no_weight_decay``, the layer ids resolved from ``group_matcher``, ``forward_intermediates``
+    (index resolution and output format around the family's ``collect_intermediates``) and the
+    checkpoint adaptation hook.
     """
 
     family: str = ""
@@ -214,25 +217,18 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         """``forward_features``' output -> logits (or the pooled pre-logit features)."""
 
     @abstractmethod
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Feature maps at the chosen ``feature_info`` indices and the final features.
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
+        """The family's part of :meth:`forward_intermediates`.
 
         Args:
             x: Images (B, C, H, W).
-            indices: None for every index, k for the last k, or a list (negative from the end).
+            take: Sorted ``feature_info`` indices to return.
             norm: Apply the final norm to the returned maps (where it fits their width).
-            output_fmt: ``"NCHW"`` maps (B, C, h, w) or ``"NLC"`` grid tokens (B, h*w, C).
-            intermediates_only: Return only the list of maps (and stop after the deepest one).
+            stop_early: Stop after the deepest index in ``take`` (the final features are not needed).
 
         Returns:
-            The maps, or ``(forward_features(x), maps)`` unless ``intermediates_only``.
+            The final features (``forward_features``' output; None when ``stop_early``) and, per
+            index in ``take``, ``(tokens (B, P + h*w, C) or a map (B, C, h, w), grid (h, w), P)``.
         """
 
     @abstractmethod
@@ -318,32 +314,42 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             ids, _ = resolve_layer_ids([*ids, name], self.group_matcher())
         return ids[name]
 
-    def format_intermediates(
+    def forward_intermediates(
         self,
-        final: Tensor | None,
-        maps: list[tuple[Tensor, tuple[int, int], int]],
-        output_fmt: OutputFormat,
-        intermediates_only: bool,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: OutputFormat = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Shared tail of ``forward_intermediates``: tokens (B, P + h*w, C) -> maps, the result tuple.
+        """Feature maps at the chosen ``feature_info`` indices and the final features.
 
         Args:
-            final: The final features (None only when ``intermediates_only``).
-            maps: ``(tokens or map, grid, prefix tokens)`` per chosen index; a 4-D entry is a map already.
-            output_fmt: ``"NCHW"`` or ``"NLC"``.
-            intermediates_only: Return the list alone.
+            x: Images (B, C, H, W).
+            indices: None for every index, k for the last k, or a list (negative from the end).
+            norm: Apply the final norm to the returned maps (where it fits their width).
+            output_fmt: ``"NCHW"`` maps (B, C, h, w) or ``"NLC"`` grid tokens (B, h*w, C).
+            intermediates_only: Return only the list of maps (and stop after the deepest one).
+
+        Returns:
+            The maps, or ``(forward_features(x), maps)`` unless ``intermediates_only``.
+
+        Raises:
+            ValueError: An index out of range or an unknown ``output_fmt``.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        out = []
-        for t, grid, prefix in maps:
-            fmap = t if t.ndim == 4 else tokens_to_map(t, grid, prefix)
+        take = resolve_indices(indices, len(self.feature_info))
+        final, found = self.collect_intermediates(x, take, norm, stop_early=intermediates_only)
+        maps = []
+        for t, grid, prefix in found:
+            fmap = t if t.ndim == 4 else tokens_to_map(t, tuple(grid), prefix)
             # (B, C, h, w) -> (B, h*w, C)
-            out.append(fmap if output_fmt == "NCHW" else fmap.flatten(2).transpose(1, 2))
+            maps.append(fmap if output_fmt == "NCHW" else fmap.flatten(2).transpose(1, 2))
         if intermediates_only:
-            return out
+            return maps
         assert final is not None
-        return final, out
+        return final, maps
 
     def reject_mask(self, mask: Tensor | None) -> None:
         """Raise the one clear error of a family that does not take a patch mask yet."""

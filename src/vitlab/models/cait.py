@@ -29,38 +29,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..components import (
-    Attention,
-    Block,
-    CrossAttention,
-    DropPath,
-    LayerScale,
-    Mlp,
-    AttentionLayout,
-    FeatureLayout,
-    PatchEmbed,
-    Segment,
-    TokenGrid,
-    TokenLayout,
-    pos_embed_for_grid,
-    resample_checkpoint_pos_embed,
-    to_2tuple,
+    Attention, Block, CrossAttention, DropPath, LayerScale, Mlp, AttentionLayout, FeatureLayout, PatchEmbed,
+    Segment, TokenGrid, TokenLayout, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
 )
 from ..config import build_config
 from .base import (
-    Backbone,
-    GroupMatcher,
-    OutputFormat,
-    check_config,
-    classifier_head,
-    init_linears,
-    pretrained_cfg,
-    resolve_indices,
+    Backbone, GroupMatcher, IntermediateResult, check_config, classifier_head, init_linears, pretrained_cfg,
 )
 from .registry import register_family
 
@@ -310,27 +290,19 @@ class CaiT(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Patch-token maps (B, C, H', W') after the chosen self-attention blocks, and the final tokens.
 
         ``norm`` applies the final norm to each returned map's tokens.
         """
-        take = resolve_indices(indices, len(self.blocks))
         x, grid = self.embed(x)
         maps = []
-        for i in range(take[-1] + 1 if intermediates_only else len(self.blocks)):
+        for i in range(take[-1] + 1 if stop_early else len(self.blocks)):
             x = self.run_checkpointed(self.blocks[i], x, grid=grid)
             if i in take:
                 maps.append((self.norm(x) if norm else x, grid, 0))
-        final = None if intermediates_only else self.norm(self.forward_cls(x, grid))
-        return self.format_intermediates(final, maps, output_fmt, intermediates_only)
+        final = None if stop_early else self.norm(self.forward_cls(x, grid))
+        return final, maps
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

@@ -9,13 +9,12 @@ each later stage halving the resolution, global average pooling and a linear hea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..components import FeatureLayout, TokenGrid, TokenLayout, square_cell, to_2tuple
-from .base import Backbone, GroupMatcher, OutputFormat, check_config, classifier_head, pretrained_cfg, resolve_indices
+from .base import Backbone, GroupMatcher, IntermediateResult, check_config, classifier_head, pretrained_cfg
 from .registry import register_family
 
 
@@ -113,25 +112,17 @@ class ConvNet(Backbone):
         x = self.head_drop(x.mean(dim=(2, 3)))  # (B, C, H, W) -> (B, C)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Stage output maps (B, C, H, W), one per selected stage, and the final map (there is no norm)."""
-        take = resolve_indices(indices, len(self.stage_ends))
         self._check(x)
         x = self.stem(x)
         maps, ends = [], {self.stage_ends[s] for s in take}
-        last = self.stage_ends[take[-1]] if intermediates_only else len(self.blocks) - 1
+        last = self.stage_ends[take[-1]] if stop_early else len(self.blocks) - 1
         for i in range(last + 1):
             x = self.run_checkpointed(self.blocks[i], x)
             if i in ends:
                 maps.append((x, x.shape[-2:], 0))
-        return self.format_intermediates(None if intermediates_only else x, maps, output_fmt, intermediates_only)
+        return None if stop_early else x, maps
 
     def group_matcher(self) -> GroupMatcher:
         """Stem: the stem convolution; one group per residual block."""

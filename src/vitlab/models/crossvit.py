@@ -37,30 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..components import (
-    AttentionLayout,
-    Block,
-    CrossAttention,
-    DropPath,
-    FeatureLayout,
-    PatchEmbed,
-    Segment,
-    TokenGrid,
-    TokenLayout,
-    pos_embed_for_grid,
-    resample_checkpoint_pos_embed,
-    to_2tuple,
+    AttentionLayout, Block, CrossAttention, DropPath, FeatureLayout, PatchEmbed, Segment, TokenGrid, TokenLayout,
+    pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
 )
 from ..config import build_config
 from .base import (
-    Backbone,
-    GroupMatcher,
-    OutputFormat,
-    classifier_head,
-    config_errors,
-    init_linears,
-    pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
     raise_config_errors,
-    resolve_indices,
 )
 from .registry import register_family
 
@@ -506,14 +489,7 @@ class CrossViT(Backbone):
         logits = torch.stack([head(p) for head, p in zip(self.head, parts)])  # (branches, B, classes)
         return logits.mean(dim=0)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Per-branch maps (B, C_b, H_b, W_b) after the chosen stages, branch-major, and the read-out.
 
         Feature ``b * D + s`` is branch ``b`` after stage ``s`` (D stages), as in timm and
@@ -521,8 +497,7 @@ class CrossViT(Backbone):
         applies the branch's final norm to each returned map's tokens.
         """
         depth = len(self.blocks)
-        take = resolve_indices(indices, NUM_BRANCHES * depth)
-        last = max(k % depth for k in take) if intermediates_only else depth - 1
+        last = max(k % depth for k in take) if stop_early else depth - 1
         xs, layouts = self.embed(x)
         found: dict[int, tuple[Tensor, tuple[int, int], int]] = {}
         for s in range(last + 1):
@@ -530,8 +505,8 @@ class CrossViT(Backbone):
             for b, t in enumerate(xs):
                 if b * depth + s in take:
                     found[b * depth + s] = (self.norm[b](t) if norm else t, layouts[b]["grid"], 1)
-        final = None if intermediates_only else self.readout([n(t) for n, t in zip(self.norm, xs)])
-        return self.format_intermediates(final, [found[k] for k in take], output_fmt, intermediates_only)
+        final = None if stop_early else self.readout([n(t) for n, t in zip(self.norm, xs)])
+        return final, [found[k] for k in take]
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

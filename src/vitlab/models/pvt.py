@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..components import PatchEmbed, drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, tokens_to_map
-from .base import GroupMatcher, OutputFormat, classifier_head, config_errors, init_linears, pretrained_cfg, resolve_indices
+from .base import GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
 from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2  # noqa: F401  (re-exported: the PVT family)
 from .pyramid import SpatialReductionAttention  # noqa: F401  (re-exported)
@@ -170,26 +170,18 @@ class PyramidVisionTransformer(PyramidBackbone):
         x = x[:, 0]
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Stage maps (B, C_i, H/s_i, W/s_i) at strides 4, 8, 16, 32 (class token left out), and the final tokens.
 
         ``norm`` applies the final LayerNorm to the last stage's map (v1 has no norm after the other stages).
         """
         n = self.config.num_stages
-        take = resolve_indices(indices, n)
         maps = []
-        for i, tokens, grid in self.run_stages(x, last=take[-1] if intermediates_only else None):
+        for i, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None):
             if i in take:
                 maps.append((self.norm(tokens) if norm and i == n - 1 else tokens, grid, self.stage_prefix(i)))
-        final = None if intermediates_only else self.norm(tokens)
-        return self.format_intermediates(final, maps, output_fmt, intermediates_only)
+        final = None if stop_early else self.norm(tokens)
+        return final, maps
 
     # ------------------------------------------------------------- contract
     def no_weight_decay(self) -> set[str]:

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 from torch import Tensor, nn
 
 from ..components import PatchEmbed, drop_path_rates, tokens_to_map
-from .base import GroupMatcher, OutputFormat, classifier_head, config_errors, init_linears, pretrained_cfg, resolve_indices
+from .base import GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
 from .registry import register_family
 
@@ -142,25 +142,17 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         x = self.head_drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Stage output maps (B, C_i, H/s_i, W/s_i) at strides 4, 8, 16, 32, and the final map.
 
         ``norm`` changes nothing: every stage output is already normed by its stage LayerNorm
         (that is the map the next stage embeds).
         """
-        take = resolve_indices(indices, len(self.stages))
         maps = []
-        for i, fmap in self.run_stages(x, last=take[-1] if intermediates_only else None):
+        for i, fmap in self.run_stages(x, last=take[-1] if stop_early else None):
             if i in take:
                 maps.append((fmap, fmap.shape[-2:], 0))
-        return self.format_intermediates(None if intermediates_only else fmap, maps, output_fmt, intermediates_only)
+        return None if stop_early else fmap, maps
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

@@ -45,32 +45,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..components import (
-    AttentionLayout,
-    Block,
-    FeatureLayout,
-    PatchEmbed,
-    RelativePositionBias,
-    Segment,
-    TokenGrid,
-    TokenLayout,
-    WindowAttention,
-    drop_path_rates,
-    resample_relative_position_table,
-    square_cell,
-    to_2tuple,
-    tokens_to_map,
+    AttentionLayout, Block, FeatureLayout, PatchEmbed, RelativePositionBias, Segment, TokenGrid, TokenLayout,
+    WindowAttention, drop_path_rates, resample_relative_position_table, square_cell, to_2tuple, tokens_to_map,
 )
 from ..config import build_config
 from .base import (
-    Backbone,
-    GroupMatcher,
-    OutputFormat,
-    classifier_head,
-    config_errors,
-    init_linears,
-    pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
     raise_config_errors,
-    resolve_indices,
 )
 from .registry import register_family
 
@@ -326,26 +307,18 @@ class SwinTransformer(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Per-stage maps (B, C_i, H/s_i, W/s_i) at strides 4, 8, 16, 32, and the final map.
 
         ``norm`` applies the final norm to the last stage's map (the only one it is sized for).
         """
         n = len(self.layers)
-        take = resolve_indices(indices, n)
         maps = []
-        for i, tokens, grid in self.run_stages(x, last=take[-1] if intermediates_only else None):
+        for i, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None):
             if i in take:
                 maps.append((self.norm(tokens) if norm and i == n - 1 else tokens, grid, 0))
-        final = None if intermediates_only else tokens_to_map(self.norm(tokens), grid)
-        return self.format_intermediates(final, maps, output_fmt, intermediates_only)
+        final = None if stop_early else tokens_to_map(self.norm(tokens), grid)
+        return final, maps
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

@@ -9,38 +9,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..components import (
-    AttentionLayout,
-    Block,
-    FeatureLayout,
-    LinearPatchEmbed,
-    PatchEmbed,
-    Segment,
-    TokenGrid,
-    TokenLayout,
-    drop_path_rates,
-    pos_embed_for_grid,
-    resample_checkpoint_pos_embed,
-    sincos_2d_pos_embed,
-    to_2tuple,
+    AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid, TokenLayout,
+    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, sincos_2d_pos_embed, to_2tuple,
 )
 from ..config import build_config
 from .base import (
-    INCEPTION_MEAN,
-    INCEPTION_STD,
-    Backbone,
-    GroupMatcher,
-    check_config,
-    OutputFormat,
-    classifier_head,
-    init_linears,
-    pretrained_cfg,
-    resolve_indices,
+    INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, check_config, IntermediateResult, classifier_head,
+    init_linears, pretrained_cfg,
 )
 from .registry import register_family
 
@@ -256,25 +237,17 @@ class VisionTransformer(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: OutputFormat = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Maps (B, C, H', W') after the chosen blocks and the final tokens (see :meth:`Backbone.forward_intermediates`)."""
-        take = resolve_indices(indices, len(self.blocks))
         x, grid = self.embed(x)
         maps = []
-        last = take[-1] if intermediates_only else len(self.blocks) - 1
+        last = take[-1] if stop_early else len(self.blocks) - 1
         for i in range(last + 1):
             x = self.run_checkpointed(self.blocks[i], x)
             if i in take:
                 maps.append((self.norm(x) if norm else x, grid, self.num_prefix_tokens))
-        final = None if intermediates_only else self.norm(x)
-        return self.format_intermediates(final, maps, output_fmt, intermediates_only)
+        final = None if stop_early else self.norm(x)
+        return final, maps
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:
