@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..components import (
     AttentionLayout, Block, CrossAttention, DropPath, FeatureLayout, PatchEmbed, Segment, TokenGrid, TokenLayout,
-    pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
+    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
 )
 from ..config import build_config
 from .base import (
@@ -378,13 +378,10 @@ class CrossViT(Backbone):
         self.pos_drop = nn.Dropout(c.dropout)
 
         # Stochastic depth: timm's rule, one rate per (deepest branch + fusion) block of each stage.
-        lengths = [max(s[:2]) + s[2] for s in c.depth]
-        rates = torch.linspace(0, c.drop_path, sum(lengths), device="cpu").tolist()
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        rates = drop_path_rates(c.drop_path, [max(s[:2]) + s[2] for s in c.depth])
         self.blocks = nn.ModuleList(
-            MultiScaleStage(c.dim, c.heads, stage, c.mlp_ratio, c.qkv_bias, c.dropout, c.attention_dropout,
-                            rates[start:start + n], norm)
-            for stage, start, n in zip(c.depth, starts, lengths)
+            MultiScaleStage(c.dim, c.heads, stage, c.mlp_ratio, c.qkv_bias, c.dropout, c.attention_dropout, r, norm)
+            for stage, r in zip(c.depth, rates)
         )
         self.norm = nn.ModuleList(norm(d) for d in c.dim)
         self.head_drop = nn.Dropout(c.head_dropout)
