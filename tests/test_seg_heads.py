@@ -215,3 +215,20 @@ def test_head_rejects_wrong_feature_maps() -> None:
         head([torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)])
     with pytest.raises(ValueError, match="built for 2 feature map"):
         head([torch.randn(1, 4, 8, 8)])
+
+
+def test_fpn_top_down_pathway() -> None:
+    """Level i's 3x3 output conv sees its lateral plus the nearest-upsampled sum from above."""
+    torch.manual_seed(0)
+    head = FpnHead([4, 6, 8], [4, 8, 16], K, fpn_dim=8, channels=8, groups=4).eval()
+    lat, out_in = [], []
+    for m in head.lateral:
+        m.register_forward_hook(lambda mod, i, o: lat.append(o))
+    for m in head.output:
+        m.register_forward_hook(lambda mod, i, o: out_in.append(i[0]))
+    head([torch.randn(1, 4, 11, 9), torch.randn(1, 6, 6, 5), torch.randn(1, 8, 3, 3)])
+    top = lat[2]
+    mid = lat[1] + F.interpolate(top, size=(6, 5), mode="nearest")
+    low = lat[0] + F.interpolate(mid, size=(11, 9), mode="nearest")
+    for got, ref in zip(out_in, [low, mid, top]):
+        torch.testing.assert_close(got, ref)

@@ -105,3 +105,16 @@ def test_not_a_segformer_folder(tmp_path) -> None:
         load_segformer(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_segformer(tmp_path / "nowhere")
+
+
+def test_segformer_parity_in_float64_is_exact(saved) -> None:
+    """In float64 the two agree to 1e-10, tight enough to see any LayerNorm epsilon differing
+    from SegFormer's 1e-5 (a 1e-6 epsilon, HF PvtV2's, moves logits by ~1e-7)."""
+    hf, folder = saved
+    ours = load_segformer(folder).double()
+    ref_model = _hf_model().double()
+    x = torch.randn(1, 3, 48, 40, dtype=torch.float64)
+    with torch.no_grad():
+        ref = ref_model(pixel_values=x).logits
+        got = ours.head(backbone_intermediates(ours.backbone, x, [0, 1, 2, 3]))
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
