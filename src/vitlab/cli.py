@@ -81,33 +81,70 @@ def resolve_model_name(name: str) -> str:
     return resolve(name)
 
 
+def _train_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The explicit flags of ``vitlab train`` as dotted config keys (strongest layer)."""
+    flags = {"data.data_dir": args.data_dir, "epochs": args.epochs, "data.batch_size": args.batch_size,
+             "optim.lr": args.lr, "seed": args.seed, "output_dir": args.output_dir, "device": args.device,
+             "precision": args.precision}
+    out = {k: v for k, v in flags.items() if v is not None}
+    if args.no_progress:
+        out["progress"] = False
+    return out
+
+
 def _train_config(args: argparse.Namespace):
+    """The config of a fresh run: defaults < dataset defaults < recipe < --model/--dataset < KEY=VALUE < flags."""
     from .training.config import load_config
     from .training.recipes import DIGITS_RECIPE
 
-    overrides = list(args.overrides)
+    model = resolve_model_name(args.model) if args.model else None
+    return load_config(args.config, list(args.overrides), base=None if args.config else DIGITS_RECIPE,
+                       model=model, dataset=args.dataset, flags=_train_flags(args))
+
+
+def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
+    """What the command line asks to set on a resumed run, as dotted key -> value."""
+    from .training.config import apply_overrides
+
+    def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in values.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    changes = flatten(apply_overrides({}, list(args.overrides)))
+    changes.update({k: v for k, v in _train_flags(args).items() if k != "output_dir"})
     if args.model:
-        overrides.append(f"model.name={resolve_model_name(args.model)}")
-        if not any(o.startswith("model.overrides") for o in overrides):
-            overrides.append("model.overrides={}")
-    flags = {"data.dataset": args.dataset, "data.data_dir": args.data_dir, "epochs": args.epochs,
-             "data.batch_size": args.batch_size, "optim.lr": args.lr, "seed": args.seed,
-             "output_dir": args.output_dir, "device": args.device, "precision": args.precision}
-    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.no_progress:
-        overrides.append("progress=false")
-    return load_config(args.config, overrides, base=None if args.config else DIGITS_RECIPE)
+        changes["model.name"] = resolve_model_name(args.model)
+    if args.dataset:
+        changes["data.dataset"] = args.dataset
+    if args.config:
+        changes["recipe"] = _train_config(args).recipe
+    return changes
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    from .training.run import train
+    from .training.run import latest_run_dir, resume_config, run_stem, train
 
-    cfg = _train_config(args)
+    if args.resume:
+        run_dir = args.output_dir
+        if run_dir is None:
+            fresh = _train_config(args)
+            run_dir = latest_run_dir(fresh)
+            if run_dir is None:
+                raise FileNotFoundError(f"no run of {run_stem(fresh)}-<N> to resume; pass --output-dir RUN_DIR")
+        cfg = resume_config(run_dir, _resume_changes(args))
+    else:
+        cfg = _train_config(args)
     args.run_dir = cfg.output_dir  # named by the Ctrl-C / disk-full resume hint
     t0 = time.perf_counter()
-    results = train(cfg, resume=args.resume)
+    results = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     split = results.get("split", "test")
@@ -125,7 +162,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     res = evaluate_checkpoint(args.checkpoint, args.dataset, split=args.split, data_dir=args.data_dir,
                               output_dir=args.output_dir, device=args.device, batch_size=args.batch_size)
-    print(f"{args.dataset} {args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  (n={res['n']})")
+    print(f"{args.dataset} {res['split']}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  (n={res['n']})")
     if res.get("confusion_matrix_png"):
         print(f"confusion matrix: {res['confusion_matrix_png']}")
     return 0
@@ -242,8 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     t.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", type=float)
     t.add_argument("--seed", type=int)
-    t.add_argument("--output-dir", "--output_dir", dest="output_dir")
-    t.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    t.add_argument("--output-dir", "--output_dir", dest="output_dir",
+                   help="run directory (default: a fresh runs/<recipe>/<model>-<dataset>-<N>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a run with its own config: the one in --output-dir, else the most recent "
+                        "runs/<recipe>/<model>-<dataset>-<N>; only --epochs (to extend), --device and loading "
+                        "options may change")
+    t.add_argument("--overwrite", action="store_true",
+                   help="let a fresh run replace the run in --output-dir (its results and checkpoints are deleted)")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -252,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5 and a confusion matrix")
     e.add_argument("--checkpoint", required=True, help="checkpoint file or folder (or a run's checkpoints/epoch-N)")
     e.add_argument("--dataset", default="digits")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--split", default=None, choices=["train", "val", "test"],
+                   help="default: test when the dataset has one, else val")
     e.add_argument("--data-dir", "--data_dir", dest="data_dir")
     e.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None, help="where to write the confusion matrix")
     e.add_argument("--batch-size", type=int, default=256)
@@ -422,7 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with the traceback. See :mod:`vitlab.errors`.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE overrides may come after options (`--epochs 1 optim.lr=5e-4`); argparse only
+        # collects the first run of positionals.
+        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

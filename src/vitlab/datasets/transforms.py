@@ -14,6 +14,9 @@ from torch import Tensor
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
+#: ``pretrained_cfg["preprocessing"]`` of a model trained on loaders vitlab could not see into.
+UNKNOWN = "unknown"
+
 _INTERPOLATION = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
 
 
@@ -133,7 +136,19 @@ class EvalTransform:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], channels: int = 3) -> "EvalTransform":
-        """Build from a model's ``pretrained_cfg``."""
+        """Build from a model's ``pretrained_cfg``.
+
+        Raises:
+            ValueError: The config records its preprocessing as unknown (a model trained by
+                ``ViTTrainer`` on its own loaders without ``preprocessing=``).
+        """
+        if cfg.get("preprocessing") == UNKNOWN:
+            raise ValueError(
+                "this checkpoint does not record its preprocessing (trained by ViTTrainer on its own loaders without "
+                "preprocessing=...): pass preprocessing=dict(mean=..., std=..., crop_pct=..., interpolation=...) to "
+                "ViTTrainer, or set model.pretrained_cfg's mean, std, crop_pct, interpolation and delete its "
+                "'preprocessing' key"
+            )
         size = cfg.get("input_size", 224)
         size = size[-1] if isinstance(size, (tuple, list)) else size
         return cls(size, cfg.get("crop_pct", 0.9), cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),

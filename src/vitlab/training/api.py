@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..datasets.factory import build_dataset
+from ..datasets.pipeline import ResizeCenterCropSample, dataset_kind, preprocessing_record
+from ..datasets.transforms import UNKNOWN
 from ..models.vit import ViTConfig, VisionTransformer
 from .config import TrainConfig
+from .run import _Resized
 from .trainer import Trainer
 
 
@@ -22,6 +26,12 @@ class ViTTrainer:
         config: A :class:`ViTConfig` (a :class:`VisionTransformer` is built from it) or a model.
         train_config: Optimiser/schedule/precision settings; defaults to :class:`TrainConfig`.
         output_dir: Run directory (metrics.jsonl, checkpoints, results.json, plots).
+        preprocessing: What your loaders do to an image before the model sees it, so that
+            checkpoints (and :class:`vitlab.ViTClassifier`, ``vitlab predict`` / ``eval``)
+            repeat it: ``dict(mean=..., std=..., crop_pct=..., interpolation=...,
+            image_size=...)`` (``image_size`` defaults to the model's). vitlab cannot see
+            inside a user's loader, so without it the checkpoints record the preprocessing
+            as ``"unknown"`` (with a warning) and ``ViTClassifier`` refuses them until it is set.
         **overrides: Top-level :class:`TrainConfig` fields (``device``, ``precision``, ``ema_decay``...).
 
     Example:
@@ -33,8 +43,10 @@ class ViTTrainer:
     """
 
     def __init__(self, config: ViTConfig | nn.Module, train_config: TrainConfig | None = None,
-                 output_dir: str | Path = "runs/vit_trainer", **overrides: Any) -> None:
+                 output_dir: str | Path = "runs/vit_trainer", preprocessing: dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
         self.model = VisionTransformer(config) if isinstance(config, ViTConfig) else config
+        self.preprocessing = _check_preprocessing(preprocessing, self.model) if preprocessing is not None else None
         self.train_config = copy.deepcopy(train_config) if train_config is not None else TrainConfig()
         for k, v in overrides.items():
             if not hasattr(self.train_config, k):
@@ -53,10 +65,38 @@ class ViTTrainer:
             cfg.optim.lr = learning_rate
         cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs, max(0.0, cfg.epochs / 5))
         cfg.__post_init__()
+        if self.preprocessing is not None:
+            self.model.pretrained_cfg = {k: v for k, v in self.model.pretrained_cfg.items() if k != "preprocessing"}
+            self.model.pretrained_cfg.update(self.preprocessing)
+        else:
+            warnings.warn(
+                "ViTTrainer: preprocessing=dict(mean=..., std=..., crop_pct=..., interpolation=...) was not given, so "
+                "the checkpoints record the preprocessing as unknown and ViTClassifier will refuse them",
+                stacklevel=2,
+            )
+            self.model.pretrained_cfg = {**self.model.pretrained_cfg, "preprocessing": UNKNOWN}
         trainer = Trainer(self.model, cfg, train_loader, val_loader, test_loader)
         results = trainer.fit()
         self.history = trainer.history
         return results
+
+
+def _check_preprocessing(pre: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """A ``preprocessing`` dict as ``pretrained_cfg`` keys; one error naming what is missing or unknown."""
+    required = ("mean", "std", "crop_pct", "interpolation")
+    allowed = (*required, "image_size")
+    unknown = sorted(set(pre) - set(allowed))
+    missing = [k for k in required if k not in pre]
+    if unknown or missing:
+        raise ValueError(
+            "preprocessing must give " + ", ".join(required) + " (and optionally image_size)"
+            + (f"; missing {', '.join(missing)}" if missing else "") + (f"; unknown {', '.join(unknown)}" if unknown else "")
+        )
+    size = pre.get("image_size")
+    if size is None:
+        size = getattr(model.config, "image_size", (224, 224))
+    size = int(size[-1] if isinstance(size, (tuple, list)) else size)
+    return preprocessing_record(size, pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"])
 
 
 class ViTTransferLearning:
@@ -122,19 +162,33 @@ class ViTTransferLearning:
                 ``layer_decay`` per block from the head down.
             **overrides: Top-level :class:`TrainConfig` fields.
 
-        Images are resized to the model's input size and normalised with the model's own
-        mean/std (those it was pretrained with).
+        Images are preprocessed as the model's ``pretrained_cfg`` says (resize to
+        ``input_size / crop_pct``, center crop, interpolation, per sample; then the model's own
+        mean/std), so the fine-tuned checkpoint records the preprocessing it was trained with.
         """
-        if isinstance(dataset, str):
+        pcfg = self.model.pretrained_cfg
+        if pcfg.get("preprocessing") == UNKNOWN:
+            raise ValueError("this model's preprocessing is unknown (trained by ViTTrainer on its own loaders without "
+                             "preprocessing=...): set model.pretrained_cfg mean/std/crop_pct/interpolation first")
+        size = pcfg.get("input_size", self.model.config.image_size[0])
+        size = int(size[-1] if isinstance(size, (tuple, list)) else size)
+        per_sample = ResizeCenterCropSample(size, float(pcfg.get("crop_pct", 1.0)), str(pcfg.get("interpolation", "bilinear")))
+        if isinstance(dataset, str) and dataset_kind(dataset) == "folder":
             name = dataset
-            dataset = build_dataset(name, "train")
-            val_dataset = val_dataset or build_dataset(name, "val")
-            test_dataset = test_dataset or build_dataset(name, "test")
+            dataset = build_dataset(name, "train", transform=per_sample)
+            val_dataset = val_dataset or build_dataset(name, "val", transform=per_sample)
+            test_dataset = test_dataset or _optional_split(name, per_sample)
+        else:
+            if isinstance(dataset, str):
+                name = dataset
+                dataset = build_dataset(name, "train")
+                val_dataset = val_dataset or build_dataset(name, "val")
+                test_dataset = test_dataset or build_dataset(name, "test")
+            dataset, val_dataset, test_dataset = (None if d is None else _Resized(d, per_sample)
+                                                  for d in (dataset, val_dataset, test_dataset))
         n = getattr(dataset, "num_classes", self.num_classes)
         if n != self.num_classes:
             raise ValueError(f"the dataset has {n} classes; this transfer model was built for {self.num_classes}")
-        pcfg = self.model.pretrained_cfg
-        size = pcfg.get("input_size", self.model.config.image_size[0])
         channels = self.model.config.in_channels
         mean, std = tuple(pcfg["mean"])[:channels], tuple(pcfg["std"])[:channels]
         results: dict[str, Any] = {}
@@ -145,7 +199,7 @@ class ViTTransferLearning:
                 self.set_backbone_trainable(True)
             cfg = TrainConfig(epochs=n_epochs, device=self.device, output_dir=str(Path(output_dir) / phase))
             cfg.data.batch_size = batch_size
-            cfg.data.image_size = int(size[-1] if isinstance(size, (tuple, list)) else size)
+            cfg.data.image_size = size
             cfg.optim.lr = learning_rate
             cfg.optim.layer_decay = decay
             cfg.optim.warmup_epochs = min(1.0, n_epochs / 5)
@@ -159,6 +213,13 @@ class ViTTransferLearning:
             results = trainer.fit()
             self.history += [{**h, "phase": phase} for h in trainer.history]
         return results
+
+
+def _optional_split(name: str, transform: Any) -> Dataset | None:
+    try:
+        return build_dataset(name, "test", transform=transform)
+    except (ValueError, FileNotFoundError):
+        return None
 
 
 class _Gray(Dataset):

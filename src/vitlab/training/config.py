@@ -19,6 +19,8 @@ import yaml
 
 from ..config import suggest
 
+INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
+
 
 @dataclass
 class ModelSection:
@@ -32,11 +34,19 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Dataset and loading. ``image_size`` None keeps the dataset's own size."""
+    """Dataset and loading.
+
+    ``image_size`` is the training size (None: the dataset's default, see
+    :data:`vitlab.training.recipes.DATASET_DEFAULTS`). Evaluation images are resized to
+    ``floor(image_size / crop_pct)`` and center-cropped (timm's eval transform) with
+    ``interpolation``; these three values are what checkpoints record as their preprocessing.
+    """
 
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
@@ -112,7 +122,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     ema_decay: float | None = None
-    output_dir: str = "runs/latest"
+    output_dir: str | None = None
+    recipe: str = "custom"
     progress: bool = True
     save_every: int = 1
     eval_every: int = 1
@@ -135,6 +146,12 @@ class TrainConfig:
             errors.append("optim.accumulation_steps must be >= 1")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             errors.append(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0.0 < self.data.crop_pct <= 1.0:
+            errors.append(f"data.crop_pct must be in (0, 1], got {self.data.crop_pct}")
+        if self.data.interpolation not in INTERPOLATIONS:
+            errors.append(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.data.interpolation!r}")
+        if self.data.image_size is not None and self.data.image_size <= 0:
+            errors.append(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.batch_size <= 0:
             errors.append(f"data.batch_size must be positive, got {self.data.batch_size}")
         errors += range_errors(self)
@@ -277,13 +294,46 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a YAML recipe (or ``base``) plus dotted overrides.
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``values["a"]["b"] = value`` for ``key="a.b"`` (a typed value, not parsed)."""
+    parts = key.split(".")
+    node = values
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    flags: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Compose a :class:`TrainConfig`; later layers win:
+
+    1. the dataclass defaults;
+    2. the dataset's defaults (:data:`vitlab.training.recipes.DATASET_DEFAULTS`: image size,
+       evaluation crop, augmentation) for the dataset the run ends up using;
+    3. the recipe: ``base`` and then the YAML file at ``path``;
+    4. ``model`` (replaces the recipe's whole ``model`` section, its overrides included) and
+       ``dataset`` (replaces ``data.dataset``);
+    5. dotted ``overrides`` (``"optim.lr=5e-4"``, values parsed as YAML);
+    6. ``flags``: typed values by dotted key (the CLI's ``--epochs``, ``--lr``...).
+
+    The recipe's name (``recipe``: the YAML's ``recipe`` key, else its file name) files
+    runs under ``runs/<recipe>/``.
 
     Raises:
         FileNotFoundError: The recipe does not exist.
         ValueError: An unknown key or a value of the wrong type, naming the valid keys.
     """
+    from ..datasets.pipeline import dataset_kind
+    from .recipes import DATASET_DEFAULTS
+
     values: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         path = Path(path)
@@ -296,7 +346,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of config sections")
         values = _merge(values, loaded)
+        values.setdefault("recipe", path.stem)
+    if model is not None:
+        values["model"] = {"name": model}
+    if dataset is not None:
+        set_dotted(values, "data.dataset", dataset)
     values = apply_overrides(values, overrides or [])
+    for key, value in (flags or {}).items():
+        set_dotted(values, key, value)
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    name = data.get("dataset", DataSection.dataset)
+    defaults = DATASET_DEFAULTS.get(dataset_kind(str(name)), {})
+    values = _merge(copy.deepcopy(defaults), values)
+    if isinstance(values.get("data"), dict) and values["data"].get("image_size") is None:
+        values["data"]["image_size"] = defaults.get("data", {}).get("image_size")  # null: the dataset's size
     return _build(TrainConfig, values)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from ..datasets.factory import build_dataset
+from ..datasets.pipeline import ResizeCenterCropSample, dataset_kind
+from ..datasets.transforms import EvalTransform
 from ..pretrained import load_model
 from .trainer import evaluate_model, resolve_device
 
@@ -16,25 +18,39 @@ from .trainer import evaluate_model, resolve_device
 def evaluate_checkpoint(
     checkpoint: str | Path,
     dataset: str = "digits",
-    split: str = "test",
+    split: str | None = None,
     data_dir: str | None = None,
     output_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Metrics of a checkpoint on a dataset split, normalised as the checkpoint says.
+    """Metrics of a checkpoint on a dataset split, preprocessed as the checkpoint records.
 
-    Writes ``eval_<dataset>_<split>.json`` and a confusion matrix PNG into ``output_dir``
-    (default: the checkpoint's folder).
+    Images are resized to ``floor(input_size / crop_pct)`` and center-cropped with the
+    checkpoint's interpolation, per sample (so image folders of any size work), then
+    normalised with its mean/std. ``split`` None takes ``test`` when the dataset has one,
+    else ``val``. Writes ``eval_<dataset>_<split>.json`` and a confusion matrix PNG into
+    ``output_dir`` (default: the checkpoint's folder); the split used is ``res["split"]``.
     """
     model = load_model(checkpoint)
-    data = build_dataset(dataset, split, data_dir)
+    pcfg = model.pretrained_cfg
+    EvalTransform.from_config(pcfg)  # refuses a checkpoint whose preprocessing is unknown
+    size = pcfg.get("input_size")
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size) if size else None
+    kw: dict[str, Any] = {}
+    if size is not None:
+        kw["transform"] = ResizeCenterCropSample(size, float(pcfg.get("crop_pct", 1.0)),
+                                                 str(pcfg.get("interpolation", "bilinear")))
+    if split is None:
+        try:
+            data, split = _build_transformed(dataset, "test", data_dir, kw), "test"
+        except (ValueError, FileNotFoundError):
+            data, split = _build_transformed(dataset, "val", data_dir, kw), "val"
+    else:
+        data = _build_transformed(dataset, split, data_dir, kw)
     n_model = model.config.num_classes
     if n_model != data.num_classes:
         raise ValueError(f"the checkpoint predicts {n_model} classes but {dataset} has {data.num_classes}")
-    pcfg = model.pretrained_cfg
-    size = pcfg.get("input_size")
-    size = int(size[-1] if isinstance(size, (list, tuple)) else size) if size else None
     dev = resolve_device(device)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     res = evaluate_model(model.to(dev), loader, dev, size, tuple(pcfg.get("mean", data.mean)), tuple(pcfg.get("std", data.std)))
@@ -50,4 +66,15 @@ def evaluate_checkpoint(
     except ImportError:
         pass
     res["confusion"] = cm
+    res["split"] = split
     return res
+
+
+def _build_transformed(dataset: str, split: str, data_dir: str | None, kw: dict[str, Any]) -> Any:
+    """A dataset split with the per-sample eval transform (folders take it; fixed-size ones are wrapped)."""
+    from .run import _Resized
+
+    if dataset_kind(dataset) == "folder":
+        return build_dataset(dataset, split, data_dir, **kw)
+    data = build_dataset(dataset, split, data_dir)
+    return _Resized(data, kw["transform"]) if kw else data
