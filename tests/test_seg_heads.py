@@ -18,6 +18,7 @@ from vitlab.tasks.segmentation import (
     SegmentationLoss,
     SetrMlaHead,
     SetrUpHead,
+    backbone_intermediates,
     feature_channels_strides,
 )
 
@@ -52,7 +53,7 @@ def _off_path(backbone: torch.nn.Module, x: torch.Tensor) -> set[str]:
     """Backbone parameters that none of its returnable maps depends on (a final norm or CaiT's
     class-attention blocks, which a segmenter does not use)."""
     n = len(backbone.feature_info)
-    sum(f.sum() for f in backbone.forward_intermediates(x, indices=list(range(n)))).backward()
+    sum(f.sum() for f in backbone_intermediates(backbone, x, list(range(n)))).backward()
     off = {f"backbone.{k}" for k, p in backbone.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
     backbone.zero_grad(set_to_none=True)
     return off
@@ -156,7 +157,7 @@ def test_aux_heads_run_in_training_only_and_are_weighted() -> None:
     logits, aux_logits = model.forward_with_aux(x)
     assert [c[0] for c in calls] == [0, 1] and len(aux_logits) == 2
     # each aux head read its own block's map
-    maps = backbone.forward_intermediates(x, indices=[0, 1])
+    maps = backbone_intermediates(backbone, x, [0, 1])
     torch.testing.assert_close(calls[0][1], maps[0])
     torch.testing.assert_close(calls[1][1], maps[1])
     assert all(a.shape == (2, K, 40, 36) for a in aux_logits)
@@ -232,3 +233,32 @@ def test_fpn_top_down_pathway() -> None:
     low = lat[0] + F.interpolate(mid, size=(11, 9), mode="nearest")
     for got, ref in zip(out_in, [low, mid, top]):
         torch.testing.assert_close(got, ref)
+
+
+class _TimmStyleBackbone(torch.nn.Module):
+    """The coming contract: forward_intermediates(x, indices, norm, output_fmt, intermediates_only)
+    returns (final, maps) unless intermediates_only."""
+
+    feature_info = [dict(num_chs=3, reduction=1), dict(num_chs=3, reduction=1)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.calls: list[dict] = []
+
+    def forward_intermediates(self, x, indices=None, norm=False, output_fmt="NHWC", intermediates_only=False):
+        self.calls.append(dict(indices=indices, output_fmt=output_fmt, intermediates_only=intermediates_only))
+        maps = [x * self.scale * (i + 1) for i in indices]
+        if output_fmt == "NHWC":
+            maps = [m.permute(0, 2, 3, 1) for m in maps]
+        return maps if intermediates_only else (x, maps)
+
+
+def test_segmenter_asks_for_nchw_intermediates_only() -> None:
+    backbone = _TimmStyleBackbone()
+    model = Segmenter(backbone, AllMlpHead([3, 3], [1, 1], K, decoder_dim=4), [0, -1]).eval()
+    x = torch.randn(1, 3, 5, 6)
+    assert model(x).shape == (1, K, 5, 6)
+    assert backbone.calls == [dict(indices=[0, 1], output_fmt="NCHW", intermediates_only=True)]
+    maps = backbone_intermediates(backbone, x, [1])
+    torch.testing.assert_close(maps[0], 2 * x)

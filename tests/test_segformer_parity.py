@@ -99,6 +99,17 @@ def test_encoder_pvt_v2_cannot_express_is_refused(tmp_path) -> None:
         load_segformer(tmp_path)
 
 
+def test_weights_that_do_not_fit_the_config(saved, tmp_path) -> None:
+    hf, folder = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_sizes"] = [8, 16, 24, 40]
+    cfg["num_attention_heads"] = [1, 2, 3, 4]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="does not fit its config.json: size mismatch"):
+        load_segformer(tmp_path)
+
+
 def test_not_a_segformer_folder(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(CheckpointError, match="not a SegFormer"):

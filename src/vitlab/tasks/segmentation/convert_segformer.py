@@ -191,7 +191,11 @@ def load_segformer(path: str | Path) -> Segmenter:
                       decoder_dim=int(hf.get("decoder_hidden_size", 256)),
                       dropout=float(hf.get("classifier_dropout_prob", 0.1)))
     for module, sd, what in ((backbone, backbone_sd, "encoder"), (head, head_sd, "decode head")):
-        missing, unexpected = module.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise CheckpointError(f"the SegFormer {what} does not fit its config.json: {detail}") from None
         if missing or unexpected:
             raise CheckpointError(
                 f"the SegFormer {what} does not fit vitlab's layout: missing {missing[:3]}, unexpected {unexpected[:3]}"

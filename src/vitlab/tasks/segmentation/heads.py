@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,13 +175,13 @@ class SetrUpHead(nn.Module):
         self.output_stride = in_stride / up_scale**num_convs
 
     @classmethod
-    def naive(cls, in_channels: int, in_stride: int, num_classes: int, channels: int = 256, **kw) -> "SetrUpHead":
-        """SETR-Naive: 1x1 conv-BN-ReLU, x4 bilinear, 1x1 classifier."""
+    def naive(cls, in_channels: int, in_stride: int, num_classes: int, channels: int = 256, **kw: Any) -> "SetrUpHead":
+        """SETR-Naive: 1x1 conv-BN-ReLU, x4 bilinear, 1x1 classifier (``kw``: ``dropout``, ``upsample``, ``attn_heads``)."""
         return cls(in_channels, in_stride, num_classes, channels, num_convs=1, up_scale=4, kernel_size=1, **kw)
 
     @classmethod
-    def pup(cls, in_channels: int, in_stride: int, num_classes: int, channels: int = 256, **kw) -> "SetrUpHead":
-        """SETR-PUP: four (3x3 conv-BN-ReLU, x2 upsampling) stages, 1x1 classifier."""
+    def pup(cls, in_channels: int, in_stride: int, num_classes: int, channels: int = 256, **kw: Any) -> "SetrUpHead":
+        """SETR-PUP: four (3x3 conv-BN-ReLU, x2 upsampling) stages, 1x1 classifier (``kw`` as :meth:`naive`)."""
         return cls(in_channels, in_stride, num_classes, channels, num_convs=4, up_scale=2, kernel_size=3, **kw)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
