@@ -181,25 +181,35 @@ def test_aux_heads_run_in_training_only_and_are_weighted() -> None:
 
 
 def test_attention_upsampling_is_learned_cross_attention() -> None:
-    """Queries at the output grid attend to every low-resolution token through vitlab's attention."""
+    """Each output pixel's query attends to its parent's 3x3 token neighbourhood through vitlab's attention."""
     torch.manual_seed(0)
-    up = AttentionUpsample(8, scale=2, heads=2).eval()
-    x = torch.randn(1, 8, 3, 5, requires_grad=True)
+    up = AttentionUpsample(8, scale=2, heads=2, window=3).eval()
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
     with capture_attention(up) as cap:
         y = up(x)
-    assert y.shape == (1, 8, 6, 10)
-    assert len(cap.records) == 1 and cap.records[0].probs.shape == (1, 2, 6 * 10, 3 * 5)
-    # non-local: an output pixel depends on a far input pixel (bilinear/nearest would not)
-    y[0, :, 0, 0].sum().backward()
-    assert x.grad[0, :, 2, 4].abs().sum() > 0
-    # the sub-pixel embedding gives the 2x2 children of one input pixel different outputs
-    assert not torch.allclose(y[0, :, 0, 0], y[0, :, 1, 1])
+    assert y.shape == (2, 8, 10, 12)
+    # one query per child (2x2) of each of the 2*5*6 input pixels, 9 keys each
+    assert len(cap.records) == 1 and cap.records[0].probs.shape == (2 * 5 * 6, 2, 4, 9)
+    probs = cap.records[0].probs.view(2, 5, 6, 2, 4, 3, 3)  # (B*h*w, heads, s*s, 9) -> per pixel, 3x3 keys
+    assert torch.all(probs[:, 0, :, :, :, 0, :] == 0) and torch.all(probs[:, :, 0, :, :, :, 0] == 0)  # outside masked
+    assert torch.all(probs[:, 1:4, 1:5, :, :] > 0)
+    # output (7, 7) is a child of input (3, 3): it sees inputs 2..4 x 2..4 (bilinear x2 sees only
+    # 3..4 x 3..4) and nothing further away
+    y[0, :, 7, 7].sum().backward()
+    g = x.grad[0].abs().sum(0)
+    assert torch.all(g[2:5, 2:5] > 0)
+    g[2:5, 2:5] = 0
+    assert torch.all(g == 0)
+    # the children of one input pixel get different values (learned sub-pixel queries)
+    assert not torch.allclose(y[0, :, 6, 6], y[0, :, 7, 7])
 
 
-def test_setr_head_attention_upsample_option() -> None:
+@pytest.mark.parametrize("kind", ["naive", "pup"])
+def test_setr_head_attention_upsample_option(kind: str) -> None:
     backbone = tiny_model("vit_tiny_patch16_224", num_classes=0)
-    head, idx, up = _plain_head("naive", backbone, upsample="attention")
-    assert any(isinstance(m, AttentionUpsample) for m in head.modules())
+    head, idx, up = _plain_head(kind, backbone, upsample="attention")
+    assert sum(isinstance(m, AttentionUpsample) for m in head.modules()) == (1 if kind == "naive" else 4)
+    assert not any(isinstance(m, torch.nn.Upsample) for m in head.modules())
     model = Segmenter(backbone, head, idx).train()
     x = torch.randn(1, 3, *ODD)
     off = _off_path(backbone, x)

@@ -48,59 +48,39 @@ def _check_features(features: Sequence[Tensor], channels: Sequence[int], head: s
             )
 
 
-def sincos_position_2d(coords_y: Tensor, coords_x: Tensor, dim: int) -> Tensor:
-    """Fixed 2-D sine-cosine encoding of normalized coordinates.
-
-    Args:
-        coords_y: (H,) row centres in [0, 1].
-        coords_x: (W,) column centres in [0, 1].
-        dim: Encoding width, a multiple of 4.
-
-    Returns:
-        (H * W, dim), rows in raster order.
-    """
-    if dim % 4:
-        raise ValueError(f"the position encoding width must be a multiple of 4, got {dim}")
-    quarter = dim // 4
-    freq = 2.0 * math.pi * (2.0 ** torch.arange(quarter, dtype=torch.float32, device=coords_y.device))
-    ys = coords_y[:, None] * freq  # (H, dim/4)
-    xs = coords_x[:, None] * freq  # (W, dim/4)
-    h, w = ys.shape[0], xs.shape[0]
-    ey = torch.cat([ys.sin(), ys.cos()], dim=1)[:, None, :].expand(h, w, 2 * quarter)
-    ex = torch.cat([xs.sin(), xs.cos()], dim=1)[None, :, :].expand(h, w, 2 * quarter)
-    return torch.cat([ey, ex], dim=-1).reshape(h * w, dim)  # (H, W, dim) -> (H*W, dim)
-
-
-def _centres(n: int, device: torch.device) -> Tensor:
-    return (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n
-
-
 class AttentionUpsample(nn.Module):
-    """Learned upsampling: queries at the output resolution cross-attend to the input tokens.
+    """Learned upsampling: output-resolution queries cross-attend to the low-resolution tokens.
 
-    Each output pixel's query is its nearest low-resolution feature, plus a learned
-    embedding of its sub-pixel position and a fixed sine-cosine encoding of its image
-    coordinates; keys/values are the low-resolution tokens with the encoding of theirs.
-    The attention is vitlab's one :class:`~vitlab.components.CrossAttention` (so
-    :func:`~vitlab.components.capture_attention` sees it), followed by a residual, a
-    LayerNorm and a linear layer.
+    Every input pixel has ``scale * scale`` children at the output resolution. A child's query
+    is its parent token plus a learned embedding of its sub-pixel position; it attends to the
+    parent's ``window x window`` neighbourhood of tokens (each plus a learned embedding of its
+    offset from the parent; positions outside the map are masked out). The attention is
+    vitlab's one :class:`~vitlab.components.CrossAttention` (so
+    :func:`~vitlab.components.capture_attention` records it), followed by a residual with
+    the parent token, a LayerNorm and a linear layer. The window keeps the cost linear in the
+    number of pixels (``scale^2 * window^2`` weights per input pixel), so the module can sit
+    in every stage of a PUP head.
 
     Args:
         dim: Channels in and out.
         scale: Integer upsampling factor.
         heads: Attention heads.
+        window: Odd side of the neighbourhood each child attends to.
     """
 
-    def __init__(self, dim: int, scale: int = 2, heads: int = 4) -> None:
+    def __init__(self, dim: int, scale: int = 2, heads: int = 4, window: int = 3) -> None:
         super().__init__()
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
-        if dim % 4:
-            raise ValueError(f"AttentionUpsample needs dim divisible by 4, got {dim}")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be a positive odd number, got {window}")
         self.dim = dim
         self.scale = scale
+        self.window = window
         self.subpixel = nn.Parameter(torch.zeros(scale * scale, dim))
+        self.offset = nn.Parameter(torch.zeros(window * window, dim))
         nn.init.trunc_normal_(self.subpixel, std=0.02)
+        nn.init.trunc_normal_(self.offset, std=0.02)
         self.attn = CrossAttention(dim, heads=heads)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
@@ -108,25 +88,27 @@ class AttentionUpsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, C, h * scale, w * scale)."""
         b, c, h, w = x.shape
-        s = self.scale
-        oh, ow = h * s, w * s
-        dev = x.device
-        tokens = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
-        pos_in = sincos_position_2d(_centres(h, dev), _centres(w, dev), c).to(x.dtype)
-        pos_out = sincos_position_2d(_centres(oh, dev), _centres(ow, dev), c).to(x.dtype)
-        near = F.interpolate(x, scale_factor=s, mode="nearest")  # (B, C, oh, ow)
-        sub = self.subpixel.view(s, s, c).repeat(h, w, 1).reshape(oh * ow, c)  # (s, s, C) -> (oh*ow, C)
-        queries = near.flatten(2).transpose(1, 2) + sub + pos_out  # (B, oh*ow, C)
-        out = self.attn(queries, tokens + pos_in)  # (B, oh*ow, C)
-        out = self.proj(self.norm(out + near.flatten(2).transpose(1, 2)))
-        return out.transpose(1, 2).reshape(b, c, oh, ow)  # (B, oh*ow, C) -> (B, C, oh, ow)
+        s, k = self.scale, self.window
+        n = h * w
+        # neighbourhoods: (B, C * k*k, h*w) -> (B, C, k*k, h*w) -> (B, h*w, k*k, C) -> (B*h*w, k*k, C)
+        keys = F.unfold(x, k, padding=k // 2).view(b, c, k * k, n).permute(0, 3, 2, 1).reshape(b * n, k * k, c)
+        inside = F.unfold(x.new_ones(1, 1, h, w), k, padding=k // 2)[0].t()  # (1, k*k, h*w) -> (h*w, k*k)
+        bias = torch.zeros_like(inside).masked_fill(inside == 0, float("-inf"))
+        bias = bias.repeat(b, 1)[:, None, None, :]  # (B*h*w, 1, 1, k*k), batch-major like keys
+        parent = x.flatten(2).transpose(1, 2).reshape(b * n, 1, c)  # (B, C, h, w) -> (B*h*w, 1, C)
+        queries = parent + self.subpixel  # (B*h*w, s*s, C)
+        out = self.attn(queries, keys + self.offset, attn_bias=bias)  # (B*h*w, s*s, C)
+        out = self.proj(self.norm(out + parent))
+        # (B*h*w, s*s, C) -> (B, h, w, s, s, C) -> (B, C, h, s, w, s) -> (B, C, h*s, w*s)
+        out = out.view(b, h, w, s, s, c).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, c, h * s, w * s)
 
 
 def _upsampler(kind: str, channels: int, scale: int, heads: int) -> nn.Module:
     if kind == "bilinear":
         return nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
     if kind == "attention":
-        return AttentionUpsample(channels, scale, heads)
+        return AttentionUpsample(channels, scale, heads)  # heads must divide channels
     raise ValueError(f"upsample must be 'bilinear' or 'attention', got {kind!r}")
 
 
