@@ -25,9 +25,6 @@ Converter = Callable[[StateDict, nn.Module], StateDict]
 # family -> list of (layout name, detector(sd) -> bool, converter)
 _CONVERTERS: dict[str, list[tuple[str, Callable[[StateDict], bool], Converter]]] = {}
 
-#: Parameter-name prefixes of classifier heads; these may be dropped when sizes differ.
-HEAD_PREFIXES = ("head.", "head_dist.", "head.fc.")
-
 
 def register_converter(family: str, layout: str, detect: Callable[[StateDict], bool], convert: Converter) -> None:
     """Teach vitlab a foreign checkpoint layout for one family."""
@@ -59,8 +56,9 @@ def convert_state_dict(sd: StateDict, model: nn.Module, layout: str | None = Non
     return dict(sd), layout
 
 
-def _is_head_key(key: str) -> bool:
-    return key.startswith(HEAD_PREFIXES)
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the model's classifier(s), as the model declares them (``classifier_names``)."""
+    return tuple(f"{name}." for name in getattr(model, "classifier_names", ("head",)))
 
 
 def load_state_dict_checked(model: nn.Module, sd: StateDict, source: str = "checkpoint") -> list[str]:
@@ -76,6 +74,11 @@ def load_state_dict_checked(model: nn.Module, sd: StateDict, source: str = "chec
     if hasattr(model, "adapt_state_dict"):
         sd = model.adapt_state_dict(sd)
     own = model.state_dict()
+    heads = _head_prefixes(model)
+
+    def _is_head_key(key: str) -> bool:
+        return key.startswith(heads)
+
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]

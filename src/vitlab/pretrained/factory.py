@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ..config import check_keys
+from ..models.base import Backbone
 from ..models.registry import build_model, get_entry
 from .convert import load_pretrained, read_checkpoint
 
@@ -23,7 +22,7 @@ def create_model(
     pretrained: bool | str | Path | None = None,
     num_classes: int | None = None,
     **overrides: Any,
-) -> nn.Module:
+) -> Backbone:
     """Build a registered model, optionally with weights.
 
     Args:
