@@ -227,6 +227,22 @@ def test_hf_parity_same_mask_reconstruction_and_loss(hf_mae_dir, norm_pix_loss):
     torch.testing.assert_close(loss, ref.loss, rtol=0, atol=1e-5)
 
 
+def test_transformers4_decoder_key_names_load(hf_mae_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, hf = hf_mae_dir
+    hf.config.norm_pix_loss = False
+    sd = load_file(str(folder / "model.safetensors"))
+    old = {k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v for k, v in sd.items()}
+    assert any(k.startswith("decoder.decoder_layers.1.attention.attention.query") for k in old)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(old, str(tmp_path / "model.safetensors"))
+    x, noise = torch.randn(1, 3, 32, 32), torch.rand(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(mae_from_hf(tmp_path).eval()(x, noise)[1], hf(pixel_values=x, noise=noise).logits,
+                                   rtol=0, atol=1e-5)
+
+
 def _original_layout(mae: MAE) -> dict[str, torch.Tensor]:
     """facebookresearch/mae's pre-training keys: timm encoder keys at the top, decoder_* and mask_token."""
     sd = {k[len("encoder."):]: v for k, v in mae.state_dict().items() if k.startswith("encoder.")}

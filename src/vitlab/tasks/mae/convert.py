@@ -8,6 +8,7 @@ checks that the checkpoint's agrees.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,7 @@ import torch
 from torch import Tensor
 
 from ...models.vit import ViTConfig, VisionTransformer
-from ...pretrained import convert_state_dict, load_state_dict_checked, read_checkpoint
-from ...pretrained.io import Checkpoint
+from ...pretrained import Checkpoint, convert_state_dict, load_state_dict_checked, read_checkpoint
 from .model import MAE, MAEConfig
 
 StateDict = dict[str, Tensor]
@@ -169,7 +169,7 @@ def mae_from_hf(source: str | Path, **changes: Any) -> MAE:
                          "and call load_mae_weights")
     enc_cfg, mae_cfg = mae_configs_from_hf(ckpt.hf_config)
     if changes:
-        mae_cfg = MAEConfig(**{**vars(mae_cfg), **changes})
+        mae_cfg = dataclasses.replace(mae_cfg, **changes)
     mae = MAE(VisionTransformer(enc_cfg), mae_cfg)
     return load_mae_weights(mae, ckpt)
 
