@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.components import Block, sincos_2d_pos_embed
-from vitlab.models.registry import create_model
+from vitlab import create_model
 from vitlab.models.vit import ViTConfig, VisionTransformer
 from vitlab.tasks.mae import (
     MAE, LinearProbe, MAEConfig, load_mae_weights, mae_from_hf, patchify, random_masking, unpatchify,
