@@ -60,7 +60,7 @@ def evaluate_checkpoint(
     stem = f"eval_{Path(str(dataset)).name}_{split}"
     (out / f"{stem}.json").write_text(json.dumps({**res, "confusion_matrix": cm.tolist()}, indent=2))
     try:
-        from ..evaluation.plots import plot_confusion_matrix
+        from ..tasks.plots import plot_confusion_matrix
 
         res["confusion_matrix_png"] = str(plot_confusion_matrix(cm, list(data.classes), out / f"{stem}_confusion.png"))
     except ImportError:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..datasets.transforms import normalize
-from ..evaluation.metrics import confusion_matrix, topk_correct
+from ..tasks.metrics import confusion_matrix, topk_correct
 from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, GlobalBatchSampler, all_reduce_mean, init_distributed
@@ -402,7 +402,7 @@ class Trainer:
 
     def _plots(self, cm: Tensor | None) -> None:
         try:
-            from ..evaluation.plots import plot_confusion_matrix, plot_curves
+            from ..tasks.plots import plot_confusion_matrix, plot_curves
 
             if self.history:
                 plot_curves(self.history, self.out / "curves.png")
