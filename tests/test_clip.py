@@ -230,7 +230,7 @@ def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
 
 # ------------------------------------------------------------ losses
 IMG = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
-TXT = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+TXT = torch.tensor([[0.8, 0.6], [0.0, 1.0], [0.6, -0.8]])  # i2t and t2i terms differ
 
 
 def _hand_cos() -> list[list[float]]:
@@ -324,5 +324,8 @@ def test_retrieval_metrics_equal_hand_computed_ranks():
     # t1 -> img0 rank 1; t2 -> img1 rank 1; t3 -> img2 rank 1
     assert m["t2i_R@1"] == pytest.approx(3 / 4) and m["t2i_R@2"] == 1.0
     assert m["t2i_mean_rank"] == pytest.approx(5 / 4) and m["t2i_median_rank"] == 1.0
+    # an even number of ranks [1, 2]: the median is the lower middle value, the mean 1.5
+    two = retrieval_metrics(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.1]]))
+    assert two["t2i_median_rank"] == 1.0 and two["t2i_mean_rank"] == 1.5
     with pytest.raises(ValueError, match="text_to_image is needed"):
         retrieval_metrics(images, texts)
