@@ -329,3 +329,30 @@ def test_retrieval_metrics_equal_hand_computed_ranks():
     assert two["t2i_median_rank"] == 1.0 and two["t2i_mean_rank"] == 1.5
     with pytest.raises(ValueError, match="text_to_image is needed"):
         retrieval_metrics(images, texts)
+
+
+# ------------------------------------------------- any image backbone
+def _one_variant_per_family() -> list[str]:
+    from vitlab.models import get_entry, list_models
+
+    seen: dict[str, str] = {}
+    for name in list_models():
+        seen.setdefault(get_entry(name).family, name)
+    return sorted(seen.values())
+
+
+@pytest.mark.parametrize("name", _one_variant_per_family())
+def test_clip_image_tower_is_any_backbone_through_the_contract(name):
+    from conftest import tiny_model
+
+    backbone = tiny_model(name, num_classes=0).eval()
+    size = backbone.config.image_size
+    cfg = CLIPConfig(image_model=name, text=text_config("clip_text_tiny", vocab_size=20, dim=16, depth=1, heads=2,
+                                                         mlp_dim=32), embed_dim=8)
+    model = CLIP(cfg, image_tower=backbone).eval()
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        # without a classifier, the backbone's own forward returns its pooled pre-logit features
+        expected = model.visual_projection(backbone(images))
+        torch.testing.assert_close(model.encode_image(images), expected, atol=1e-6, rtol=0)
+        assert not torch.allclose(model.encode_image(images)[0], model.encode_image(images)[1])
