@@ -356,3 +356,29 @@ def test_clip_image_tower_is_any_backbone_through_the_contract(name):
         expected = model.visual_projection(backbone(images))
         torch.testing.assert_close(model.encode_image(images), expected, atol=1e-6, rtol=0)
         assert not torch.allclose(model.encode_image(images)[0], model.encode_image(images)[1])
+
+
+def test_siglip_option_adds_a_learnable_bias_to_the_logits():
+    cfg = CLIPConfig(image_model="vit_tiny_patch16_224",
+                     image_overrides=dict(image_size=16, patch_size=8, dim=16, depth=1, heads=2, mlp_dim=32),
+                     text=text_config("clip_text_tiny", vocab_size=20, dim=16, depth=1, heads=2, mlp_dim=32),
+                     embed_dim=8, init_logit_scale=10.0, logit_bias=-10.0)
+    model = CLIP(cfg).eval()
+    assert "logit_bias" in dict(model.named_parameters())
+    images, ids = torch.randn(2, 3, 16, 16), torch.tensor([[1, 2, 19], [1, 3, 19]])
+    with torch.no_grad():
+        logits, per_text = model(images, ids)
+        cos = model.encode_image(images, True) @ model.encode_text(ids, True).t()
+    torch.testing.assert_close(logits, 10.0 * cos - 10.0)
+    torch.testing.assert_close(per_text, logits.t())
+
+
+def test_missing_tokenizer_and_checkpoint_files_are_one_clear_error(tmp_path):
+    from vitlab.errors import CheckpointError
+
+    with pytest.raises(FileNotFoundError, match="holds no CLIP tokenizer"):
+        CLIPTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_hf_clip(tmp_path)
+    with pytest.raises(CheckpointError, match="holds no vitlab CLIP checkpoint"):
+        load_clip(tmp_path)
