@@ -164,12 +164,25 @@ _HF_TOP = {
 _HF_HEADS = {"classifier": "head", "cls_classifier": "head", "distillation_classifier": "head_dist"}
 
 
+# MAE pre-training checkpoints (HF ViTMAEForPreTraining, facebookresearch/mae) carry a decoder and a
+# mask token that a classifier does not use (vitlab.tasks.mae loads them); the encoder loads as a ViT.
+_MAE_DECODER_KEY = re.compile(r"^(decoder\.|decoder_(embed|pos_embed|blocks|norm|pred)\b|mask_token$)")
+
+
+def without_mae_decoder(sd: StateDict) -> StateDict:
+    """``sd`` without the decoder and mask token of an MAE pre-training checkpoint (else unchanged)."""
+    if "decoder.mask_token" not in sd and "mask_token" not in sd:
+        return sd
+    return {k: v for k, v in sd.items() if not _MAE_DECODER_KEY.match(k)}
+
+
 def convert_hf_vit(sd: StateDict, model: nn.Module) -> StateDict:
     """HF ``ViTModel`` / ``ViTForImageClassification`` / ``DeiT*`` keys -> vitlab (timm) keys.
 
     q, k and v projections are fused into one qkv projection. A pooler is kept only when
-    the model has a pre-logits layer.
+    the model has a pre-logits layer. Of a ``ViTMAEForPreTraining`` checkpoint the encoder loads.
     """
+    sd = without_mae_decoder(sd)
     prefix = _hf_vit_prefix(sd) or ""
     out: StateDict = {}
     qkv: dict[int, dict[str, Tensor]] = {}
@@ -209,8 +222,11 @@ def _detect_timm_vit(sd: StateDict) -> bool:
 
 
 def convert_timm_vit(sd: StateDict, model: nn.Module) -> StateDict:
-    """timm ViT keys are vitlab's; only the older ``pre_logits.fc`` / ``head.fc`` spellings differ."""
-    out = dict(sd)
+    """timm ViT keys are vitlab's; only the older ``pre_logits.fc`` / ``head.fc`` spellings differ.
+
+    An original MAE pre-training checkpoint (timm keys plus a decoder) loads its encoder.
+    """
+    out = dict(without_mae_decoder(sd))
     for kind in ("weight", "bias"):
         if f"head.fc.{kind}" in out:
             out[f"head.{kind}"] = out.pop(f"head.fc.{kind}")
