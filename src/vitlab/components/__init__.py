@@ -25,7 +25,7 @@ from .embeddings import (
     sincos_2d_pos_embed,
     to_2tuple,
 )
-from .layers import Block, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path, drop_path_rates, tokens_to_map
+from .layers import ACT_LAYERS, Block, QuickGELU, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path, drop_path_rates, tokens_to_map
 from .layout import AttentionLayout, FeatureLayout, Segment, SegmentKey, TokenGrid, TokenLayout, square_cell
 
 __all__ = [
@@ -34,6 +34,6 @@ __all__ = [
     "LinearPatchEmbed", "PatchEmbed", "RelativePositionBias", "interpolate_pos_embed", "relative_position_index",
     "resample_relative_position_table", "sincos_2d_pos_embed", "to_2tuple",
     "pos_embed_for_grid", "resample_checkpoint_pos_embed",
-    "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path", "drop_path_rates", "tokens_to_map",
+    "ACT_LAYERS", "QuickGELU", "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path", "drop_path_rates", "tokens_to_map",
     "AttentionLayout", "FeatureLayout", "Segment", "SegmentKey", "TokenGrid", "TokenLayout", "square_cell",
 ]

@@ -62,6 +62,16 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 * x)``: the GELU approximation of OpenAI's CLIP."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Mlp(nn.Module):
     """Two-layer feed-forward network: fc1 -> act -> [mid] -> drop -> fc2 -> drop.
 

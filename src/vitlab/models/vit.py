@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import (
-    AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid, TokenLayout,
+    ACT_LAYERS, AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid, TokenLayout,
     drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, sincos_2d_pos_embed, to_2tuple,
 )
 from ..config import build_config
@@ -53,6 +53,10 @@ class ViTConfig:
         norm_eps: LayerNorm epsilon.
         fc_norm: Norm after pooling instead of before it; default: True when pool is "mean".
         head_dropout: Dropout before the classifier.
+        pre_norm: LayerNorm on the embedded tokens before the first block (CLIP's
+            ``pre_layrnorm``; timm's ``norm_pre``).
+        act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP).
+        patch_bias: Bias in the patch-embedding convolution (CLIP has none).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -77,6 +81,9 @@ class ViTConfig:
     norm_eps: float = 1e-6
     fc_norm: bool | None = None
     head_dropout: float = 0.0
+    pre_norm: bool = False
+    act: Literal["gelu", "quick_gelu"] = "gelu"
+    patch_bias: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
@@ -91,6 +98,7 @@ class ViTConfig:
                  "pool='cls' needs class_token=True; use pool='mean' without a class token"),
                 (self.pos_embed in ("learned", "sincos", "none"),
                  f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}"),
+                (self.act in ACT_LAYERS, f"act must be one of {sorted(ACT_LAYERS)}, got {self.act!r}"),
                 (self.patch_embed in ("conv", "linear"), f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}"),
                 (all(s >= self.patch_size for s in self.image_size),
                  f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"),
@@ -122,7 +130,7 @@ class VisionTransformer(Backbone):
             config = build_config(self.config_class, vars(config) if config is not None else {}, **overrides)
         self.config = c = config
         embed_cls = LinearPatchEmbed if c.patch_embed == "linear" else PatchEmbed
-        self.patch_embed = embed_cls(c.patch_size, c.in_channels, c.dim, pad_input=c.pad_input)
+        self.patch_embed = embed_cls(c.patch_size, c.in_channels, c.dim, bias=c.patch_bias, pad_input=c.pad_input)
         self.grid_size = self.patch_embed.grid_size(c.image_size)
         self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens
         self.num_features = c.representation_size or c.dim
@@ -137,11 +145,13 @@ class VisionTransformer(Backbone):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(c.dropout)
         norm = partial(nn.LayerNorm, eps=c.norm_eps)
+        self.norm_pre = norm(c.dim) if c.pre_norm else nn.Identity()
         rates = drop_path_rates(c.drop_path, [c.depth])[0]
         self.blocks = nn.ModuleList(
             Block(
                 c.dim, c.heads, c.mlp_dim, qkv_bias=c.qkv_bias, dropout=c.dropout,
                 attention_dropout=c.attention_dropout, drop_path=r, layer_scale=c.layer_scale, norm_layer=norm,
+                act_layer=ACT_LAYERS[c.act],
             )
             for r in rates
         )
@@ -204,7 +214,7 @@ class VisionTransformer(Backbone):
             if pos is not None:
                 prefix_t = prefix_t + pos[:, :p]
             x = torch.cat([prefix_t, x], dim=1)  # (B, P + N, C)
-        return self.pos_drop(x), grid
+        return self.norm_pre(self.pos_drop(x)), grid
 
     @staticmethod
     def drop_masked(x: Tensor, mask: Tensor) -> Tensor:
