@@ -166,3 +166,34 @@ def test_detection_weights_missing_give_one_clear_error(pair):
     sd = {k: v for k, v in hf.state_dict().items() if "detection_tokens" not in k}
     with pytest.raises(CheckpointError, match="detection_tokens"):
         convert_hf_yolos(sd, ours)
+
+
+def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients():
+    torch.manual_seed(1)
+    model = _tiny().train()
+    x = torch.randn(2, 3, 16, 24)
+    calls = []
+    for blk in model.backbone.blocks:
+        blk.register_forward_pre_hook(lambda *_: calls.append(1))  # the recompute may stop before the end
+
+    def grads(checkpointing):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        calls.clear()
+        out = model(x)
+        (out["logits"].square().sum() + out["pred_boxes"].sum()).backward()
+        return len(calls), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    n_plain, plain = grads(False)
+    n_ckpt, ckpt = grads(True)
+    assert (n_plain, n_ckpt) == (3, 6)  # every block runs again in the backward pass
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], msg=name)
+
+
+def test_no_weight_decay_names_the_tokens_and_position_embeddings():
+    model = _tiny()
+    names = model.no_weight_decay()
+    assert names <= {n for n, _ in model.named_parameters()}
+    assert names >= {"backbone.cls_token", "backbone.pos_embed", "det_token", "det_pos_embed", "mid_pos_embed"}
+    assert not any(n.endswith("weight") for n in names)

@@ -106,6 +106,10 @@ class YOLOS(nn.Module):
         names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
         return names | {"det_token", "det_pos_embed"} | ({"mid_pos_embed"} if self.mid_pos_embed is not None else set())
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def _resample(self, pos: Tensor, grid: tuple[int, int]) -> Tensor:
         """(L, 1 + gh * gw + Q, C) position embeddings -> (L, 1 + gh' * gw' + Q, C) for ``grid``.
 
