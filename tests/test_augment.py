@@ -258,3 +258,116 @@ def test_mixup_elem_mode_per_sample_lambda():
         # each sample is either a lam-mixture or a CutMix with 1 - lam of its pixels pasted
         assert torch.allclose(out[i], mixed) or math.isclose(float(pasted), 1 - float(lam[i]), abs_tol=1e-6)
         assert float(target[i, y[i]]) == pytest.approx(float(lam[i]) + (float(1 - lam[i]) if y.flip(0)[i] == y[i] else 0))
+
+
+# --------------------------------------------------------------------------- against references (PIL, colorsys)
+def _bar(size: int = 33) -> torch.Tensor:
+    """A black image with a bright horizontal bar through the centre (1, 1, S, S)."""
+    x = torch.zeros(1, 1, size, size)
+    c = size // 2
+    x[..., c - 1 : c + 2, 4 : size - 4] = 1.0
+    return x
+
+
+def _bar_angle(img: torch.Tensor) -> float:
+    """Angle (degrees, counter-clockwise as seen) of the bar: the principal axis of the intensity's second moments."""
+    h, w = img.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    m = img.double().reshape(h, w)
+    total = m.sum()
+    cx, cy = (m * xs).sum() / total, (m * ys).sum() / total
+    cxx = (m * (xs - cx) ** 2).sum() / total
+    cyy = (m * (ys - cy) ** 2).sum() / total
+    cxy = (m * (xs - cx) * (ys - cy)).sum() / total
+    return -math.degrees(0.5 * math.atan2(2 * cxy, cxx - cyy))  # y points down: negate for counter-clockwise
+
+
+@pytest.mark.parametrize("magnitude, degrees", [(10, 30.0), (5, 15.0), (2, 6.0)])
+def test_rand_augment_rotate_angle_follows_the_magnitude(magnitude, degrees):
+    x = _bar().expand(8, 1, -1, -1)
+    assert abs(_bar_angle(x[0])) < 1e-6
+    op = RandAugment(num_ops=1, magnitude=magnitude, magnitude_std=0.0, op_prob=1.0, ops=["rotate"], fill=0.0)
+    out = op(x, generator=gen(0))
+    angles = [_bar_angle(o) for o in out]
+    assert all(abs(abs(a) - degrees) < 0.5 for a in angles), angles
+    assert {a > 0 for a in angles} == {True, False}, "both directions are drawn"
+    # The same rotation as PIL's (bilinear, about the centre), for the sign that was drawn.
+    bar = Image.fromarray((_bar()[0, 0] * 255).byte().numpy())
+    for o, a in zip(out, angles):
+        ref = torch.from_numpy(np.array(bar.rotate(math.copysign(degrees, a), resample=Image.BILINEAR))) / 255
+        assert (o[0] - ref).abs().mean() < 0.01, (a, float((o[0] - ref).abs().mean()))
+
+
+def _colorsys_hue_shift(x: torch.Tensor, shift: float) -> torch.Tensor:
+    import colorsys
+
+    out = torch.empty_like(x)
+    for i in range(x.shape[-2]):
+        for j in range(x.shape[-1]):
+            h, s, v = colorsys.rgb_to_hsv(*x[:, i, j].tolist())
+            out[:, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + shift) % 1.0, s, v))
+    return out
+
+
+@pytest.mark.parametrize("shift", [0.2, -0.35, 0.5])
+def test_color_jitter_hue_is_a_hue_rotation(shift):
+    x = torch.rand(2, 3, 5, 6, generator=gen(11))
+    out = ColorJitter(hue=(shift, shift))(x, generator=gen(0))
+    for i in range(2):
+        torch.testing.assert_close(out[i], _colorsys_hue_shift(x[i], shift), atol=1e-5, rtol=0)
+
+
+def test_color_jitter_random_hue_is_one_shift_per_sample_within_the_range():
+    import colorsys
+
+    x = torch.rand(4, 3, 5, 6, generator=gen(11))
+    out = ColorJitter(hue=0.1)(x, generator=gen(3))
+    shifts = []
+    for i in range(4):
+        hues = [(colorsys.rgb_to_hsv(*out[i, :, r, c].tolist())[0] - colorsys.rgb_to_hsv(*x[i, :, r, c].tolist())[0])
+                for r in range(5) for c in range(6)]
+        wrapped = [(h + 0.5) % 1.0 - 0.5 for h in hues]  # to [-0.5, 0.5)
+        shift = float(np.median(wrapped))
+        assert -0.1 - 1e-4 <= shift <= 0.1 + 1e-4
+        torch.testing.assert_close(out[i], _colorsys_hue_shift(x[i], shift), atol=1e-4, rtol=0)
+        shifts.append(shift)
+    assert len({round(s, 4) for s in shifts}) == 4 and max(map(abs, shifts)) > 0.01, shifts
+
+
+@pytest.mark.parametrize("name, factor, enhancer", [("brightness", 1.6, "Brightness"),
+                                                    ("brightness", 0.3, "Brightness"),
+                                                    ("saturation", 1.7, "Color"), ("saturation", 0.2, "Color"),
+                                                    ("contrast", 1.5, "Contrast")])
+def test_color_jitter_factors_match_pil_image_enhance(name, factor, enhancer):
+    from PIL import ImageEnhance
+
+    a = (np.random.default_rng(1).random((9, 10, 3)) * 255).astype(np.uint8)
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+    out = ColorJitter(**{name: (factor, factor)})(x, generator=gen(0))
+    ref = np.asarray(getattr(ImageEnhance, enhancer)(Image.fromarray(a)).enhance(factor)).astype(np.float32) / 255
+    diff = (out[0].permute(1, 2, 0).numpy() - ref)
+    assert np.abs(diff).max() <= 1.5 / 255 if enhancer != "Contrast" else np.abs(diff).max() <= 3 / 255
+
+
+@pytest.mark.parametrize("op, enhancer", [("brightness", "Brightness"), ("color", "Color"), ("sharpness", "Sharpness")])
+@pytest.mark.parametrize("magnitude", [3, 9])
+def test_rand_augment_enhance_ops_use_the_magnitude(op, enhancer, magnitude):
+    """timm's increasing enhance ops: factor 1 +- 0.9 * magnitude / 10, as PIL's ImageEnhance."""
+    from PIL import ImageEnhance
+
+    a = (np.random.default_rng(2).random((9, 10, 3)) * 255).astype(np.uint8)
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float().expand(6, -1, -1, -1) / 255
+    ra = RandAugment(num_ops=1, magnitude=magnitude, magnitude_std=0.0, op_prob=1.0, ops=[op])
+    out = ra(x, generator=gen(4))
+    matched = set()
+    for o in out:
+        got = o.permute(1, 2, 0).numpy()
+        for sign in (1, -1):
+            factor = 1 + sign * 0.9 * magnitude / 10
+            ref = np.asarray(getattr(ImageEnhance, enhancer)(Image.fromarray(a)).enhance(factor)) / 255
+            if np.abs(got - ref).max() <= 1.5 / 255:
+                matched.add(sign)
+                break
+        else:
+            pytest.fail(f"{op} at magnitude {magnitude}: no PIL factor 1 +- {0.9 * magnitude / 10} matches")
+    assert matched == {1, -1}

@@ -62,12 +62,30 @@ def test_harness_returns_every_field_with_sane_values():
     assert rows["eager"].max_abs_diff == 0 and rows["eager"].top1_agreement == 1
     assert rows["bf16"].compute_dtype == "bf16" and rows["int8"].compute_dtype == "int8"
     assert set(report.peaks) == {"fp32", "bf16", "int8"} and all(v > 0 for v in report.peaks.values())
+    assert_peak_fractions(report)
     assert report.machine["torch threads"] >= 1
+
+
+def assert_peak_fractions(report) -> None:
+    """Each row's % of peak is its achieved GFLOP/s over the peak measured for its compute dtype in this report."""
+    for r in report.results:
+        peak = report.peaks[r.compute_dtype]
+        assert r.peak_gflops == peak, (r.mode, r.peak_gflops, peak)
+        assert r.peak_fraction == pytest.approx(r.achieved_gflops / peak, rel=1e-12), r.mode
+    md = report.to_markdown().splitlines()
+    col = md[0].split(" | ").index("% of peak")
+    for r, line in zip(report.results, md[2:]):
+        fraction = r.achieved_gflops / report.peaks[r.compute_dtype]
+        assert line.split(" | ")[col] == f"{100 * fraction:.0f}% {r.compute_dtype}"
+    # The rows are independent measurements: a constant fraction would be a bug (and is what a broken
+    # report would show). Different modes and dtypes give different fractions.
+    assert len({round(r.peak_fraction, 12) for r in report.results}) == len(report.results)
 
 
 def test_training_rows():
     report = benchmark([one_block_vit()], batch_size=4, modes=["eager"], train=True, repeats=2, warmup=1,
                        latency_repeats=0, peak_shapes=SMALL_PEAK)
+    assert_peak_fractions(report)
     train = {r.mode: r for r in report.results if r.mode.startswith("train")}
     assert set(train) == {"train-fp32", "train-fp32-ckpt", "train-bf16", "train-bf16-ckpt"}
     for r in train.values():

@@ -7,33 +7,18 @@ attention blocks) with every parameter re-randomised, so each weight changes the
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import vitlab
 import vitlab.models.cait as cait_module
-from vitlab.components import Attention, interpolate_pos_embed
+from vitlab.components import Attention
 from vitlab.models import CaiT, CaiTConfig, create_model
 from vitlab.models.cait import TalkingHeadsAttention, mix_heads
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked
 
-FIXTURES = Path(__file__).parent / "fixtures"
-CAIT_FIXTURE = FIXTURES / "timm_cait.safetensors"
-
-
-def timm_fixture(path: Path = CAIT_FIXTURE) -> tuple[dict, dict, dict]:
-    """(timm state dict, other tensors, constructor kwargs) of a fixture file."""
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        kwargs = json.loads(f.metadata()["kwargs"])
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    rest = {k: v for k, v in tensors.items() if not k.startswith("model.")}
-    return sd, rest, kwargs
+from timm_fixtures import FIXTURES, resample_reference, timm_fixture
 
 
 def config_from_timm(kw: dict) -> dict:
@@ -48,7 +33,9 @@ def config_from_timm(kw: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def timm_case():
-    return timm_fixture()
+    """(timm state dict, other tensors, constructor kwargs) of the CaiT fixture."""
+    kwargs, sd, rest, _ = timm_fixture("cait")
+    return sd, rest, kwargs
 
 
 @pytest.fixture()
@@ -110,8 +97,8 @@ def test_detector_only_fires_on_timm_cait(timm_case, converted):
     assert detect_layout({f"module.{k}": v for k, v in sd.items()}, "cait") == "timm"
     assert detect_layout(model.state_dict(), "cait") == "vitlab"
     for other in sorted(FIXTURES.glob("timm_*.safetensors")):
-        if other.name != CAIT_FIXTURE.name:
-            osd, _, _ = timm_fixture(other)
+        if other.name != "timm_cait.safetensors":
+            osd = timm_fixture(other).state_dict
             assert detect_layout(osd, "cait") == "vitlab", other.name
 
 
@@ -264,13 +251,14 @@ def test_create_model_from_timm_file_other_size_and_classes(timm_case, tmp_path)
     with pytest.warns(UserWarning, match="classifier head not loaded"):
         model = create_model("cait_xxs24_224", pretrained=path, **values)
     assert model.grid_size == (6, 6)
-    torch.testing.assert_close(model.pos_embed.detach(), interpolate_pos_embed(sd["pos_embed"], (6, 6), 0))
+    # timm's resampler (its CaiT filter does not resample): bicubic, antialias, no prefix rows.
+    torch.testing.assert_close(model.pos_embed.detach(), resample_reference()["cait.pos_embed.6x6"], atol=1e-6, rtol=0)
     torch.testing.assert_close(model.blocks[1].attn.proj_l.weight.detach(), sd["blocks.1.attn.proj_l.weight"])
     assert model.eval()(torch.randn(1, 3, 48, 48)).shape == (1, 3)
 
 
 def test_wrong_architecture_checkpoint_is_reported(tmp_path):
-    vit_sd, _, _ = timm_fixture(FIXTURES / "timm_vit.safetensors")
+    vit_sd = timm_fixture("vit").state_dict
     path = tmp_path / "vit.safetensors"
     save_file(vit_sd, str(path))
     with pytest.raises(ValueError, match="does not fit"):

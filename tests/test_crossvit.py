@@ -7,15 +7,12 @@ branch 1 seeing the 48 px image bicubically resized to 32 px, as the released 24
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import vitlab
@@ -26,19 +23,14 @@ from vitlab.pretrained.convert import detect_layout
 from vitlab.pretrained.convert_crossvit import config_from_timm_kwargs, convert_timm_crossvit
 
 from conftest import tiny_model
+from timm_fixtures import timm_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CASES = {"crossvit": "crossvit_9_240", "crossvit_dagger": "crossvit_9_dagger_240"}
 
 
 def read_fixture(case: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(timm kwargs, timm state dict, other tensors) of a golden file."""
-    with safe_open(str(FIXTURES / f"timm_{case}.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    rest = {k: v for k, v in tensors.items() if not k.startswith("model.")}
-    return json.loads(meta["kwargs"]), sd, rest
+    return timm_fixture(case)[:3]
 
 
 def fixture_model(case: str) -> tuple[CrossViT, dict[str, torch.Tensor]]:
@@ -147,8 +139,7 @@ def test_detector_only_fires_on_timm_crossvit():
     assert detect_layout(sd, "crossvit") == "timm"
     assert detect_layout(tiny_model("crossvit_9_240").state_dict(), "crossvit") == "vitlab"
     for other in ("vit", "cait", "swin", "deit_distilled"):
-        with safe_open(str(FIXTURES / f"timm_{other}.safetensors"), framework="pt") as f:
-            other_sd = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+        other_sd = timm_fixture(other).state_dict
         assert detect_layout(other_sd, "crossvit") == "vitlab", other
 
 

@@ -8,19 +8,14 @@ built here from tiny configs and re-randomised the same way, so every weight mov
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 import vitlab
 import vitlab.models.pvt as pvt_module
-from vitlab.components import interpolate_pos_embed
 from vitlab.models import (
     PvtConfig,
     PvtV2Config,
@@ -33,21 +28,15 @@ from vitlab.models import (
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked
 
 from test_registry_models import OTHER_PARAM_COUNTS
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-transformers = pytest.importorskip("transformers")
+from timm_fixtures import resample_reference
+from timm_fixtures import timm_fixture as read_timm_fixture
 
 
 # ---------------------------------------------------------------------------------- helpers
 def timm_fixture(case: str) -> tuple[dict, dict, dict]:
     """(timm state dict, other tensors, constructor kwargs) of ``timm_<case>.safetensors``."""
-    path = FIXTURES / f"timm_{case}.safetensors"
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        kwargs = json.loads(f.metadata()["kwargs"])
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return sd, {k: v for k, v in tensors.items() if not k.startswith("model.")}, kwargs
+    kwargs, sd, rest, _ = read_timm_fixture(case)
+    return sd, rest, kwargs
 
 
 def v2_config_from_timm(kw: dict) -> PvtV2Config:
@@ -75,6 +64,7 @@ def rerandomise(model: nn.Module, seed: int = 0) -> None:
 
 def hf_v2(linear: bool = False, classifier: bool = True):
     """A tiny re-randomised HF PvtV2 (dims 4/8/20/32, two blocks in stage 0)."""
+    transformers = pytest.importorskip("transformers")  # skips only the tests that build HF models
     cfg = transformers.PvtV2Config(
         hidden_sizes=[4, 8, 20, 32], depths=[2, 1, 1, 1], num_attention_heads=[1, 2, 5, 8],
         sr_ratios=[8, 4, 2, 1], mlp_ratios=[8, 8, 4, 4], num_labels=10, linear_attention=linear,
@@ -96,6 +86,7 @@ def vitlab_v2_for(hf_cfg, **extra) -> dict:
 
 def hf_v1(classifier: bool = True):
     """A tiny re-randomised HF Pvt (v1; dims 4/8/20/32, two blocks in stage 0, 64x64)."""
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.PvtConfig(
         image_size=64, hidden_sizes=[4, 8, 20, 32], depths=[2, 1, 1, 1], num_attention_heads=[1, 2, 5, 8],
         sequence_reduction_ratios=[8, 4, 2, 1], mlp_ratios=[8, 8, 4, 4], patch_sizes=[4, 2, 2, 2],
@@ -242,12 +233,16 @@ def test_detectors_do_not_misfire():
         assert detect_layout(sd, "pvt_v2") == "vitlab", case
         assert detect_layout(sd, "pvt") == "vitlab", case
     assert detect_layout(v2_timm, "pvt") == "vitlab"
-    assert detect_layout(hf_v1().state_dict(), "pvt_v2") == "vitlab"
-    assert detect_layout(hf_v2().state_dict(), "pvt") == "vitlab"
     tiny_v1 = PyramidVisionTransformer(PvtConfig(**PyramidVisionTransformer.tiny_overrides(PvtConfig())))
     assert detect_layout(tiny_v1.state_dict(), "pvt_v2") == "vitlab"  # official v1 keys are not v2's
     tiny_v2 = PyramidVisionTransformerV2(PvtV2Config(**PyramidVisionTransformerV2.tiny_overrides(PvtV2Config())))
     assert detect_layout(tiny_v2.state_dict(), "pvt_v2") == "vitlab"  # vitlab's own keys need no conversion
+
+
+def test_hf_detectors_do_not_misfire():
+    """HF v1 keys are not claimed as v2, nor v2 as v1."""
+    assert detect_layout(hf_v1().state_dict(), "pvt_v2") == "vitlab"
+    assert detect_layout(hf_v2().state_dict(), "pvt") == "vitlab"
 
 
 # ---------------------------------------------------------------------------------- PVT v1
@@ -328,19 +323,27 @@ def test_v1_class_token_and_position_embeddings():
         ref = model(x)
         model.cls_token.add_(1.0)
         assert not torch.allclose(model(x), ref)
-    # Another grid: bicubic resampling of each stage's grid rows, the class row kept.
-    grid = (9, 14)
-    pe = model.position_embedding(3, grid)
-    torch.testing.assert_close(pe, interpolate_pos_embed(model.pos_embed4, grid, 1, old_grid=(2, 2)))
+    # Another grid: each stage's grid rows resampled as timm's resample_abs_pos_embed does
+    # (bicubic, antialias; reference values in timm_resample.safetensors), the class row kept.
+    ref = resample_reference()
+    with torch.no_grad():
+        model.pos_embed4.copy_(ref["pvt_v1.pos_embed4"])
+    pe = model.position_embedding(3, (9, 14))
     assert pe.shape == (1, 1 + 9 * 14, 32)
+    torch.testing.assert_close(pe.detach(), ref["pvt_v1.pos_embed4.9x14"], atol=1e-6, rtol=0)
 
 
 def test_v1_checkpoint_of_another_size_is_resampled():
+    """A 64x64 model's per-stage embeddings (grids 16/8/4/2) loaded into a 96x96 model (24/12/6/3)
+    equal timm's resampler on them (timm_resample.safetensors); stage 4 keeps its class row."""
+    ref = resample_reference()
     small = PyramidVisionTransformer(PvtConfig(image_size=64, dims=(4, 8, 20, 32), depths=(1, 1, 1, 1)))
     big = PyramidVisionTransformer(PvtConfig(image_size=96, dims=(4, 8, 20, 32), depths=(1, 1, 1, 1)))
-    load_state_dict_checked(big, small.state_dict())
-    torch.testing.assert_close(big.pos_embed1, interpolate_pos_embed(small.pos_embed1, (24, 24), 0))
-    torch.testing.assert_close(big.pos_embed4, interpolate_pos_embed(small.pos_embed4, (3, 3), 1))
+    sd = {**small.state_dict(), **{f"pos_embed{i}": ref[f"pvt_v1.pos_embed{i}"] for i in range(1, 5)}}
+    load_state_dict_checked(big, sd)
+    for i, side in enumerate((24, 12, 6, 3), start=1):
+        expected = ref[f"pvt_v1.pos_embed{i}.{side}x{side}"]
+        torch.testing.assert_close(getattr(big, f"pos_embed{i}").detach(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(big.cls_token, small.cls_token)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vitlab
+from vitlab.components import DropPath
 from vitlab.models import build_model, get_entry
 from vitlab.pretrained import load_model, save_checkpoint
 
@@ -222,3 +223,113 @@ def test_attention_capture_every_block(name):
     # Outside the context nothing is recorded and SDPA is used again.
     model(x)
     assert all(m._capture is None for m in model.modules() if hasattr(m, "_capture"))
+
+
+# ------------------------------------------------- gradient checkpointing and stochastic depth
+def residual_blocks(model):
+    """The model's residual blocks in depth order (the units that are checkpointed and get a
+    stochastic-depth rate): transformer blocks carry ``drop_path1``/``drop_path``, the CNN's are
+    its ``ResidualBlock`` modules."""
+    from vitlab.models.convnet import ResidualBlock
+
+    return [
+        (n, m) for n, m in model.named_modules()
+        if hasattr(m, "drop_path1") or isinstance(getattr(m, "drop_path", None), torch.nn.Module)
+        or isinstance(m, ResidualBlock)
+    ]
+
+
+def drop_rate(module) -> float:
+    return float(getattr(module, "drop_prob", 0.0))  # nn.Identity stands for rate 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grad_checkpointing_wraps_every_block(name, monkeypatch):
+    """set_grad_checkpointing(True) sends each block through torch.utils.checkpoint once per
+    training forward; False, eval mode and no_grad never do."""
+    import functools
+
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn.func if isinstance(fn, functools.partial) else fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(tuc, "checkpoint", counting)
+    model = tiny_model(name, num_classes=3).train()
+    blocks = residual_blocks(model)
+    assert blocks, "no residual blocks found"
+    x = image_for(model)
+    logits_of(model(x)).sum().backward()
+    assert calls == []
+    model.set_grad_checkpointing(True)
+    logits_of(model(x)).sum().backward()
+    assert len(calls) == len(blocks)
+    assert {id(f) for f in calls} == {id(m) for _, m in blocks}  # each block once, nothing else
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    assert calls == []
+    model.train()
+    model.set_grad_checkpointing(False)
+    logits_of(model(x)).sum().backward()
+    assert calls == []
+
+
+def expected_drop_rates(model, family: str, rate: float) -> list[float]:
+    """Stochastic-depth rate of each residual block (in ``residual_blocks`` order), by the
+    family's rule: linear from 0 to ``rate`` over all blocks (timm's ``linspace(0, rate, depth)``),
+    except CaiT (one rate for the self-attention blocks, ``drop_path_token_only`` for the
+    class-attention ones) and CrossViT (linear over the stages' ``max(branch depths) + fusion``
+    slots; branch block i takes slot i, the fusion blocks the stage's last slot)."""
+    c = model.config
+    if family == "cait":
+        return [rate] * c.depth + [c.drop_path_token_only] * c.depth_token_only
+    if family == "crossvit":
+        lengths = [max(d[:2]) + d[2] for d in c.depth]
+        total = sum(lengths)
+        slots = [rate * k / (total - 1) for k in range(total)]
+        out, start = [], 0
+        for d, n in zip(c.depth, lengths):
+            for b in range(2):
+                out += slots[start : start + d[b]]
+            out += [slots[start + n - 1]] * 2 * max(d[2], 1)  # fusion blocks of both branches
+            start += n
+        return out
+    n = len(residual_blocks(model))
+    return [rate * k / (n - 1) for k in range(n)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_drop_path_rates_follow_the_schedule(name):
+    family = get_entry(name).family
+    if family == "convnet":
+        model = tiny_model(name)
+        assert not any(isinstance(m, DropPath) for m in model.modules())
+        pytest.skip("the CNN teacher has no stochastic depth")
+    extra = {}
+    cfg_fields = get_entry(name).config_class.__dataclass_fields__
+    if "depth" in cfg_fields and family != "crossvit":
+        extra["depth"] = 4  # enough blocks to see the ramp (0, 0.1, 0.2, 0.3)
+    if "drop_path_token_only" in cfg_fields:
+        extra["drop_path_token_only"] = 0.2
+    model = tiny_model(name, drop_path=0.3, **extra)
+    blocks = residual_blocks(model)
+    got = []
+    for n, m in blocks:
+        if hasattr(m, "drop_path1"):
+            assert drop_rate(m.drop_path1) == drop_rate(m.drop_path2), n  # both residual branches
+            got.append(drop_rate(m.drop_path1))
+        else:
+            got.append(drop_rate(m.drop_path))
+    want = expected_drop_rates(model, family, 0.3)
+    assert got == pytest.approx(want, abs=1e-6), list(zip([n for n, _ in blocks], got))
+    assert max(got) == pytest.approx(0.3, abs=1e-6)
+    # Rate 0 everywhere gives no DropPath module at all.
+    plain = tiny_model(name, **{k: (0.0 if k == "drop_path_token_only" else v) for k, v in extra.items()})
+    assert not any(isinstance(m, DropPath) for m in plain.modules())

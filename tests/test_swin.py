@@ -9,28 +9,20 @@ window clipped to 2x2 in stage 3). The Hugging Face reference is ``transformers`
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import vitlab
 from vitlab.models import SwinConfig, SwinTransformer, build_model, create_model
+from vitlab.components import resample_relative_position_table
 from vitlab.models import swin as swin_module
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked, save_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "timm_swin.safetensors"
+from timm_fixtures import resample_reference, timm_fixture
+
 TINY = dict(image_size=32, patch_size=2, window_size=4, dim=8, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4))
-
-
-def read_fixture(path: Path = FIXTURE) -> tuple[dict, dict[str, torch.Tensor]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(meta["kwargs"]), tensors
 
 
 def model_from_timm_kwargs(kw: dict) -> SwinTransformer:
@@ -45,8 +37,7 @@ def model_from_timm_kwargs(kw: dict) -> SwinTransformer:
 
 # --------------------------------------------------------------------------- timm parity
 def test_timm_fixture_parity():
-    kw, t = read_fixture()
-    sd = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+    kw, sd, t, _ = timm_fixture("swin")
     model = model_from_timm_kwargs(kw)
     converted, layout = convert_state_dict(sd, model)
     assert layout == "timm"
@@ -65,12 +56,9 @@ def test_timm_fixture_parity():
 
 def test_original_microsoft_layout_parity():
     """Microsoft's checkpoints merge patches at the end of stages 0..2 and name the head ``head``."""
-    kw, t = read_fixture()
+    kw, timm_sd, t, _ = timm_fixture("swin")
     sd = {}
-    for k, v in t.items():
-        if not k.startswith("model."):
-            continue
-        k = k[len("model."):]
+    for k, v in timm_sd.items():
         if k.startswith("layers.") and ".downsample." in k:
             i = int(k.split(".")[1])
             k = k.replace(f"layers.{i}.downsample.", f"layers.{i - 1}.downsample.")
@@ -86,10 +74,8 @@ def test_original_microsoft_layout_parity():
 
 
 def test_detectors_do_not_misfire():
-    _, t = read_fixture()
-    swin_sd = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
-    _, vit = read_fixture(FIXTURE.with_name("timm_vit.safetensors"))
-    vit_sd = {k[len("model."):]: v for k, v in vit.items() if k.startswith("model.")}
+    swin_sd = timm_fixture("swin").state_dict
+    vit_sd = timm_fixture("vit").state_dict
     assert detect_layout(vit_sd, "swin") == "vitlab"  # no swin converter claims a ViT checkpoint
     assert detect_layout(swin_sd, "vit") == "vitlab"
     own = SwinTransformer(SwinConfig(**TINY)).state_dict()
@@ -232,6 +218,35 @@ def test_window7_checkpoint_into_window12_model(tmp_path):
     torch.testing.assert_close(big.layers[1].blocks[1].attn.qkv.weight, small.layers[1].blocks[1].attn.qkv.weight)
     out = big(torch.randn(1, 3, 96, 96))
     assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+TABLE_PAIRS = [((4, 4), (6, 6)), ((7, 7), (12, 12)), ((4, 4), (3, 3)), ((2, 2), (4, 4)), ((4, 4), (4, 6))]
+
+
+@pytest.mark.parametrize("old,new", TABLE_PAIRS, ids=[f"{o[0]}x{o[1]}-{n[0]}x{n[1]}" for o, n in TABLE_PAIRS])
+def test_bias_table_resampling_matches_timm(old, new):
+    """A random table resized as timm's Swin checkpoint filter resizes it (resize_rel_pos_bias_table:
+    geometric offsets, linear interpolation; values in timm_resample.safetensors)."""
+    ref = resample_reference()
+    table = ref[f"swin.table.{old[0]}x{old[1]}"]
+    out = resample_relative_position_table(table, new, old)
+    expected = ref[f"swin.table.{old[0]}x{old[1]}.to.{new[0]}x{new[1]}"]
+    assert out.shape == expected.shape == ((2 * new[0] - 1) * (2 * new[1] - 1), 3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_timm_checkpoint_into_window6_model_resizes_tables_like_timm():
+    """The window-4 fixture loaded into a window-6 model (image 96: stage grids 48/24/12/6, no
+    window clipped): every bias table equals what timm's checkpoint_filter_fn makes of it."""
+    kw, sd, _, _ = timm_fixture("swin")
+    model = model_from_timm_kwargs({**kw, "img_size": 96, "window_size": 6})
+    load_state_dict_checked(model, convert_state_dict(sd, model)[0])
+    ref = resample_reference()
+    keys = [k for k in sd if k.endswith("relative_position_bias_table")]
+    assert len(keys) == 8 and {sd[k].shape[0] for k in keys} == {49, 9}  # window 4; 2 (clipped) in stage 3
+    for key in keys:
+        ours = model.get_parameter(key.replace("relative_position_bias_table", "relative_position.table"))
+        torch.testing.assert_close(ours.detach(), ref[f"swin.window6.{key}"], atol=1e-6, rtol=0, msg=key)
 
 
 def test_clipped_window_takes_the_central_offsets():

@@ -190,22 +190,6 @@ def test_progressive_resizing_schedule_and_run(tmp_path):
     assert [h["image_size"] for h in trainer.history] == [4, 8]
 
 
-def test_bf16_autocast_and_grad_checkpointing_run(tmp_path):
-    cfg = tiny_cfg(tmp_path, "precision=bf16", "model.grad_checkpointing=true", epochs=1)
-    res = build_trainer(cfg, log=lambda s: None).fit()
-    assert math.isfinite(res["test_loss"])
-
-
-def test_distillation_with_cnn_teacher(tmp_path):
-    cfg = tiny_cfg(tmp_path, "model.name=deit_tiny_distilled_patch16_224", "distill.teacher=cnn_small",
-                   "distill.type=hard", "model.overrides={image_size: 8, patch_size: 2, dim: 32, depth: 2, heads: 2, mlp_dim: 64}",
-                   epochs=1)
-    trainer = build_trainer(cfg, log=lambda s: None)
-    assert trainer.criterion.teacher is not None and trainer.model.distilled_training
-    res = trainer.fit()
-    assert math.isfinite(res["test_loss"])
-
-
 # ---------------------------------------------------------------- configs and CLI
 def test_bad_config_key_and_value_are_explained():
     with pytest.raises(ValueError, match=r"unknown config key 'optim.lrr'.*Did you mean 'lr'"):

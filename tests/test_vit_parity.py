@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
 
 import vitlab
 from vitlab.models import DistilledVisionTransformer, ViTConfig, VisionTransformer
 from vitlab.pretrained import convert_state_dict, load_model, load_state_dict_checked
 
-transformers = pytest.importorskip("transformers")
-FIXTURES = Path(__file__).parent / "fixtures"
+from timm_fixtures import resample_reference, timm_fixture
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -38,6 +33,7 @@ HF_CONFIGS = {
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
 def test_hf_vit_for_image_classification_parity(size, tmp_path):
+    transformers = pytest.importorskip("transformers")  # only the HF tests need it
     cfg = transformers.ViTConfig(**HF_CONFIGS[size], num_labels=10, layer_norm_eps=1e-6)
     hf = transformers.ViTForImageClassification(cfg).eval()
     randomize(hf, seed=1)
@@ -58,6 +54,7 @@ def test_hf_vit_for_image_classification_parity(size, tmp_path):
 
 
 def test_hf_vit_model_features_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")  # only the HF tests need it
     """A ViTModel checkpoint (no classifier): features match; the head is initialised fresh."""
     cfg = transformers.ViTConfig(**HF_CONFIGS["tiny"], layer_norm_eps=1e-6)
     hf = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
@@ -77,6 +74,7 @@ def test_hf_vit_model_features_parity(tmp_path):
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
 def test_hf_deit_with_teacher_parity(size, tmp_path):
+    transformers = pytest.importorskip("transformers")  # only the HF tests need it
     cfg = transformers.DeiTConfig(**HF_CONFIGS[size], num_labels=7, layer_norm_eps=1e-6)
     hf = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
     randomize(hf, seed=3)
@@ -98,11 +96,8 @@ def test_hf_deit_with_teacher_parity(size, tmp_path):
 
 
 def _fixture(case: str):
-    f = safe_open(str(FIXTURES / f"timm_{case}.safetensors"), "pt")
-    kw = json.loads(f.metadata()["kwargs"])
-    sd = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.")}
-    return kw, sd, tensors
+    """(timm kwargs, timm state dict, other tensors) of ``timm_<case>.safetensors``."""
+    return timm_fixture(case)[:3]
 
 
 def _vit_config(kw) -> ViTConfig:
@@ -145,4 +140,21 @@ def test_timm_fixture_through_file_and_create_model(tmp_path):
     # A different grid: the position embedding is resampled, the model still runs and differs slightly.
     bigger = vitlab.create_model("vit_tiny_patch16_224", pretrained=path, num_classes=10, **{**overrides, "image_size": 48})
     assert bigger.pos_embed.shape == (1, 1 + 36, 24)
+    # timm's filter would give exactly these grid rows (bicubic, antialias), class row kept.
+    torch.testing.assert_close(bigger.pos_embed.detach(), resample_reference()["vit.pos_embed.6x6"], atol=1e-6, rtol=0)
     torch.testing.assert_close(bigger.pos_embed[:, :1], sd["pos_embed"][:, :1])
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (6, 5), (3, 2)], ids=["6x6", "6x5", "3x2"])
+@pytest.mark.parametrize("case", ["vit", "vit_gap", "deit_distilled"])
+def test_timm_checkpoint_on_another_grid_resamples_like_timm(case, grid):
+    """Loading the 4x4-grid fixture into a model with another grid gives the position embedding
+    timm's ``checkpoint_filter_fn`` gives (stored in timm_resample.safetensors), prefix rows kept."""
+    kw, sd, _ = _fixture(case)
+    cls = DistilledVisionTransformer if case.startswith("deit") else VisionTransformer
+    model = cls(_vit_config({**kw, "img_size": (8 * grid[0], 8 * grid[1])}))
+    load_state_dict_checked(model, convert_state_dict(sd, model)[0])
+    expected = resample_reference()[f"{case}.pos_embed.{grid[0]}x{grid[1]}"]
+    assert model.pos_embed.shape == expected.shape
+    assert expected.std() > 0.1  # a zeroed or constant grid could not match by chance
+    torch.testing.assert_close(model.pos_embed.detach(), expected, atol=1e-6, rtol=0)

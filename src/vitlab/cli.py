@@ -50,9 +50,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .tasks import ViTClassifier
 
-    source = args.checkpoint or args.model
-    clf = ViTClassifier.from_pretrained(source, device=args.device, precision=args.precision, compile=args.compile)
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.checkpoint:  # a path or hub id only: never taken as a model name
+        from .pretrained import load_model
+
+        clf = ViTClassifier(load_model(args.checkpoint), device=args.device, precision=args.precision,
+                            compile=args.compile)
+    else:
+        clf = ViTClassifier.from_pretrained(resolve_model_name(args.model), device=args.device,
+                                            precision=args.precision, compile=args.compile)
     results = clf.predict([str(p) for p in args.images], top_k=args.top_k)
+    for path, r in zip(args.images, results):  # notes go to stderr: stdout stays parseable
+        for note in r["notes"]:
+            print(f"vitlab predict: note: {path}: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": str(p), **r} for p, r in zip(args.images, results)], indent=2))
         return 0
@@ -64,17 +75,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def resolve_model_name(name: str) -> str:
-    """A registered name, or a short alias (``vit_base`` -> ``vit_base_patch16_224``)."""
-    from .models import get_entry, list_models
+    """A registered name, or a short alias (``vit_base``, ``swin_t``); see :func:`vitlab.models.registry.resolve_model_name`."""
+    from .models.registry import resolve_model_name as resolve
 
-    if name in list_models():
-        return name
-    candidates = list_models(f"{name}_*")
-    preferred = [c for c in candidates if c.endswith("patch16_224")] or candidates
-    if len(preferred) == 1 or (preferred and preferred[0].endswith("patch16_224")):
-        return preferred[0]
-    get_entry(name)  # raises with close matches
-    return name
+    return resolve(name)
 
 
 def _train_flags(args: argparse.Namespace) -> dict[str, object]:
@@ -138,6 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(run_dir, _resume_changes(args))
     else:
         cfg = _train_config(args)
+    args.run_dir = cfg.output_dir  # named by the Ctrl-C / disk-full resume hint
     t0 = time.perf_counter()
     results = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -204,7 +209,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     model = resolve_model_name(args.model) if args.model else None
     record = run_explain(args.image, args.method, checkpoint=args.checkpoint, model=model, layers=args.layers,
                          target=args.target, output_dir=args.output_dir, device=args.device, heads=args.heads,
-                         pretrained=not args.random_init)
+                         pretrained=not args.random_init, progress=not args.no_progress)
+    for note in record.get("notes", []):
+        print(f"vitlab explain: note: {args.image}: {note}", file=sys.stderr)
     top = record["prediction"][0]
     print(f"{args.image}: predicted {top['label']} ({top['probability']:.1%})")
     for f in record["files"]:
@@ -212,10 +219,27 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_with(common: argparse.ArgumentParser) -> type:
+    """An ArgumentParser class whose instances (the subcommands) inherit ``common``'s options."""
+
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *a: object, **kw: object) -> None:
+            kw.setdefault("parents", [common])  # type: ignore[arg-type]
+            super().__init__(*a, **kw)  # type: ignore[arg-type]
+
+    return SubParser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitlab`` argument parser."""
-    p = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: models, training, analysis.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: models, training, analysis.",
+                                epilog="Exit codes: 0 success, 1 the run failed (I/O, diverged, non-finite outputs), "
+                                       "2 usage or input error, 130 interrupted.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(common))
 
     m = sub.add_parser("models", help="list registered models with parameters, GFLOPs and input size")
     m.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern, e.g. 'vit_*'")
@@ -332,12 +356,115 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output-dir", "--output_dir", dest="output_dir", default="explain")
     ex.add_argument("--device", default="cpu")
     ex.add_argument("--random-init", action="store_true", help="with --model: random weights (no download)")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars (occlusion, --method all)")
     ex.set_defaults(func=_cmd_explain)
     return p
 
 
+def check_device(name: str | None) -> None:
+    """Refuse a device string torch does not know, or a device this machine / build lacks.
+
+    Raises:
+        DeviceError: With what was expected (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+    """
+    import torch
+
+    from .errors import DeviceError
+
+    if name is None or name == "auto":
+        return
+    expected = "expected auto, cpu, cuda, cuda:N or mps"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device {name!r}; {expected}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"device {name!r} requested but {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {name!r} requested but MPS is not available; use --device cpu (or auto)")
+    elif dev.type != "cpu":
+        raise DeviceError(f"device {name!r} is not supported by vitlab; {expected}")
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _os_error_message(e: OSError) -> str:
+    import errno
+
+    where = e.filename if e.filename is not None else "(unknown path)"
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on device while writing {where}; nothing partial was kept (an earlier "
+                f"checkpoint stays intact). Free some space and run again")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}; choose a path you can write to"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: part of this path is a file, not a folder; choose another output path"
+    if e.errno == errno.EEXIST:
+        return f"{where} exists and is not a folder; choose another output path"
+    if e.errno == errno.EISDIR:
+        return f"{where} is a folder; expected a file"
+    if e.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; choose another output path"
+    if isinstance(e, FileNotFoundError) and e.filename is None:
+        return str(e)  # vitlab's own messages say what was missing and what to do
+    return f"{e.strerror or e}: {where}"
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    if args.command != "train":
+        return ""
+    run_dir = getattr(args, "run_dir", None) or args.output_dir
+    if not run_dir:
+        return "; resume with: vitlab train --output-dir DIR --resume (DIR: the run directory)"
+    config = f" --config {args.config}" if getattr(args, "config", None) else ""
+    return f"; resume with: vitlab train{config} --output-dir {run_dir} --resume"
+
+
+def report_error(e: BaseException, args: argparse.Namespace) -> int:
+    """Print ``e`` as one line on stderr and return the exit code (see :mod:`vitlab.errors`)."""
+    from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, VitlabError
+
+    prefix = f"vitlab {args.command}: "
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{prefix}interrupted; nothing partial was saved{_resume_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    code = EXIT_FAILURE
+    if isinstance(e, VitlabError):
+        message, code = str(e), e.exit_code
+    elif isinstance(e, OSError) and not (isinstance(e, FileNotFoundError) and e.filename is None):
+        message = _os_error_message(e)
+        code = EXIT_USAGE if isinstance(e, (FileNotFoundError, NotADirectoryError, FileExistsError,
+                                            IsADirectoryError)) else EXIT_FAILURE
+        hint = _resume_hint(args)
+        if hint and code == EXIT_FAILURE:
+            message += f" ({hint.removeprefix('; ')})"
+    elif isinstance(e, (ValueError, FileNotFoundError, ImportError)):
+        message, code = str(e), EXIT_USAGE
+    elif type(e).__name__ == "TrainingDiverged":
+        message = str(e)
+    elif isinstance(e, (RuntimeError, AssertionError)):
+        message = f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
+    else:
+        message = f"internal error {type(e).__name__}: {e} (rerun with --debug for the traceback)"
+    print(f"{prefix}error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vitlab`` console script."""
+    """Entry point of the ``vitlab`` console script.
+
+    Errors a user can cause are printed as one line ``vitlab COMMAND: error: ...`` and exit
+    with 2 (usage or input), 1 (the run failed) or 130 (Ctrl-C); ``--debug`` re-raises them
+    with the traceback. See :mod:`vitlab.errors`.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -351,10 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        check_device(getattr(args, "device", None))
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the CLI boundary: one line per error
+        if getattr(args, "debug", False):
+            raise
+        return report_error(e, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

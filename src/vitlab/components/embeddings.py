@@ -6,7 +6,8 @@ flattened patches; same output as the conv form on the same weights).
 
 Position encodings: learned (a parameter of the model, resampled by
 :func:`interpolate_pos_embed`), fixed 2-D sin-cos (:func:`sincos_2d_pos_embed`) and relative
-position bias (:class:`RelativePositionBias`, resampled by :func:`resample_relative_position_table`).
+position bias (:class:`RelativePositionBias`, resampled by :func:`resample_relative_position_table`
+the way timm's Swin checkpoint filter does it).
 """
 
 from __future__ import annotations
@@ -222,22 +223,98 @@ def relative_position_index(window: tuple[int, int]) -> Tensor:
     return rel[:, :, 0] * (2 * ww - 1) + rel[:, :, 1]
 
 
-def resample_relative_position_table(table: Tensor, new_window: tuple[int, int], old_window: tuple[int, int] | None = None) -> Tensor:
-    """Bicubically resample a relative position bias table ((2wh-1)(2ww-1), heads) to a new window."""
+def _geometric_offsets(src: int, dst: int) -> list[float]:
+    """Where the ``src`` offsets of a table axis (``-(src // 2) .. src // 2``) sit on the target axis.
+
+    Offsets 0 and +-1 stay in place; the gaps further out grow by a ratio ``q`` (found by
+    bisection in [1.01, 1.5]) so that the outermost offset lands near the target's outermost
+    one, ``dst // 2``. This is BEiT's and timm's rule for relative position bias tables: near
+    offsets, which matter most, keep their values; far ones are stretched (or, when shrinking,
+    the central offsets are kept almost unchanged).
+    """
+    n = src // 2
+    lo, hi = 1.01, 1.5
+    q = lo
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        if (1.0 - q**n) / (1.0 - q) > dst // 2:  # 1 + q + ... + q^(n-1): the outermost position
+            hi = q
+        else:
+            lo = q
+    positions, cur = [], 1.0
+    for i in range(n):
+        positions.append(cur)
+        cur += q ** (i + 1)
+    return [-p for p in reversed(positions)] + [0.0] + positions
+
+
+def _linear_weights(points: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Piecewise-linear interpolation on increasing, unevenly spaced ``points`` at ``x``.
+
+    Returns (left index, right index, left weight, right weight) per ``x``; outside the
+    points the value of the nearest end point is taken (no extrapolation).
+    """
+    right = torch.bucketize(x, points).clamp(max=len(points) - 1)
+    left = (right - 1).clamp(min=0)
+    d_left = (x - points[left]).clamp(min=0)
+    d_right = (points[right] - x).clamp(min=0)
+    on_point = (d_left == 0) & (d_right == 0)  # only at the clamped ends: both indices equal
+    d_left = torch.where(on_point, torch.ones_like(d_left), d_left)
+    d_right = torch.where(on_point, torch.ones_like(d_right), d_right)
+    total = d_left + d_right
+    return left, right, d_right / total, d_left / total
+
+
+def resample_relative_position_table(
+    table: Tensor, new_window: tuple[int, int], old_window: tuple[int, int] | None = None
+) -> Tensor:
+    """Resample a relative position bias table ((2wh-1)(2ww-1), heads) to a new window.
+
+    The method is timm's (``timm.layers.resize_rel_pos_bias_table``, what timm's Swin
+    checkpoint filter uses, itself from BEiT): the source offsets of each axis are placed on
+    the target axis with geometrically growing gaps (:func:`_geometric_offsets`) and the
+    table is interpolated bilinearly on that uneven grid, holding the edge values beyond it.
+    A checkpoint resized here therefore matches the same checkpoint loaded by timm.
+
+    Args:
+        table: The bias table, rows in (dy, dx) raster order, one column per head.
+        new_window: The window (wh, ww) to resample to.
+        old_window: The window the table was made for; a square window when None.
+
+    Returns:
+        The ((2wh'-1)(2ww'-1), heads) table (the input itself when the windows are equal).
+
+    Raises:
+        ValueError: ``old_window`` is None and the row count is not that of a square window,
+            or ``old_window`` does not match the row count.
+    """
     rows, heads = table.shape
     if old_window is None:
         side = int(math.isqrt(rows))
-        if side * side != rows:
+        if side * side != rows or side % 2 == 0:
             raise ValueError(f"cannot infer the window of a bias table with {rows} rows; pass old_window")
         old_window = ((side + 1) // 2, (side + 1) // 2)
     old = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    if old[0] * old[1] != rows:
+        raise ValueError(f"a bias table for window {tuple(old_window)} has {old[0] * old[1]} rows, got {rows}")
+    new_window = to_2tuple(new_window)
     new = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
     if old == new:
         return table
-    # (rows, heads) -> (1, heads, 2wh-1, 2ww-1)
-    t = table.T.reshape(1, heads, old[0], old[1]).float()
-    t = F.interpolate(t, size=new, mode="bicubic", align_corners=False)
-    return t.reshape(heads, -1).T.contiguous().to(table.dtype)  # -> (rows', heads)
+    # (rows, heads) -> (heads, 2wh-1, 2ww-1)
+    t = table.T.reshape(heads, old[0], old[1]).float().cpu()
+    axes = []
+    for src, dst in zip(old, new):
+        points = torch.tensor(_geometric_offsets(src, dst), dtype=torch.float32)
+        targets = torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float32)
+        axes.append(_linear_weights(points, targets))
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = axes
+    out = torch.zeros(heads, new[0], new[1])
+    for yi, wy in ((y0, wy0), (y1, wy1)):
+        for xi, wx in ((x0, wx0), (x1, wx1)):
+            out += t[:, yi][:, :, xi] * (wy[:, None] * wx[None, :])  # (heads, 2wh'-1, 2ww'-1)
+    # (heads, 2wh'-1, 2ww'-1) -> (rows', heads)
+    return out.reshape(heads, -1).T.contiguous().to(device=table.device, dtype=table.dtype)
 
 
 class RelativePositionBias(nn.Module):

@@ -431,7 +431,7 @@ def equalize(x: Tensor) -> Tensor:
     lut = torch.div(hist.cumsum(1) + torch.div(step, 2, rounding_mode="floor"), step.clamp_min(1), rounding_mode="floor")
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], 1).clamp(0, 255)
     out = torch.where(step > 0, lut.gather(1, q), q.float())
-    return (out / 255.0).view(n, c, h, w).to(x.dtype)
+    return (out / 255.0).view(n, c, h, w).to(x.dtype)  # (n*C, H*W) -> (n, C, H, W)
 
 
 def _op_equalize(x: Tensor, v: Tensor, s: Tensor, fill: float, mode: str) -> Tensor:

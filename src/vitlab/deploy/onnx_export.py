@@ -2,7 +2,9 @@
 
 ``export_onnx`` writes the file; ``check_onnx`` runs it in onnxruntime on random images and
 returns the largest absolute difference from PyTorch's float32 logits; ``OnnxRuntimeModel``
-is the exported file as a callable on tensors (the benchmark's ``onnx`` mode).
+is the exported file as a callable on tensors (the benchmark's ``onnx`` mode). The file's
+``metadata_props`` carry the preprocessing and class names (:func:`onnx_metadata`; read them
+back with :func:`read_onnx_metadata`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,66 @@ def export_onnx(
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
     finally:
         model.train(was_training)
+    write_onnx_metadata(path, onnx_metadata(model, image_size))
     return path
+
+
+def onnx_metadata(model: nn.Module, image_size: int | tuple[int, int] | None = None) -> dict[str, str]:
+    """The preprocessing and class names an ONNX consumer needs, as ``metadata_props`` strings.
+
+    Keys (values JSON-encoded): ``model_name``, ``input_size`` ([C, H, W] of the graph input),
+    ``mean`` and ``std`` (per channel, applied to pixels scaled to [0, 1]), ``crop_pct``,
+    ``interpolation``, ``labels`` (class names, index order), ``pixel_layout`` (``NCHW``).
+    """
+    import json
+
+    from ..evaluation.explain import class_labels
+
+    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    channels = model.config.in_channels
+    _, c, h, w = model_input_shape(model, 1, image_size)
+
+    def per_channel(values: Any, default: float) -> list[float]:
+        v = [float(x) for x in (values if isinstance(values, (list, tuple)) else [values])] if values is not None \
+            else [default]
+        return v if len(v) == channels else [sum(v) / len(v)] * channels
+
+    labels = class_labels(model) or [str(i) for i in range(model.config.num_classes)]
+    meta = dict(model_name=getattr(model, "model_name", None) or type(model).__name__, input_size=[c, h, w],
+                mean=per_channel(pcfg.get("mean"), 0.5), std=per_channel(pcfg.get("std"), 0.5),
+                crop_pct=float(pcfg.get("crop_pct", 1.0)), interpolation=pcfg.get("interpolation", "bicubic"),
+                labels=list(labels), pixel_layout="NCHW")
+    return {k: json.dumps(v) for k, v in meta.items()}
+
+
+def write_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Set (replace) ``metadata_props`` entries of an ONNX file in place."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    keep = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata_props`` of an ONNX file, JSON values decoded (see :func:`onnx_metadata`)."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
 
 
 class OnnxRuntimeModel:
@@ -169,4 +230,4 @@ def export_model(
 
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "OnnxRuntimeModel", "check_onnx", "export_model", "export_onnx",
-           "model_input_shape"]
+           "model_input_shape", "onnx_metadata", "read_onnx_metadata", "write_onnx_metadata"]

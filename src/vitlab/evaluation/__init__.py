@@ -9,7 +9,8 @@ __all__ = ["BenchmarkReport", "BenchmarkResult", "benchmark", "count_flops", "me
 from .analysis import analyze_attention, attention_entropy, mean_attention_distance, plot_attention_analysis
 from .explain import METHODS as EXPLAIN_METHODS, explain, explain_all, run_explain
 from .interpretation import (
-    Explanation, FeatureView, attention_rollout, feature_maps, grad_cam, gradient_rollout, occlusion, pca_features,
+    Explanation, FeatureView, attention_rollout, feature_maps, grad_cam, gradient_rollout, gradient_weighted_attention,
+    occlusion, pca_features,
     prepare_image, rollout, saliency, spearman_correlation,
 )
 from .layouts import AttentionLayer, TokenGrid, attention_layers
@@ -18,7 +19,8 @@ from .visualization import AttentionMaps, AttentionVisualizer, LayerMap, plot_at
 __all__ += [
     "AttentionLayer", "AttentionMaps", "AttentionVisualizer", "EXPLAIN_METHODS", "Explanation", "FeatureView",
     "LayerMap", "TokenGrid", "analyze_attention", "attention_entropy", "attention_layers", "attention_rollout",
-    "explain", "explain_all", "feature_maps", "grad_cam", "gradient_rollout", "mean_attention_distance",
+    "explain", "explain_all", "feature_maps", "grad_cam", "gradient_rollout", "gradient_weighted_attention",
+    "mean_attention_distance",
     "occlusion", "pca_features", "plot_attention_analysis", "plot_attention_maps", "prepare_image", "rollout",
     "run_explain", "saliency", "spearman_correlation",
 ]

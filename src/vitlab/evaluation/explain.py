@@ -97,6 +97,7 @@ def _to_json(t: Tensor) -> list:
     if t.numel() > MAX_JSON_VALUES:
         t = F.adaptive_avg_pool2d(t[None, None] if t.ndim == 2 else t[None], 64)[0]
         t = t[0] if t.ndim == 3 and t.shape[0] == 1 else t
+    # (..., W) -> (rows, W)
     return [[round(float(v), 6) for v in row] for row in t.reshape(-1, t.shape[-1])]
 
 
@@ -152,8 +153,8 @@ def _gradcam(model: nn.Module, x: Tensor, layers: Sequence[int] | None, target: 
 
 
 def _occlusion(model: nn.Module, x: Tensor, layers: Sequence[int] | None, target: int | None, heads: Any,
-               strict: bool) -> MethodOutput:
-    res = interp.occlusion(model, x[:1], target)
+               strict: bool, progress: bool = False) -> MethodOutput:
+    res = interp.occlusion(model, x[:1], target, progress=progress)
     data = dict(target=int(res.targets[0]), score_drop=_to_json(res.token_maps["occlusion"][0]), **res.info)
     return MethodOutput("occlusion", [("", [("image", None), ("occlusion (score drop)", res.maps[0])])], data)
 
@@ -188,7 +189,8 @@ _RUNNERS = {
 
 
 def run_method(model: nn.Module, x: Tensor, method: str, layers: Sequence[int] | None = None,
-               target: int | None = None, heads: Any = "mean", strict: bool = True) -> MethodOutput:
+               target: int | None = None, heads: Any = "mean", strict: bool = True,
+               progress: bool = False) -> MethodOutput:
     """Run one method on prepared input ``x`` (first image shown) -> panels and JSON numbers.
 
     Args:
@@ -196,12 +198,15 @@ def run_method(model: nn.Module, x: Tensor, method: str, layers: Sequence[int] |
             (one panel each). Ignored by the others.
         strict: Raise on layers out of range for ``gradcam`` / ``pca``; otherwise fall back to
             their defaults (used when one ``--layers`` list drives every method).
+        progress: Show a progress bar on stderr for the long methods (``occlusion``).
     """
     if method not in _RUNNERS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method in ATTENTION_METHODS and getattr(model, "family", None) not in ATTENTION_FAMILIES:
         raise ValueError(f"method {method!r} needs attention layers, and {type(model).__name__} has none; "
                          f"use gradcam, occlusion, saliency or pca")
+    if method == "occlusion":
+        return _occlusion(model, x, layers, target, heads, strict, progress=progress)
     return _RUNNERS[method](model, x, layers, target, heads, strict)
 
 
@@ -210,15 +215,19 @@ def _wrap(panels: list[Panel], per_row: int = 6) -> list[tuple[str, list[Panel]]
 
 
 def _header(model: nn.Module, x: Tensor, image: Any, target: int | None) -> dict[str, Any]:
+    from ..tasks.inputs import check_finite
+
     with torch.no_grad(), interp.eval_mode(model):
         logits = model(x[:1])
+    check_finite(logits, [str(image)] if isinstance(image, (str, Path)) else None)
     return dict(model=getattr(model, "model_name", None) or type(model).__name__, family=getattr(model, "family", None),
                 image=str(image) if isinstance(image, (str, Path)) else None, input_size=list(x.shape[-2:]),
-                prediction=_prediction(model, logits), target=target)
+                prediction=_prediction(model, logits), target=target, notes=interp.image_notes(model, image))
 
 
 def explain(model: nn.Module, image: ImageLike | Tensor, method: str = "attention", layers: Sequence[int] | None = None,
-            target: str | int | None = None, output_dir: str | Path = "explain", heads: Any = "mean") -> dict[str, Any]:
+            target: str | int | None = None, output_dir: str | Path = "explain", heads: Any = "mean",
+            progress: bool = True) -> dict[str, Any]:
     """Run one method and write ``<output_dir>/<method>.png`` and ``<method>.json``.
 
     Args:
@@ -229,14 +238,16 @@ def explain(model: nn.Module, image: ImageLike | Tensor, method: str = "attentio
         target: Class index or name to explain; the prediction by default.
         output_dir: Where to write.
         heads: Head reduction for ``attention``.
+        progress: Progress bar on stderr for the long methods (``occlusion``).
 
     Returns:
-        The JSON record (with ``files``: the paths written).
+        The JSON record (with ``files``: the paths written; ``notes``: how far the image is
+        from the training data, see :func:`vitlab.tasks.inputs.input_notes`).
     """
     out = Path(output_dir)
     x, display = interp.prepare_image(model, image)
     cls = resolve_class(model, target)
-    result = run_method(model, x, method, layers, cls, heads)
+    result = run_method(model, x, method, layers, cls, heads, progress=progress)
     record = dict(_header(model, x, image, cls), method=method, **result.data)
     png = _save_figure(result, display[0], out)
     record["files"] = [str(png), str(png.with_suffix(".json"))]
@@ -255,24 +266,25 @@ def _save_figure(result: MethodOutput, image: Tensor, out: Path) -> Path:
 
 def explain_all(model: nn.Module, image: ImageLike | Tensor, output_dir: str | Path = "explain",
                 layers: Sequence[int] | None = None, target: str | int | None = None,
-                methods: Sequence[str] = METHODS) -> dict[str, Any]:
+                methods: Sequence[str] = METHODS, progress: bool = True) -> dict[str, Any]:
     """Run every method that applies to the model: a PNG per method, ``sheet.png`` with all
     the maps, and ``explain.json`` with every method's numbers.
 
     Attention-based methods are skipped (and listed under ``skipped``) for models without
     attention. ``layers`` selects attention layers; Grad-CAM and PCA use it where it names
-    valid blocks / stages, their defaults otherwise.
+    valid blocks / stages, their defaults otherwise. ``progress`` shows a bar over the
+    methods (and occlusion's own) on stderr.
     """
     out = Path(output_dir)
     x, display = interp.prepare_image(model, image)
     cls = resolve_class(model, target)
     record = dict(_header(model, x, image, cls), methods={}, skipped={}, files=[])
     sheet: list[tuple[str, list[Panel]]] = []
-    for method in methods:
+    for method in interp.progress_bar(list(methods), "explain", progress):
         if method in ATTENTION_METHODS and getattr(model, "family", None) not in ATTENTION_FAMILIES:
             record["skipped"][method] = "the model has no attention layers"
             continue
-        result = run_method(model, x, method, layers, cls, strict=False)
+        result = run_method(model, x, method, layers, cls, strict=False, progress=progress)
         png = _save_figure(result, display[0], out)
         if result.figure is None:
             panels = [p for _, row in result.rows for p in row if p[1] is not None]
@@ -294,9 +306,9 @@ def explain_all(model: nn.Module, image: ImageLike | Tensor, output_dir: str | P
 def run_explain(image: str | Path, method: str = "attention", checkpoint: str | Path | None = None,
                 model: str | None = None, layers: Sequence[int] | None = None, target: str | int | None = None,
                 output_dir: str | Path = "explain", device: str = "cpu", heads: Any = "mean",
-                pretrained: bool = True) -> dict[str, Any]:
+                pretrained: bool = True, progress: bool = True) -> dict[str, Any]:
     """What ``vitlab explain`` does: load the model, run ``method`` (or ``all``) on ``image``, write the files."""
     net = load_explain_model(checkpoint, model, pretrained=pretrained, device=device)
     if method == "all":
-        return explain_all(net, image, output_dir, layers, target)
-    return explain(net, image, method, layers, target, output_dir, heads)
+        return explain_all(net, image, output_dir, layers, target, progress=progress)
+    return explain(net, image, method, layers, target, output_dir, heads, progress=progress)

@@ -8,7 +8,7 @@
 * :func:`grad_cam` (Selvaraju et al., 2017) on any block's patch tokens, reshaped to the real
   token grid with prefix tokens excluded; Swin / PVT / CNN on stage outputs.
 * :func:`occlusion` (Zeiler & Fergus, 2014): a patch masked at a time, batched; the map is the
-  drop of the target score. :func:`saliency` (Simonyan et al., 2014): input gradients.
+  drop of the target score. The default grid has at most 16 x 16 cells whatever the backbone. :func:`saliency` (Simonyan et al., 2014): input gradients.
 * :func:`pca_features` and :func:`feature_maps`: what ``forward_intermediates`` returns, as
   RGB (first three principal components of the patch tokens) or channel-norm heat maps.
 * :func:`spearman_correlation`: rank correlation with average ranks for ties, for sanity
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
 
@@ -91,12 +93,33 @@ def prepare_image(model: nn.Module, image: ImageLike | Sequence[ImageLike]) -> t
         display = (x - lo) / (hi - lo).clamp(min=1e-8)
     else:
         transform = EvalTransform.from_config(model.pretrained_cfg, channels=channels)
-        x = transform(image)
+        x = torch.cat([transform(t) for t in _unit_images(model, image)])
         # the transform's normalisation, undone for display (one value per model channel, as it applies it)
         mean, std = (torch.tensor(v if len(v) == channels else (sum(v) / len(v),) * channels).view(1, -1, 1, 1)
                      for v in (transform.mean, transform.std))
         display = (x * std + mean).clamp(0, 1)
     return x.to(device).float(), display.permute(0, 2, 3, 1).detach().cpu()
+
+
+def _unit_images(model: nn.Module, image: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
+    """Checked images, each float (C, H, W) in [0, 1] (see :mod:`vitlab.tasks.inputs`)."""
+    from ..tasks.inputs import background_for, to_unit_tensor
+
+    background = background_for(model.pretrained_cfg)
+    out: list[Tensor] = []
+    for item in (list(image) if isinstance(image, (list, tuple)) else [image]):
+        t = to_unit_tensor(item, background)
+        out.extend(t.unbind(0) if t.ndim == 4 else [t])
+    return out
+
+
+def image_notes(model: nn.Module, image: ImageLike | Sequence[ImageLike]) -> list[str]:
+    """Notes on how far the (first) image is from the model's training data; none for prepared tensors."""
+    from ..tasks.inputs import input_notes
+
+    if isinstance(image, Tensor) and image.is_floating_point():
+        return []
+    return input_notes(_unit_images(model, image)[0], model.pretrained_cfg, model.config.in_channels)
 
 
 @contextlib.contextmanager
@@ -277,6 +300,7 @@ def rollout_layers(
     out = {}
     for key, (start, seg) in state.columns.items():
         if seg.is_grid:
+            # (B, h*w) -> (B, h, w)
             out[key] = (seg.grid, row[:, start : start + seg.size].reshape(b, *seg.grid.shape))
     return out
 
@@ -317,6 +341,23 @@ def rollout(model: nn.Module, x: Tensor, head_fusion: HeadFusion = "mean", disca
                        dict(head_fusion=head_fusion, discard_ratio=discard_ratio, layers=len(layers), readout=readout))
 
 
+def gradient_weighted_attention(probs: Tensor, grad: Tensor | None) -> Tensor:
+    """``relu(A * dS/dA)``: the attention entries that raise the target score, per head.
+
+    Args:
+        probs: Attention probabilities A, (B, heads, Nq, Nk).
+        grad: The target score's gradient with respect to ``probs`` (same shape), or None
+            when the layer does not reach the score (the result is then zero).
+
+    Returns:
+        (B, heads, Nq, Nk), non-negative: entries where attention and gradient disagree in
+        sign are dropped, not flipped.
+    """
+    if grad is None:
+        return torch.zeros_like(probs)
+    return (probs * grad).clamp(min=0)
+
+
 def gradient_rollout(model: nn.Module, x: Tensor, target: Target = None, discard_ratio: float = 0.0,
                      interpolation: str = "bilinear") -> Explanation:
     """Class-specific rollout: each layer's attention weighted by the target score's gradient.
@@ -329,8 +370,7 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: Target = None, discard
         targets = resolve_targets(logits, target)
         probs = [r.probs for r in cap.records]
         grads = torch.autograd.grad(_score(logits, targets), probs, allow_unused=True)
-    weighted = [dataclasses.replace(r, probs=(r.probs.detach() * g).clamp(min=0) if g is not None
-                                    else torch.zeros_like(r.probs.detach()))
+    weighted = [dataclasses.replace(r, probs=gradient_weighted_attention(r.probs.detach(), g))
                 for r, g in zip(cap.records, grads)]
     layers = attention_layers(model, weighted, x.shape[-2:])
     per_grid = rollout_layers(layers, adapter_for(model).readout(model), "mean", discard_ratio)
@@ -422,26 +462,49 @@ def grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: int | Se
 
 
 # ----------------------------------------------------------------------------- perturbation
+def progress_bar(items: Sequence[Any], desc: str, enabled: bool = True) -> Any:
+    """``items`` wrapped in a tqdm bar on stderr (the plain sequence when disabled or without tqdm)."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with the training extra
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+
+#: Occlusion's default grid has at most this many cells per side (at most 256 masks).
+OCCLUSION_MAX_CELLS = 16
+
+
 def default_patch_size(model: nn.Module, image_size: tuple[int, int]) -> int:
-    """The occlusion patch: the model's finest token cell (its patch size), at least 1/16 of the image for CNNs."""
+    """The occlusion patch: the smallest multiple of the model's finest token cell (its patch
+    size; 1 pixel for a model without ``feature_info``) that covers the image in at most
+    :data:`OCCLUSION_MAX_CELLS` cells per side, i.e. at most 256 masked forward passes whatever
+    the backbone (Swin's 4-pixel patches at 224: 16-pixel cells, 14 x 14 = 196 masks)."""
     reduction = int(round(model.feature_info[0]["reduction"])) if hasattr(model, "feature_info") else 1
-    return max(reduction, 1) if reduction > 1 else max(1, min(image_size) // 8)
+    cell = max(reduction, 1)
+    return cell * math.ceil(max(image_size) / (OCCLUSION_MAX_CELLS * cell))
 
 
 def occlusion(model: nn.Module, x: Tensor, target: Target = None, patch_size: int | None = None,
-              stride: int | None = None, baseline: float | str = 0.0, batch_size: int = 64) -> Explanation:
+              stride: int | None = None, baseline: float | str = 0.0, batch_size: int = 64,
+              progress: bool = False) -> Explanation:
     """Occlusion sensitivity: the drop of the target score when one patch at a time is masked.
 
     Args:
         model: Any classifier returning logits.
         x: Prepared images (B, C, H, W).
         target: Class(es) to explain; the prediction when None.
-        patch_size: Side of the masked square; the model's patch size by default.
+        patch_size: Side of the masked square; by default :func:`default_patch_size` (at most
+            16 x 16 cells, a multiple of the model's patch size).
         stride: Step between masks; ``patch_size`` by default. Overlapping masks are averaged.
         baseline: Value written into the mask (in model-input units): a number (0: the
             normalisation mean), ``"min"`` (each image's minimum: blank for dark-background
             data) or ``"mean"`` (each image's channel means).
         batch_size: Masked images per forward pass.
+        progress: Show a progress bar (tqdm, on stderr) over the masked batches.
 
     Returns:
         An :class:`Explanation`; ``token_maps["occlusion"]`` holds the drops (B, rows, cols).
@@ -476,15 +539,15 @@ def occlusion(model: nn.Module, x: Tensor, target: Target = None, patch_size: in
         targets = resolve_targets(logits, target)
         base = logits.gather(1, targets[:, None])[:, 0]
         drops = torch.empty(b * n_masks, device=x.device)  # (image, mask) pairs, mask fastest
-        for start in range(0, b * n_masks, batch_size):
+        for start in progress_bar(range(0, b * n_masks, batch_size), f"occlusion ({n_masks} masks)", progress):
             pair = torch.arange(start, min(start + batch_size, b * n_masks), device=x.device)
             img, m = pair // n_masks, masks[pair % n_masks][:, None]  # m: (n, 1, H, W)
             batch = x[img] * (1 - m) + fills[img][:, :, None, None] * m
             scores = _logits(model, batch).gather(1, targets[img][:, None])[:, 0]
             drops[pair] = base[img] - scores
-    drops = drops.view(b, n_masks)
+    drops = drops.view(b, n_masks)  # (B * M,) -> (B, M)
     maps = torch.einsum("bm,mhw->bhw", drops, masks) / counts
-    token = drops.view(b, len(ys), len(xs))
+    token = drops.view(b, len(ys), len(xs))  # (B, M) -> (B, rows, cols)
     return Explanation("occlusion", maps, {"occlusion": token}, targets, logits,
                        dict(patch_size=p, stride=s, baseline=baseline, masks=int(masks.shape[0])))
 
@@ -560,7 +623,7 @@ def pca_features(model: nn.Module, x: Tensor, layers: int | Sequence[int] | None
         rgb = (proj - lo) / (hi - lo).clamp(min=1e-8)
         if k < 3:
             rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - k)], dim=1)
-        rgb = rgb.view(b, h, w, 3)
+        rgb = rgb.view(b, h, w, 3)  # (B*h*w, 3) -> (B, h, w, 3)
         var = sv**2
         explained = (var[:k] / var.sum().clamp(min=1e-12)).tolist()
         grid = TokenGrid((h, w), point.cell)

@@ -60,7 +60,7 @@ class TokenGrid:
         """Pixel centres (y, x) of the tokens in raster order, (h * w, 2)."""
         ys = (torch.arange(self.shape[0], device=device, dtype=torch.float32) + 0.5) * self.cell[0]
         xs = (torch.arange(self.shape[1], device=device, dtype=torch.float32) + 0.5) * self.cell[1]
-        return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+        return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)  # (h, w, 2) -> (h*w, 2)
 
     def index_at(self, y: float, x: float) -> int:
         """Raster index of the token covering pixel (y, x) (clamped to the grid)."""
@@ -221,7 +221,7 @@ def grid_to_image(maps: Tensor, grid: TokenGrid, image_size: tuple[int, int], mo
         # pixels (e.g. rows a strided spatial reduction drops), so they get nothing.
         rounding = short_h <= 1 and short_w <= 1
         up = F.pad(up, (0, max(short_w, 0), 0, max(short_h, 0)), mode="replicate" if rounding else "constant")
-    return up.reshape(*lead, H, W)
+    return up.reshape(*lead, H, W)  # (M, 1, H, W) -> (..., H, W)
 
 
 # ------------------------------------------------------------------------------ adapters
@@ -326,7 +326,7 @@ def swin_window_ids(info: dict[str, Any]) -> Tensor:
     sh, sw = info["shift"]
     n = h * w
     ids = torch.full((1, hp, wp, 1), n, dtype=torch.long)
-    ids[0, :h, :w, 0] = torch.arange(n).view(h, w)
+    ids[0, :h, :w, 0] = torch.arange(n).view(h, w)  # (h*w,) -> (h, w)
     if sh or sw:
         ids = torch.roll(ids, shifts=(-sh, -sw), dims=(1, 2))
     return window_partition(ids, tuple(info["window"])).squeeze(-1)  # (nW, wh*ww)

@@ -19,4 +19,5 @@ def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """(num_classes, num_classes) counts; row = true class, column = predicted class."""
     idx = target.long() * num_classes + pred.long()
+    # (K*K,) -> (K, K)
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)

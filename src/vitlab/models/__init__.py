@@ -12,12 +12,13 @@ from .cait import CaiT, CaiTConfig
 from .base import Backbone
 from .convnet import ConvNet, ConvNetConfig
 from .deit import DeiTConfig, DistilledVisionTransformer
-from .registry import ModelEntry, build_model, create_model, get_entry, list_families, list_models, model_config
+from .registry import (ModelEntry, build_model, create_model, get_entry, list_families, list_models, model_config,
+                       resolve_model_name)
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
     "Backbone", "ConvNet", "ConvNetConfig", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
-    "build_model", "create_model", "get_entry", "list_families", "list_models", "model_config",
+    "build_model", "create_model", "get_entry", "list_families", "list_models", "model_config", "resolve_model_name",
 ]
 __all__ += ["CaiT", "CaiTConfig"]
 __all__ += ["CrossViT", "CrossViTConfig"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,10 @@ from typing import Any
 from torch import nn
 
 from ..config import check_keys, suggest
+from ..errors import UnknownModelError
+
+#: timm-style size letters in short names: ``swin_t`` -> ``swin_tiny_...``, ``vit_b`` -> ``vit_base_...``.
+SIZE_LETTERS = {"t": "tiny", "ti": "tiny", "s": "small", "m": "medium", "b": "base", "l": "large", "h": "huge"}
 
 
 @dataclass(frozen=True)
@@ -53,21 +60,125 @@ def list_families() -> dict[str, tuple[type, type]]:
     return dict(_FAMILIES)
 
 
+def _unknown(name: str) -> UnknownModelError:
+    """The error for a name that resolves to nothing: the family's variants, or close matches."""
+    family = sorted(n for n in _MODELS if n.startswith(f"{name}_"))
+    if family:
+        return UnknownModelError(f"{name!r} names several models; choose one of {', '.join(family)}")
+    close = suggest(name, list(_MODELS))
+    return UnknownModelError(
+        f"unknown model {name!r}.{close} Run `vitlab models` or vitlab.list_models() to see the "
+        f"{len(_MODELS)} registered names."
+    )
+
+
 def get_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; ValueError naming close matches when unknown."""
+    """The registry entry of ``name``; :class:`~vitlab.errors.UnknownModelError` (a ValueError)
+    naming the family's variants or close matches when unknown."""
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}.{suggest(name, list(_MODELS))} "
-            f"Run `vitlab models` or vitlab.list_models() to see the {len(_MODELS)} registered names."
-        ) from None
+        raise _unknown(name) from None
+
+
+def _default_variant(candidates: list[str]) -> str | None:
+    """The default among a family / size's variants: the one at 224 pixels (patch 16 preferred,
+    then the shortest name, i.e. without ``distilled``), or the only one."""
+    if len(candidates) == 1:
+        return candidates[0]
+    at_224 = [c for c in candidates if c.endswith("_224")]
+    if not at_224:
+        return None
+    patch16 = [c for c in at_224 if c.endswith("patch16_224")] or at_224
+    shortest = min(len(c) for c in patch16)
+    best = [c for c in patch16 if len(c) == shortest]
+    return best[0] if len(best) == 1 else None
+
+
+def resolve_model_name(name: str) -> str:
+    """A registered name from a name or short alias.
+
+    Aliases: a name without its suffix (``vit_base`` -> ``vit_base_patch16_224``, ``swin_tiny`` ->
+    ``swin_tiny_patch4_window7_224``) and timm-style size letters (``swin_t``, ``vit_b``, ``deit_s``;
+    ``t``/``ti`` tiny, ``s`` small, ``m`` medium, ``b`` base, ``l`` large, ``h`` huge). Among several
+    variants the 224-pixel one with patch 16 and no ``distilled`` is the default.
+
+    Raises:
+        UnknownModelError: A family name with no single default (``swin``: the error lists its
+            variants) or an unknown name (close matches suggested).
+    """
+    if name in _MODELS:
+        return name
+    stem, _, last = name.rpartition("_")
+    expansions = [name]
+    if stem and last in SIZE_LETTERS:
+        expansions.append(f"{stem}_{SIZE_LETTERS[last]}")
+    for base in expansions:
+        if base in _MODELS:
+            return base
+        candidates = sorted(n for n in _MODELS if n.startswith(f"{base}_"))
+        if base != name and not candidates:
+            continue
+        if candidates and base != name.split("_")[0]:  # a bare family (``swin``) has no default
+            chosen = _default_variant(candidates)
+            if chosen is not None:
+                return chosen
+        if candidates:
+            break
+    raise _unknown(name)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (int, float, bool, str, None, tuples, unions, Literal)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, t) for t in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(typing.get_args(tp)) == len(args) and args and len(value) != len(args):
+            return False
+        return all(_fits(v, args[min(i, len(args) - 1)]) for i, v in enumerate(value)) if args else True
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this check does not model
+
+
+def check_values(config_class: type, values: dict[str, Any], what: str) -> None:
+    """Raise ValueError (one line, with the expected type) when a value does not fit its field."""
+    hints = typing.get_type_hints(config_class)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    for key, value in values.items():
+        if key in fields and not _fits(value, hints.get(key, Any)):
+            tp = hints[key]
+            expected = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            raise ValueError(f"{what}: {key}={value!r} does not fit; expected {expected}")
 
 
 def model_config(name: str, **overrides: Any) -> Any:
-    """The config dataclass of a variant with ``overrides`` applied (unknown keys raise)."""
+    """The config dataclass of a variant with ``overrides`` applied.
+
+    Raises:
+        ValueError: An unknown key (close matches named) or a value of the wrong type
+            (``dim="abc"``: expected int).
+    """
     entry = get_entry(name)
-    check_keys(entry.config_class, overrides, what=f"{entry.config_class.__name__} (model {name})")
+    what = f"{entry.config_class.__name__} (model {name})"
+    check_keys(entry.config_class, overrides, what=what)
+    check_values(entry.config_class, overrides, what)
     return entry.config_class(**{**entry.defaults, **overrides})
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable.
+HUB_PROBE_TIMEOUT = 3.0
 
 
 def is_hub_id(source: str) -> bool:
@@ -19,11 +23,33 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the hub (``HF_ENDPOINT``, default huggingface.co:443) opens
+    within ``timeout`` seconds: one quick probe instead of the hub client's retries."""
+    if endpoint is None:
+        try:
+            from huggingface_hub import constants as hf_constants
+
+            endpoint = hf_constants.ENDPOINT
+        except ImportError:
+            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:  # DNS failure, refused, unreachable, timed out
+        return False
+
+
 def download(source: str, cache_dir: str | Path | None = None) -> Path:
     """Local path of a hub repo's weights file (``config.json`` fetched beside it when present).
 
-    Looks in the local cache first; goes to the network only if nothing is cached and
-    ``HF_HUB_OFFLINE`` is not set.
+    Looks in the local cache first; goes to the network only if nothing is cached,
+    ``HF_HUB_OFFLINE`` is not set and a quick probe (:func:`hub_reachable`, at most
+    :data:`HUB_PROBE_TIMEOUT` seconds) reaches the hub, so an offline machine fails in
+    seconds instead of waiting through the hub client's retries.
 
     Raises:
         ImportError: huggingface_hub is not installed (extra ``vitlab[hub]``).
@@ -40,7 +66,8 @@ def download(source: str, cache_dir: str | Path | None = None) -> Path:
     offline = _offline() or bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
     errors: list[str] = []
     for local_only in (True, False):
-        if not local_only and offline:
+        if not local_only and (offline or not hub_reachable()):
+            offline = True
             break
         for name in HUB_WEIGHT_FILES:
             try:
@@ -57,7 +84,8 @@ def download(source: str, cache_dir: str | Path | None = None) -> Path:
     if offline:
         raise FileNotFoundError(
             f"{repo!r} is not in the local Hugging Face cache ({where}) and the hub is offline "
-            f"(HF_HUB_OFFLINE is set). Download it on a machine with network access, or pass a local file or folder."
+            f"(HF_HUB_OFFLINE is set, or huggingface.co could not be reached within {HUB_PROBE_TIMEOUT:g} s). "
+            f"Download it on a machine with network access, or pass a local file or folder."
         )
     raise FileNotFoundError(
         f"could not get weights for {repo!r}: not in the local cache ({where}) and the hub could not "

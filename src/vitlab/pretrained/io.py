@@ -8,6 +8,7 @@ config and preprocessing (``vitlab`` key, JSON); saved into a folder it also get
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..config import config_to_dict
+from ..errors import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth", "model.pt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
@@ -50,7 +52,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def _read_pickle_weights(path: Path) -> dict[str, Tensor]:
@@ -61,8 +63,9 @@ def _read_pickle_weights(path: Path) -> dict[str, Tensor]:
             f"{path} holds Python objects other than tensors, and vitlab only unpickles plain "
             f"weights (torch.load(weights_only=True)); re-save it as a state dict or safetensors: {e}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises IndexError, KeyError ... on foreign files
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     # Unwrap common training-checkpoint containers.
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -88,11 +91,45 @@ def find_weights_file(folder: Path) -> Path:
     raise ValueError(f"{folder} holds several weight files ({', '.join(p.name for p in candidates)}); pass one of them")
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _follow_pointer(path: Path) -> Path | None:
+    """The folder a run's ``checkpoints/latest`` pointer file names (or a run directory's latest), else None."""
+    if path.is_dir():
+        pointer = path / "checkpoints" / "latest"
+        return _follow_pointer(pointer) if pointer.is_file() and not any((path / n).is_file() for n in WEIGHT_FILES) else None
+    if path.suffix or path.stat().st_size > 256:
+        return None
+    try:
+        name = path.read_text().strip()
+    except (UnicodeDecodeError, OSError):
+        return None
+    target = path.parent / name
+    return target if name and "/" not in name and target.is_dir() else None
+
+
 def read_weights(path: str | Path) -> Checkpoint:
-    """Read a local weights file or checkpoint folder (no hub look-up)."""
+    """Read a local weights file or checkpoint folder (no hub look-up).
+
+    A run's ``checkpoints/latest`` pointer file, or a run directory, is followed to the
+    checkpoint folder it names.
+
+    Raises:
+        FileNotFoundError: No such file or folder.
+        CheckpointError: Not a checkpoint (an image, a text file, a corrupt file).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    target = _follow_pointer(path)
+    if target is not None:
+        path = target
+    elif path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:
+        hint = " (an image: pass it as the image argument, and the weights with --checkpoint)" \
+            if path.suffix.lower() in _IMAGE_SUFFIXES else ""
+        raise CheckpointError(f"{path} is not a checkpoint{hint}; expected a {'/'.join(WEIGHT_SUFFIXES)} file, "
+                              f"a checkpoint folder, a run directory or a run's checkpoints/latest")
     folder = path if path.is_dir() else path.parent
     file = find_weights_file(path) if path.is_dir() else path
     meta: dict[str, str] = {}
@@ -153,10 +190,24 @@ def save_checkpoint(model: nn.Module, path: str | Path, labels: list[str] | None
     file.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"vitlab": json.dumps(meta), "format": "pt"})
-    tmp.replace(file)
-    if folder is not None:
-        cfg_tmp = folder / "config.json.tmp"
-        cfg_tmp.write_text(json.dumps({"vitlab": meta}, indent=2))
-        cfg_tmp.replace(folder / "config.json")
+    try:
+        save_file(tensors, str(tmp), metadata={"vitlab": json.dumps(meta), "format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; give the file the usual mode
+        tmp.replace(file)
+        if folder is not None:
+            cfg_tmp = folder / "config.json.tmp"
+            cfg_tmp.write_text(json.dumps({"vitlab": meta}, indent=2))
+            cfg_tmp.replace(folder / "config.json")
+    except BaseException:  # disk full, permission, Ctrl-C: no partial file stays behind
+        for leftover in (tmp, (folder / "config.json.tmp") if folder is not None else None):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
+        raise
     return file
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -4,12 +4,14 @@ A checkpoint is a folder ``checkpoints/epoch-NNNN`` holding ``model.safetensors`
 checkpoint, usable on its own for predict/eval), ``ema.safetensors`` when EMA is on, and
 ``state.pt`` (optimizer, scheduler, scaler, RNG states, counters: tensors and plain Python
 values only, read back with ``torch.load(weights_only=True)``). The folder is written under
-a temporary name and renamed; then the ``latest`` pointer file is replaced atomically. A
-kill at any moment leaves the previous checkpoint and pointer intact.
+a hidden temporary name (``.epoch-NNNN.tmp``) and renamed; then the ``latest`` pointer file
+is replaced atomically. A kill at any moment leaves the previous checkpoint and pointer intact
+and no half-written ``epoch-NNNN`` folder; the next save removes the temporary folder.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -39,6 +41,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`rng_state` (CUDA only where available)."""
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
@@ -78,36 +81,71 @@ def save_training_checkpoint(
     name = f"epoch-{epoch:04d}"
     tmp = ck_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
-    if ema_model is not None:
-        files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
-    torch.save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
-    files.append(tmp / "state.pt")
-    for f in files:
-        _fsync(f)
     final = ck_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = ck_dir / f".{LATEST}.tmp"
-    pointer_tmp.write_text(name)
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, ck_dir / LATEST)
+    replaced = None
+    try:
+        tmp.mkdir()
+        files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
+        if ema_model is not None:
+            files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
+        _torch_save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+        files.append(tmp / "state.pt")
+        for f in files:
+            _fsync(f)
+        if final.exists():  # the same epoch again: move the old folder aside in one step, never half-deleted
+            replaced = ck_dir / f".{name}.old"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        pointer_tmp = ck_dir / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name)
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, ck_dir / LATEST)
+    except BaseException:  # disk full, permission, Ctrl-C: the previous checkpoint and pointer stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        (ck_dir / f".{LATEST}.tmp").unlink(missing_ok=True)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     old = sorted(p for p in ck_dir.glob("epoch-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
+def _is_complete(folder: Path) -> bool:
+    return (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save``, with its short-write RuntimeError (``unexpected pos``) raised as OSError(ENOSPC)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        if "unexpected pos" in str(e) or "write" in str(e).lower():
+            raise OSError(errno.ENOSPC, f"write failed, disk full? ({str(e).splitlines()[0]})", str(path)) from None
+        raise
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder the ``latest`` pointer names, or None when the run has no checkpoint."""
+    """The folder the ``latest`` pointer names, or None when the run has no checkpoint.
+
+    If the pointer names a folder that is gone (a kill while the same epoch was being saved
+    again), that folder's previous version (moved aside to ``.epoch-NNNN.old``) is returned,
+    or else the newest complete ``epoch-NNNN`` folder.
+    """
     ck_dir = Path(run_dir) / "checkpoints"
     pointer = ck_dir / LATEST
     if not pointer.is_file():
         return None
-    folder = ck_dir / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    name = pointer.read_text().strip()
+    folder = ck_dir / name
+    if folder.is_dir():
+        return folder
+    if _is_complete(ck_dir / f".{name}.old"):
+        return ck_dir / f".{name}.old"
+    complete = sorted(p for p in ck_dir.glob("epoch-*") if p.is_dir() and _is_complete(p))
+    return complete[-1] if complete else None
 
 
 def load_training_checkpoint(folder: str | Path) -> dict[str, Any]:

@@ -154,8 +154,33 @@ class TrainConfig:
             errors.append(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.batch_size <= 0:
             errors.append(f"data.batch_size must be positive, got {self.data.batch_size}")
+        errors += range_errors(self)
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
+
+
+#: Valid ranges of numeric options, ``section.key -> (low, high)`` (inclusive; None: unbounded).
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    **{f"augment.{k}": (0.0, 1.0) for k in ("hflip", "affine_p", "random_erasing", "mixup_prob",
+                                               "mixup_switch_prob", "affine_translate")},
+    "augment.label_smoothing": (0.0, 0.99),
+    **{f"augment.{k}": (0.0, None) for k in ("affine_degrees", "affine_shear", "color_jitter", "mixup_alpha",
+                                                "cutmix_alpha")},
+    "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.min_lr": (0.0, None),
+    "optim.warmup_epochs": (0.0, None), "distill.alpha": (0.0, 1.0), "distill.tau": (0.0, None),
+}
+
+
+def range_errors(cfg: "TrainConfig") -> list[str]:
+    """``key must be in [low, high], got value`` for every option of :data:`RANGES` outside its range."""
+    errors = []
+    for key, (low, high) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, (int, float)) and ((low is not None and value < low) or (high is not None and value > high)):
+            valid = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            errors.append(f"{key} must be {'in ' if high is not None else ''}{valid}, got {value:g}")
+    return errors
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -196,7 +196,12 @@ class Trainer:
             # (B, C, H, W) -> (B, C, size, size)
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if gen is not None and self.augment is not None:
-            return self.augment(x, gen)  # the augmentation ends with the normalisation
+            x = self.augment(x, gen)  # the augmentation ends with the normalisation
+            if size is not None and tuple(x.shape[-2:]) != (size, size):
+                # A fixed-size crop (RandomResizedCrop to data.image_size) would undo progressive resizing.
+                # (B, C, H', W') -> (B, C, size, size)
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            return x
         if self.mean is not None and self.std is not None:
             x = normalize(x, self.mean, self.std)
         return x
@@ -388,7 +393,7 @@ class Trainer:
             cm = t["confusion"]
             if self.ema is not None:
                 e = self.evaluate(loader, self.ema.module)
-                results.update({f"ema_{split}_top1": e["top1"], f"ema_{split}_top5": e["top5"]})
+                results.update({f"ema_{split}_top1": e["top1"], f"ema_{split}_top5": e["top5"], f"ema_{split}_loss": e["loss"]})
             results["split"] = split
         if self.dist.is_main:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
