@@ -45,7 +45,8 @@ def test_tasks_are_picked_by_name_with_close_matches(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"unknown task 'toy_regresion'.*Did you mean 'toy_regression'"):
         load_config(None, ["task=toy_regresion"])
     # The CLI flag reaches the config: one line, exit 2, before anything is built.
-    assert cli(["train", "--task", "clasification", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert cli(["train", "--task", "clasification", "--epochs", "1", "--no-progress",
+                "--output-dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Did you mean 'classification'" in err[0]
     # --task trains the task named: the toy's primary metric is what the CLI reports.
