@@ -3,9 +3,9 @@
 Writes a small ImageNet-style tree of JPEGs (ImageNet-like sizes, mixed modes) unless
 ``--data`` names one, then measures, in images/s:
 
-* decode + random-resized-crop per sample in ``N`` DataLoader workers (``--workers``), and
-  the same followed by the batched device augmentation (flip, RandAugment, normalise,
-  random erasing) of the DeiT recipe;
+* decode + random-resized-crop per sample in ``N`` DataLoader workers (``--workers``);
+* the batched device augmentation of the DeiT recipe (flip, RandAugment, normalise,
+  random erasing) on one such batch;
 * a training step of ``--model`` at the same size and batch (forward + backward + AdamW):
   what the model consumes.
 
@@ -46,27 +46,35 @@ def make_tree(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def loader_rate(data: Path, size: int, batch: int, workers: int, device_aug: bool, batches: int) -> float:
-    """Images/s through the loader (and the device augmentation when ``device_aug``)."""
+def loader_rate(data: Path, size: int, batch: int, workers: int, batches: int) -> tuple[float, torch.Tensor]:
+    """Images/s of decode + random-resized-crop through a DataLoader with ``workers`` workers.
+
+    Timed from the iterator's creation (worker start-up included) over ``batches`` batches,
+    so prefetching cannot inflate the rate. Returns the rate and the last batch.
+    """
     ds = build_dataset(str(data), "train", transform=RandomResizedCropSample(size), check="none")
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0)
-    aug = build_augment(AugmentSection(random_resized_crop=True, hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
-                                       random_erasing=0.25), size, ds.mean, ds.std, crop_on_device=False)
-    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    if len(loader) < batches:
+        raise ValueError(f"{data} has {len(ds)} images: fewer than {batches} batches of {batch}")
+    t0 = time.perf_counter()
     it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    seen, t0 = 0, time.perf_counter()
     for _ in range(batches):
-        try:
-            x, _ = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, _ = next(it)
-        if device_aug:
-            x = aug(x, gen)
-        seen += x.shape[0]
-    return seen / (time.perf_counter() - t0)
+        x, _ = next(it)
+    rate = batches * batch / (time.perf_counter() - t0)
+    del it
+    return rate, x
+
+
+def augment_rate(x: torch.Tensor, mean, std, repeats: int) -> float:
+    """Images/s of the DeiT recipe's batched device augmentation (flip, RandAugment, normalise, erasing)."""
+    aug = build_augment(AugmentSection(random_resized_crop=True, hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
+                                       random_erasing=0.25), x.shape[-1], mean, std, crop_on_device=False)
+    gen = torch.Generator().manual_seed(0)
+    aug(x, gen)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        aug(x, gen)
+    return repeats * x.shape[0] / (time.perf_counter() - t0)
 
 
 def model_rate(name: str, size: int, batch: int, steps: int) -> float:
@@ -90,7 +98,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="images to generate")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=6, help="timed batches per setting")
+    p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
@@ -100,11 +108,15 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {data}; size {args.size}, "
               f"batch {args.batch_size}\n")
         print("| stage | workers | images/s |\n|---|---|---|")
+        x = None
         for w in args.workers:
-            print(f"| decode + random-resized-crop | {w} | {loader_rate(data, args.size, args.batch_size, w, False, args.batches):.0f} |")
-            print(f"| + device augmentation (flip, RandAugment, normalise, erasing) | {w} | "
-                  f"{loader_rate(data, args.size, args.batch_size, w, True, args.batches):.0f} |")
-        print(f"| {args.model} training step (consumes) | - | {model_rate(args.model, args.size, args.batch_size, args.steps):.0f} |")
+            rate, x = loader_rate(data, args.size, args.batch_size, w, args.batches)
+            print(f"| decode + random-resized-crop to {args.size} (DataLoader) | {w} | {rate:.0f} |")
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        print(f"| batched augmentation on the device (flip, RandAugment m9, normalise, erasing) | - | "
+              f"{augment_rate(x, mean, std, args.batches):.0f} |")
+        print(f"| {args.model} training step (what the model consumes) | - | "
+              f"{model_rate(args.model, args.size, args.batch_size, args.steps):.0f} |")
 
 
 if __name__ == "__main__":

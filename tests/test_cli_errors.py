@@ -118,7 +118,7 @@ def test_predict_with_a_mistyped_model_says_unknown_model(ckpt_and_image, capsys
 def test_config_values_out_of_range_or_of_the_wrong_type(tmp_path, monkeypatch, capsys):
     import vitlab.training.run as run
 
-    def must_not_train(cfg, resume=False):
+    def must_not_train(cfg, resume=False, **kwargs):
         raise AssertionError(f"training started with an invalid config: {cfg.augment}")
 
     monkeypatch.setattr(run, "train", must_not_train)
@@ -137,7 +137,7 @@ def test_config_values_out_of_range_or_of_the_wrong_type(tmp_path, monkeypatch, 
 def test_ctrl_c_in_train_prints_how_to_resume(tmp_path, monkeypatch, capsys):
     import vitlab.training.run as run
 
-    def interrupted(cfg, resume=False):
+    def interrupted(cfg, resume=False, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "train", interrupted)
@@ -210,7 +210,7 @@ def test_disk_full_in_train_is_one_line_naming_the_path(tmp_path, monkeypatch, c
     import vitlab.pretrained.io as io
     import vitlab.training.run as run
 
-    def train(cfg, resume=False):  # the real checkpoint writer on a full disk
+    def train(cfg, resume=False, **kwargs):  # the real checkpoint writer on a full disk
         save_training_checkpoint(cfg.output_dir, 1, tiny_vit(), {"step": 1})
 
     def no_space(tensors, filename, metadata=None):
@@ -253,7 +253,7 @@ def test_diverged_training_is_one_line(tmp_path, monkeypatch, capsys):
     import vitlab.training.run as run
     from vitlab.training.trainer import TrainingDiverged
 
-    def diverges(cfg, resume=False):
+    def diverges(cfg, resume=False, **kwargs):
         raise TrainingDiverged("loss is nan at epoch 3, batch 7: training stopped. lower optim.lr")
 
     monkeypatch.setattr(run, "train", diverges)

@@ -158,6 +158,8 @@ def test_dataset_brings_its_size_and_augmentation():
         32, 0.0, 0.5, True)
     folder = _train_config(_args("--dataset", "some/folder"))
     assert (folder.data.image_size, folder.data.crop_pct, folder.data.interpolation) == (224, 0.875, "bicubic")
+    # a recipe's `image_size: null` (configs/training.yaml) means the dataset's size
+    assert load_config(ROOT / "configs" / "training.yaml", ["data.dataset=some/folder"]).data.image_size == 224
     # the recipe beats the dataset's defaults, dotted overrides beat the recipe, flags beat both
     vit_b = _train_config(_args("--config", str(ROOT / "configs" / "vit_base.yaml"), "--dataset", "cifar10",
                                 "data.image_size=64", "optim.lr=1", "--lr", "0.5"))
@@ -234,6 +236,10 @@ def test_vit_trainer_records_given_preprocessing_and_refuses_to_guess(tmp_path):
         ViTTrainer(config, output_dir=tmp_path / "unknown", progress=False).train(_tiny_loader(), epochs=1)
     with pytest.raises(ValueError, match="does not record its preprocessing"):
         ViTClassifier.from_pretrained(latest_checkpoint(tmp_path / "unknown"))
+    from vitlab.training.evaluate import evaluate_checkpoint
+
+    with pytest.raises(ValueError, match="does not record its preprocessing"):
+        evaluate_checkpoint(latest_checkpoint(tmp_path / "unknown"), "synthetic")
     with pytest.raises(ValueError, match="missing interpolation"):
         ViTTrainer(config, preprocessing=dict(mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0))
 

@@ -255,3 +255,29 @@ def test_build_dataset_from_folder(tmp_path):
     for s in ("train", "val"):
         _png(split / s / "x" / "0.png")
     assert len(build_dataset(split, "val", image_size=4)) == 1
+
+
+def test_cifar_trains_at_its_own_size_and_crops_like_folders(tmp_path):
+    """`--dataset cifar10` brings 32x32 and CIFAR's augmentation (not the digits recipe's), and a
+    different training size / crop is applied per sample exactly as for image folders."""
+    import json
+
+    from vitlab.cli import main as cli
+    from vitlab.datasets.pipeline import ResizeCenterCropSample
+    from vitlab.training import load_config
+    from vitlab.training.run import build_datasets
+
+    _fake_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    assert cli(["train", "model.overrides={patch_size: 8, dim: 32, depth: 1, heads: 2, mlp_dim: 64}",
+                "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "5",
+                "--output-dir", str(out), "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["image_size"] == 32 and cfg["augment"]["affine_p"] == 0.0
+    assert cfg["augment"]["random_resized_crop"] and cfg["augment"]["hflip"] == 0.5
+    cfg = load_config(None, ["data.dataset=cifar10", f"data.data_dir={tmp_path / 'data'}",
+                             "data.crop_pct=0.5", "data.interpolation=bicubic"])  # native 32x32, but a 0.5 crop
+    train, val, test = build_datasets(cfg)
+    raw = CIFARDataset(tmp_path / "data", train=False)[1][0]
+    assert torch.equal(val[1][0], ResizeCenterCropSample(32, 0.5, "bicubic")(raw))
+    assert not torch.equal(val[1][0], raw) and torch.equal(train[0][0], CIFARDataset(tmp_path / "data")[0][0])

@@ -208,7 +208,7 @@ def _imports(path: Path, top_level_only: bool = False) -> list[str]:
 
 
 def test_tasks_do_not_import_the_engine_and_the_engine_not_evaluation():
-    for path in sorted((SRC / "tasks").glob("*.py")):
+    for path in sorted((SRC / "tasks").rglob("*.py")):
         bad = [m for m in _imports(path) if m.startswith(("vitlab.training", "vitlab.evaluation"))]
         assert not bad, f"{path.name} imports {bad}: tasks sit below training/ and evaluation/"
     bad = [m for m in _imports(SRC / "training" / "trainer.py", top_level_only=True) if m.startswith("vitlab.evaluation")]

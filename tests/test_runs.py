@@ -20,6 +20,7 @@ def _snapshot(run: Path) -> dict[str, str]:
     """The run's result files and checkpoint names, to check nothing was touched."""
     files = {f: (run / f).read_text() for f in ("results.json", "metrics.jsonl", "config.json")}
     files["checkpoints"] = " ".join(sorted(p.name for p in (run / "checkpoints").iterdir()))
+    files["written"] = " ".join(str((run / f).stat().st_mtime_ns) for f in ("results.json", "config.json"))
     return files
 
 

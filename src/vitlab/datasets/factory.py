@@ -72,7 +72,7 @@ def _folder_split(root: Path, split: str, kw: dict[str, Any]) -> Dataset:
     if len(idx) == 0:
         raise ValueError(
             f"the {split} split of {root} is empty: give it its own folder ({root}/{split}/<class>/...) "
-            f"or a {split}_fraction > 0"
+            f"or a {split}_fraction > 0 (build_dataset option); vitlab eval uses the val split when there is no test split"
         )
     return SubsetDataset(full, idx, split)
 

@@ -377,6 +377,8 @@ def load_config(
     name = data.get("dataset", DataSection.dataset)
     defaults = DATASET_DEFAULTS.get(dataset_kind(str(name)), {})
     values = _merge(copy.deepcopy(defaults), values)
+    if isinstance(values.get("data"), dict) and values["data"].get("image_size") is None:
+        values["data"]["image_size"] = defaults.get("data", {}).get("image_size")  # null: the dataset's size
     return _build(TrainConfig, values)
 
 

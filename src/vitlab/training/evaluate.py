@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..datasets.factory import build_dataset
 from ..datasets.pipeline import ResizeCenterCropSample, dataset_kind
+from ..datasets.transforms import EvalTransform
 from ..pretrained import load_model
 from .trainer import evaluate_model, resolve_device
 
@@ -33,6 +34,7 @@ def evaluate_checkpoint(
     """
     model = load_model(checkpoint)
     pcfg = model.pretrained_cfg
+    EvalTransform.from_config(pcfg)  # refuses a checkpoint whose preprocessing is unknown
     size = pcfg.get("input_size")
     size = int(size[-1] if isinstance(size, (list, tuple)) else size) if size else None
     kw: dict[str, Any] = {}
