@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import vitlab
-import vitlab.models.cait as cait_module
+import vitlab.models.base as checkpoint_home  # where the blocks are checkpointed
 from vitlab.components import Attention
 from vitlab.models import CaiT, CaiTConfig, create_model
 from vitlab.models.cait import TalkingHeadsAttention, mix_heads
@@ -69,7 +69,7 @@ def test_intermediates_match_timm_patch_features(converted):
     normed output of the last self-attention block, i.e. forward_intermediates(norm=True)[-1]."""
     model, rest = converted
     with torch.no_grad():
-        last = model.forward_intermediates(rest["input"], indices=1, norm=True)[0]
+        last = model.forward_intermediates(rest["input"], indices=1, norm=True, intermediates_only=True)[0]
     b, c, h, w = last.shape
     assert (h, w) == model.grid_size
     # (B, C, H', W') -> (B, H'W', C)
@@ -168,12 +168,12 @@ def test_class_attention_updates_only_the_class_token(converted):
     model, rest = converted
     x = rest["input"]
     with torch.no_grad():
-        maps = model.forward_intermediates(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
         feats = model.forward_features(x)
         logits = model(x)
         for p in model.blocks_token_only.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-        maps2 = model.forward_intermediates(x)
+        maps2 = model.forward_intermediates(x, intermediates_only=True)
         feats2 = model.forward_features(x)
         logits2 = model(x)
     for a, b in zip(maps, maps2):
@@ -216,7 +216,7 @@ def test_class_attention_map_matches_by_hand(converted):
     with torch.no_grad():
         tokens, grid = model.embed(x)
         for i in range(len(model.blocks)):
-            tokens = model.run_block(i, tokens, grid)
+            tokens = model.blocks[i](tokens, grid=grid)
         with vitlab.capture_attention(model) as cap:
             blk(model.cls_token.expand(2, -1, -1), tokens, grid=grid)
         u = blk.norm1(torch.cat([model.cls_token.expand(2, -1, -1), tokens], 1))
@@ -283,13 +283,13 @@ def test_contract_layer_ids_no_weight_decay_feature_info():
 
 def test_grad_checkpointing_is_used_in_both_stages(monkeypatch):
     calls = []
-    real = cait_module.checkpoint_seq
+    real = checkpoint_home.checkpoint_seq
 
     def counting(fn, *args, **kwargs):
         calls.append(type(fn).__name__)
         return real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(cait_module, "checkpoint_seq", counting)
+    monkeypatch.setattr(checkpoint_home, "checkpoint_seq", counting)
     model = CaiT(CaiTConfig(image_size=16, patch_size=8, dim=8, depth=2, heads=2, num_classes=2)).train()
     x = torch.randn(1, 3, 16, 16)
     model(x).sum().backward()

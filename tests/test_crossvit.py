@@ -48,7 +48,7 @@ def test_timm_parity_logits_and_features(case):
     x = ref["input"]
     with torch.no_grad():
         out = model(x)
-        feats = model.forward_features(x)
+        feats = model.forward_branches(x)
     assert out.abs().max() > 0.1  # the reference logits are not trivially small
     torch.testing.assert_close(out, ref["output"], atol=1e-5, rtol=0)
     for b in range(2):
@@ -61,7 +61,7 @@ def test_intermediates_are_branch_major_and_match_timm_features(case):
     x = ref["input"]
     depth = len(model.blocks)
     with torch.no_grad():
-        maps = model.forward_intermediates(x, norm=True)
+        maps = model.forward_intermediates(x, norm=True, intermediates_only=True)
     assert len(maps) == len(model.feature_info) == 2 * depth
     for k, (fmap, info) in enumerate(zip(maps, model.feature_info)):
         b = k // depth
@@ -157,7 +157,7 @@ def test_create_model_from_timm_file(case, tmp_path):
     with pytest.warns(UserWarning, match="head"):
         other = vitlab.create_model(CASES[case], pretrained=path, **overrides).eval()
     with torch.no_grad():
-        feats = other.forward_features(ref["input"])
+        feats = other.forward_branches(ref["input"])
         assert other(ref["input"]).shape == (2, 5)
     for b in range(2):
         torch.testing.assert_close(feats[b], ref[f"features.{b}"], atol=1e-5, rtol=0)
@@ -223,12 +223,12 @@ def test_fusion_exchanges_class_token_information():
 def test_eval_output_is_the_mean_of_the_two_heads():
     model, ref = fixture_model("crossvit")
     x = ref["input"]
-    feats = model.forward_features(x)
+    feats = model.forward_branches(x)
     h0, h1 = model.head[0](feats[0][:, 0]), model.head[1](feats[1][:, 0])
     out = model(x)
     torch.testing.assert_close(out, (h0 + h1) / 2, atol=1e-6, rtol=0)
     assert (h0 - h1).abs().max() > 0.1  # the heads disagree, so the mean is not either one
-    pre = model.forward_head(feats, pre_logits=True)
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
     torch.testing.assert_close(pre, torch.cat([feats[0][:, 0], feats[1][:, 0]], dim=1))
     assert model.num_features == pre.shape[1] == 8 + 16
 
@@ -269,7 +269,7 @@ def test_attention_capture_records_branch_and_grid():
 def test_other_input_size_resizes_each_branch():
     model = tiny_model("crossvit_9_240").eval()
     x = torch.randn(1, 3, 130, 100)
-    maps = model.forward_intermediates(x, indices=[0, len(model.blocks)])
+    maps = model.forward_intermediates(x, indices=[0, len(model.blocks)], intermediates_only=True)
     s1 = model.config.img_scale[1]
     assert maps[0].shape[-2:] == (-(-130 // 12), -(-100 // 12))
     assert maps[1].shape[-2:] == (-(-int(130 * s1) // 16), -(-int(100 * s1) // 16))

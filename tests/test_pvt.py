@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import vitlab
-import vitlab.models.pvt as pvt_module
+import vitlab.models.base as checkpoint_home  # where the blocks are checkpointed
 from vitlab.models import (
     PvtConfig,
     PvtV2Config,
@@ -128,7 +128,7 @@ def test_timm_parity(case):
         assert_close_and_nontrivial(model(x), rest["output"], atol=1e-5)
         feats = model.forward_features(x)
         torch.testing.assert_close(feats, rest["features"], atol=1e-5, rtol=0)
-        maps = model.forward_intermediates(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(m.shape[1:]) for m in maps] == [(4, 16, 16), (8, 8, 8), (16, 4, 4), (32, 2, 2)]
     torch.testing.assert_close(maps[-1], feats)
 
@@ -179,7 +179,7 @@ def test_hf_pvt_v2_parity(linear):
     with torch.no_grad():
         ref = hf(pixel_values=x, output_hidden_states=True)
         assert_close_and_nontrivial(model(x), ref.logits, atol=1e-4)
-        maps = model.forward_intermediates(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
     for ours, theirs in zip(maps, ref.hidden_states, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
@@ -433,13 +433,13 @@ def test_layer_ids_follow_depth():
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_tiny"])
 def test_grad_checkpointing_is_used_in_training(name, monkeypatch):
     calls = []
-    real = pvt_module.checkpoint_seq
+    real = checkpoint_home.checkpoint_seq
 
     def counting(fn, x, *args, **kwargs):
         calls.append(fn)
         return real(fn, x, *args, **kwargs)
 
-    monkeypatch.setattr(pvt_module, "checkpoint_seq", counting)
+    monkeypatch.setattr(checkpoint_home, "checkpoint_seq", counting)
     model = build_model(name, dims=(4, 8, 20, 32), depths=(1, 1, 1, 1), image_size=64)
     model.set_grad_checkpointing(True)
     x = torch.randn(1, 3, 64, 64)

@@ -145,7 +145,7 @@ def test_other_input_size(name):
 def test_forward_intermediates(name):
     model = tiny_model(name).eval()
     x = image_for(model)
-    maps = model.forward_intermediates(x)
+    maps = model.forward_intermediates(x, intermediates_only=True)
     assert len(maps) == len(model.feature_info)
     h, w = model.config.image_size
     for fmap, info in zip(maps, model.feature_info):
@@ -154,7 +154,7 @@ def test_forward_intermediates(name):
         red = info["reduction"]
         assert fmap.shape[2:] == (-(-h // red), -(-w // red)), (fmap.shape, info)
         assert torch.isfinite(fmap).all()
-    last = model.forward_intermediates(x, indices=1)
+    last = model.forward_intermediates(x, indices=1, intermediates_only=True)
     assert len(last) == 1
     torch.testing.assert_close(last[0], maps[-1])
 

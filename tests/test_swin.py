@@ -17,6 +17,7 @@ import torch
 import vitlab
 from vitlab.models import SwinConfig, SwinTransformer, build_model, create_model
 from vitlab.components import resample_relative_position_table
+from vitlab.models import base as checkpoint_home  # where the blocks are checkpointed
 from vitlab.models import swin as swin_module
 from vitlab.pretrained import convert_state_dict, detect_layout, load_state_dict_checked, save_checkpoint
 
@@ -48,7 +49,7 @@ def test_timm_fixture_parity():
     with torch.no_grad():
         out = model(t["input"])
         feats = model.forward_features(t["input"])  # (B, C, H, W); timm's are NHWC
-        last = model.forward_intermediates(t["input"], indices=1, norm=True)[0]
+        last = model.forward_intermediates(t["input"], indices=1, norm=True, intermediates_only=True)[0]
     torch.testing.assert_close(out, t["output"], atol=1e-5, rtol=0)
     torch.testing.assert_close(feats.permute(0, 2, 3, 1), t["features"], atol=1e-5, rtol=0)
     torch.testing.assert_close(last, feats)
@@ -271,7 +272,7 @@ def test_feature_info_and_strides():
     assert [f["num_chs"] for f in model.feature_info] == [96, 192, 384, 768]
     assert model.num_features == 768
     small = SwinTransformer(SwinConfig(**{**TINY, "patch_size": 4, "image_size": 64})).eval()
-    maps = small.forward_intermediates(torch.randn(1, 3, 64, 64))
+    maps = small.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
     assert [tuple(m.shape[1:]) for m in maps] == [(8, 16, 16), (16, 8, 8), (32, 4, 4), (64, 2, 2)]
 
 
@@ -293,13 +294,13 @@ def test_layer_ids_and_no_weight_decay():
 
 def test_grad_checkpointing_is_used(monkeypatch):
     calls = []
-    real = swin_module.checkpoint_seq
+    real = checkpoint_home.checkpoint_seq
 
     def counting(fn, x, *args, **kwargs):
         calls.append(x.shape)
         return real(fn, x, *args, **kwargs)
 
-    monkeypatch.setattr(swin_module, "checkpoint_seq", counting)
+    monkeypatch.setattr(checkpoint_home, "checkpoint_seq", counting)
     model = SwinTransformer(SwinConfig(**{**TINY, "patch_size": 4}), num_classes=3).train()
     x = torch.randn(1, 3, 32, 32)
     model(x).sum().backward()

@@ -18,17 +18,22 @@ from .embeddings import (
     PatchEmbed,
     RelativePositionBias,
     interpolate_pos_embed,
+    pos_embed_for_grid,
     relative_position_index,
+    resample_checkpoint_pos_embed,
     resample_relative_position_table,
     sincos_2d_pos_embed,
     to_2tuple,
 )
-from .layers import Block, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path
+from .layers import ACT_LAYERS, Block, QuickGELU, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path, drop_path_rates, tokens_to_map
+from .layout import AttentionLayout, FeatureLayout, Segment, SegmentKey, TokenGrid, TokenLayout, square_cell
 
 __all__ = [
     "Attention", "AttentionBase", "AttentionCapture", "AttentionRecord", "CrossAttention", "WindowAttention",
     "capture_attention", "explicit_attention", "shifted_window_mask", "window_partition", "window_reverse",
     "LinearPatchEmbed", "PatchEmbed", "RelativePositionBias", "interpolate_pos_embed", "relative_position_index",
     "resample_relative_position_table", "sincos_2d_pos_embed", "to_2tuple",
-    "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path",
+    "pos_embed_for_grid", "resample_checkpoint_pos_embed",
+    "ACT_LAYERS", "QuickGELU", "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path", "drop_path_rates", "tokens_to_map",
+    "AttentionLayout", "FeatureLayout", "Segment", "SegmentKey", "TokenGrid", "TokenLayout", "square_cell",
 ]

@@ -213,6 +213,40 @@ def interpolate_pos_embed(
     return torch.cat([prefix, g], dim=1)
 
 
+def pos_embed_for_grid(
+    pos_embed: Tensor, grid: tuple[int, int], stored_grid: tuple[int, int], num_prefix_tokens: int
+) -> Tensor:
+    """A learned position embedding (1, P + gh * gw, C) for a token grid, resampled (bicubic) if new.
+
+    Every family with a learned position embedding calls this on forward, so any input size works.
+    """
+    if tuple(grid) == tuple(stored_grid):
+        return pos_embed
+    return interpolate_pos_embed(pos_embed, grid, num_prefix_tokens, old_grid=tuple(stored_grid))
+
+
+def resample_checkpoint_pos_embed(
+    state_dict: dict[str, Tensor], key: str, own: Tensor, grid: tuple[int, int], num_prefix_tokens: int
+) -> dict[str, Tensor]:
+    """Fit a checkpoint's position embedding ``state_dict[key]`` to a model's ``own`` one on load.
+
+    A checkpoint embedding on another (square) grid with the same width and prefix tokens is
+    resampled bicubically to ``grid``; anything else (absent, equal, another width, not a
+    square grid) is left as it is, for the loader's shape-mismatch report. The input dict is
+    not modified.
+    """
+    pe = state_dict.get(key)
+    if pe is None or pe.shape == own.shape or pe.ndim != 3 or pe.shape[-1] != own.shape[-1]:
+        return state_dict
+    if pe.shape[1] - num_prefix_tokens <= 0:
+        return state_dict
+    try:
+        resampled = interpolate_pos_embed(pe, grid, num_prefix_tokens)
+    except ValueError:
+        return state_dict  # not a square grid with these prefix tokens
+    return {**state_dict, key: resampled}
+
+
 def relative_position_index(window: tuple[int, int]) -> Tensor:
     """(N, N) index into a ((2wh - 1) * (2ww - 1))-row bias table for every token pair."""
     wh, ww = window

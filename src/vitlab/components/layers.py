@@ -5,7 +5,7 @@ These are the only copies of these layers in vitlab; every model family builds o
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -60,6 +60,16 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 * x)``: the GELU approximation of OpenAI's CLIP."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 
 class Mlp(nn.Module):
@@ -151,4 +161,28 @@ def checkpoint_seq(fn: Callable[..., Tensor], x: Tensor, *args, **kwargs) -> Ten
     return torch.utils.checkpoint.checkpoint(fn, x, *args, use_reentrant=False, **kwargs)
 
 
-__all__ = ["drop_path", "DropPath", "LayerScale", "Mlp", "Block", "checkpoint_seq"]
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Stochastic-depth rates increasing linearly from 0 to ``rate`` over all blocks, split per stage.
+
+    ``depths`` lists the blocks per stage (one stage: ``[depth]``); block ``k`` of ``n`` in total
+    gets ``rate * k / (n - 1)``.
+    """
+    total = sum(depths)
+    flat = [rate * i / max(total - 1, 1) for i in range(total)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start : start + d])
+        start += d
+    return out
+
+
+def tokens_to_map(x: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+    """Tokens (B, P + h*w, C) on ``grid`` -> map (B, C, h, w), the P prefix tokens left out."""
+    b, n, c = x.shape
+    if n != num_prefix_tokens + grid[0] * grid[1]:
+        raise ValueError(f"got {n} tokens for a {grid[0]}x{grid[1]} grid with {num_prefix_tokens} prefix token(s)")
+    # (B, P + h*w, C) -> (B, h*w, C) -> (B, C, h*w) -> (B, C, h, w)
+    return x[:, num_prefix_tokens:].transpose(1, 2).reshape(b, c, grid[0], grid[1])
+
+
+__all__ = ["drop_path", "DropPath", "LayerScale", "Mlp", "Block", "checkpoint_seq", "drop_path_rates", "tokens_to_map"]

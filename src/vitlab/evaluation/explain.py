@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..datasets.transforms import ImageLike
 from .analysis import analyze_attention, plot_attention_analysis, save_json
 from . import interpretation as interp
-from .layouts import ATTENTION_FAMILIES
+from .layouts import has_attention
 from .visualization import AttentionVisualizer, Panel, plot_sheet, save_figure
 
 METHODS = ("attention", "rollout", "grad-rollout", "gradcam", "occlusion", "saliency", "pca", "distance")
@@ -202,7 +202,7 @@ def run_method(model: nn.Module, x: Tensor, method: str, layers: Sequence[int] |
     """
     if method not in _RUNNERS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method in ATTENTION_METHODS and getattr(model, "family", None) not in ATTENTION_FAMILIES:
+    if method in ATTENTION_METHODS and not has_attention(model):
         raise ValueError(f"method {method!r} needs attention layers, and {type(model).__name__} has none; "
                          f"use gradcam, occlusion, saliency or pca")
     if method == "occlusion":
@@ -281,7 +281,7 @@ def explain_all(model: nn.Module, image: ImageLike | Tensor, output_dir: str | P
     record = dict(_header(model, x, image, cls), methods={}, skipped={}, files=[])
     sheet: list[tuple[str, list[Panel]]] = []
     for method in interp.progress_bar(list(methods), "explain", progress):
-        if method in ATTENTION_METHODS and getattr(model, "family", None) not in ATTENTION_FAMILIES:
+        if method in ATTENTION_METHODS and not has_attention(model):
             record["skipped"][method] = "the model has no attention layers"
             continue
         result = run_method(model, x, method, layers, cls, strict=False, progress=progress)

@@ -387,12 +387,13 @@ def feature_points(model: nn.Module, image_size: tuple[int, int]) -> list[Featur
 
 
 def default_cam_layers(model: nn.Module, points: Sequence[FeaturePoint]) -> list[int]:
-    """1-based feature points Grad-CAM uses by default: the deepest that reaches the head
-    (both branches' last stage for CrossViT)."""
-    if getattr(model, "family", None) == "crossvit":
-        per = len(points) // model.num_branches
-        return [per * (b + 1) for b in range(model.num_branches)]
-    return [max(i + 1 for i, p in enumerate(points) if p.reaches_head)]
+    """1-based feature points Grad-CAM uses by default: per token stream, the deepest that
+    reaches the head (both branches' last stage for CrossViT)."""
+    deepest: dict[int, int] = {}
+    for i, p in enumerate(points):
+        if p.reaches_head:
+            deepest[p.stream] = i + 1
+    return sorted(deepest.values())
 
 
 def _token_map(out: Tensor, point: FeaturePoint, grid_kw: tuple[int, int] | None) -> tuple[Tensor, TokenGrid]:
@@ -595,7 +596,7 @@ def _intermediates(model: nn.Module, x: Tensor, layers: int | Sequence[int] | No
     chosen = resolve_layers(layers, len(points), "feature layers (blocks or stages)") if layers is not None \
         else list(range(len(points) - min(default_last or len(points), len(points)), len(points)))
     with torch.no_grad(), eval_mode(model):
-        feats = model.forward_intermediates(x, indices=chosen)
+        feats = model.forward_intermediates(x, indices=chosen, intermediates_only=True)
     return [(j, points[j], f.float()) for j, f in zip(chosen, feats)]
 
 

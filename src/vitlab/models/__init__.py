@@ -4,12 +4,14 @@ from . import convnet, deit, vit  # noqa: F401  (registration)
 from . import cait  # noqa: F401  (registration)
 from . import crossvit  # noqa: F401  (registration)
 from . import swin  # noqa: F401  (registration)
-from . import pvt  # noqa: F401  (registration)
-from .pvt import PvtConfig, PvtV2Config, PyramidVisionTransformer, PyramidVisionTransformerV2, SpatialReductionAttention
+from . import pvt, pvt_v2  # noqa: F401  (registration)
+from .pvt import PvtConfig, PyramidVisionTransformer
+from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2
+from .pyramid import SpatialReductionAttention
 from .swin import PatchMerging, SwinConfig, SwinTransformer
 from .crossvit import CrossViT, CrossViTConfig
 from .cait import CaiT, CaiTConfig
-from .base import Backbone
+from .base import Backbone, BackboneConfig
 from .convnet import ConvNet, ConvNetConfig
 from .deit import DeiTConfig, DistilledVisionTransformer
 from .registry import (ModelEntry, build_model, create_model, get_entry, list_families, list_models, model_config,
@@ -17,7 +19,7 @@ from .registry import (ModelEntry, build_model, create_model, get_entry, list_fa
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
-    "Backbone", "ConvNet", "ConvNetConfig", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
+    "Backbone", "BackboneConfig", "ConvNet", "ConvNetConfig", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
     "build_model", "create_model", "get_entry", "list_families", "list_models", "model_config", "resolve_model_name",
 ]
 __all__ += ["CaiT", "CaiTConfig"]

@@ -27,29 +27,21 @@ raster order over ``info["grid"]``] (``info["num_prefix_tokens"] == 1``).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..components import (
-    Attention,
-    Block,
-    CrossAttention,
-    DropPath,
-    LayerScale,
-    Mlp,
-    PatchEmbed,
-    checkpoint_seq,
-    interpolate_pos_embed,
-    to_2tuple,
+    Attention, Block, CrossAttention, DropPath, LayerScale, Mlp, AttentionLayout, FeatureLayout, PatchEmbed,
+    Segment, TokenGrid, TokenLayout, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
 )
 from ..config import build_config
-from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    Backbone, GroupMatcher, IntermediateResult, check_config, classifier_head, init_linears, pretrained_cfg,
+)
 from .registry import register_family
 
 
@@ -117,25 +109,22 @@ class CaiTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
-        checks = [
-            *((f"{n} must be positive, got {getattr(self, n)}", getattr(self, n) > 0)
-              for n in ("patch_size", "in_channels", "dim", "heads", "depth", "mlp_ratio", "mlp_ratio_token_only",
-                        "init_values", "norm_eps")),
-            *((f"{n} must be in [0, 1), got {getattr(self, n)}", 0.0 <= getattr(self, n) < 1.0)
-              for n in ("dropout", "attention_dropout", "drop_path", "drop_path_token_only", "head_dropout")),
-            (f"mlp_dim must be positive (or None for dim * mlp_ratio), got {self.mlp_dim}",
-             self.mlp_dim is None or self.mlp_dim > 0),
-            (f"depth_token_only must be >= 1 (the class token is read out after class attention), "
-             f"got {self.depth_token_only}", self.depth_token_only >= 1),
-            (f"num_classes must be >= 0, got {self.num_classes}", self.num_classes >= 0),
-            (f"dim ({self.dim}) must be divisible by heads ({self.heads})", self.heads <= 0 or self.dim % self.heads == 0),
-            (f"pool must be 'cls' or 'mean', got {self.pool!r}", self.pool in ("cls", "mean")),
-            (f"image_size {self.image_size} is smaller than patch_size {self.patch_size}",
-             min(self.image_size) >= self.patch_size),
-        ]
-        errors = [message for message, ok in checks if not ok]
-        if errors:
-            raise ValueError("invalid CaiTConfig: " + "; ".join(errors))
+        check_config(
+            self,
+            positive=("patch_size", "in_channels", "dim", "heads", "depth", "mlp_ratio", "mlp_ratio_token_only",
+                      "init_values", "norm_eps"),
+            rates=("dropout", "attention_dropout", "drop_path", "drop_path_token_only", "head_dropout"),
+            checks=[
+                (self.mlp_dim is None or self.mlp_dim > 0,
+                 f"mlp_dim must be positive (or None for dim * mlp_ratio), got {self.mlp_dim}"),
+                (self.depth_token_only >= 1, f"depth_token_only must be >= 1 (the class token is read out after class "
+                                             f"attention), got {self.depth_token_only}"),
+                (self.heads <= 0 or self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+                (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+                (min(self.image_size) >= self.patch_size,
+                 f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"),
+            ],
+        )
 
     @property
     def hidden_dim(self) -> int:
@@ -273,40 +262,26 @@ class CaiT(Backbone):
     # ------------------------------------------------------------- features
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """The patch position embedding for a token grid, resampled (bicubic) if the grid is new."""
-        if tuple(grid) == tuple(self.grid_size):
-            return self.pos_embed
-        return interpolate_pos_embed(self.pos_embed, grid, num_prefix_tokens=0, old_grid=self.grid_size)
+        return pos_embed_for_grid(self.pos_embed, grid, self.grid_size, 0)
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> patch tokens with position embedding (B, N, C), and the grid."""
         x, grid = self.patch_embed(x)  # (B, N, C)
         return self.pos_drop(x + self.position_embedding(grid)), grid
 
-    def _checkpointing(self) -> bool:
-        return self.grad_checkpointing and self.training and torch.is_grad_enabled()
-
-    def run_block(self, i: int, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Self-attention block ``i`` on the patch tokens (checkpointed when enabled)."""
-        blk = self.blocks[i]
-        if self._checkpointing():
-            return checkpoint_seq(blk, x, grid=grid)
-        return blk(x, grid=grid)
-
     def forward_cls(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Class-attention stage: patch tokens (B, N, C) -> [class token, patch tokens] (B, 1 + N, C)."""
         x_cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
         for blk in self.blocks_token_only:
-            if self._checkpointing():
-                x_cls = checkpoint_seq(blk, x_cls, x, grid=grid)
-            else:
-                x_cls = blk(x_cls, x, grid=grid)
+            x_cls = self.run_checkpointed(blk, x_cls, x, grid=grid)
         return torch.cat([x_cls, x], dim=1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Image -> normed tokens (B, 1 + N, C), class token first."""
+        self.reject_mask(mask)
         x, grid = self.embed(x)
-        for i in range(len(self.blocks)):
-            x = self.run_block(i, x, grid)
+        for blk in self.blocks:
+            x = self.run_checkpointed(blk, x, grid=grid)
         return self.norm(self.forward_cls(x, grid))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -315,50 +290,41 @@ class CaiT(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
-                              norm: bool = False) -> list[Tensor]:
-        """Patch-token maps (B, C, H', W') after the chosen self-attention blocks.
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
+        """Patch-token maps (B, C, H', W') after the chosen self-attention blocks, and the final tokens.
 
-        Args:
-            x: Images (B, C, H, W).
-            indices: None for every self-attention block, k for the last k, or a list of indices.
-            norm: Apply the final norm to each returned map's tokens.
+        ``norm`` applies the final norm to each returned map's tokens.
         """
-        take = resolve_indices(indices, len(self.blocks))
         x, grid = self.embed(x)
-        out = []
-        for i in range(take[-1] + 1):
-            x = self.run_block(i, x, grid)
+        maps = []
+        for i in range(take[-1] + 1 if stop_early else len(self.blocks)):
+            x = self.run_checkpointed(self.blocks[i], x, grid=grid)
             if i in take:
-                y = self.norm(x) if norm else x
-                b, _, c = y.shape
-                out.append(y.transpose(1, 2).reshape(b, c, grid[0], grid[1]))  # (B, N, C) -> (B, C, H', W')
-        return out
+                maps.append((self.norm(x) if norm else x, grid, 0))
+        final = None if stop_early else self.norm(self.forward_cls(x, grid))
+        return final, maps
 
     # ------------------------------------------------------------- contract
-    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
-        if pool is not None:
-            if pool not in ("cls", "mean"):
-                raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-            self.config = dataclasses.replace(self.config, pool=pool)
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = classifier_head(self.num_features, num_classes)
+    def group_matcher(self) -> GroupMatcher:
+        """Stem: tokens and embeddings; one group per self-attention block, then per class-attention block."""
+        return dict(stem=r"^(cls_token|pos_embed|patch_embed)",
+                    blocks=[(r"^blocks\.(\d+)", (0,)), (r"^blocks_token_only\.(\d+)", (1,))])
 
-    @property
-    def num_layer_ids(self) -> int:
-        """Depth groups for layer-wise lr decay: embeddings, each SA block, each CA block, norm + head."""
-        return len(self.blocks) + len(self.blocks_token_only) + 2
-
-    def layer_id(self, name: str) -> int:
-        """0 for embeddings/tokens, i + 1 for SA block i, depth + 1 + j for CA block j, the last id else."""
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        if name.startswith("blocks_token_only."):
-            return len(self.blocks) + 1 + int(name.split(".")[1])
-        return self.num_layer_ids - 1
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Self-attention over the patch grid, then class attention of the class token over [cls, grid]."""
+        pe = self.patch_embed
+        grid = Segment(("grid", 0), TokenGrid(pe.grid_size(tuple(image_size)), (float(pe.stride[0]), float(pe.stride[1]))))
+        cls = Segment(("cls", 0))
+        n = len(self.blocks)
+        attention = [AttentionLayout(f"blocks.{i}.attn", f"block {i + 1}", "self", (grid,), (grid,)) for i in range(n)]
+        attention += [AttentionLayout(f"blocks_token_only.{j}.attn", f"class-attention block {j + 1}", "class",
+                                      (cls,), (cls, grid)) for j in range(len(self.blocks_token_only))]
+        return TokenLayout(
+            tuple(attention),
+            tuple(FeatureLayout(f"block {i + 1}", grid.grid, f"blocks.{i}", 0) for i in range(n)),
+            readout=(("grid", 0),) if self.config.pool == "mean" else (("cls", 0),),
+            default_queries=("cls",),
+        )
 
     @classmethod
     def tiny_overrides(cls, config: CaiTConfig) -> dict[str, Any]:
@@ -369,15 +335,7 @@ class CaiT(Backbone):
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample a checkpoint's (square-grid) patch position embedding to this model's grid."""
-        pe = state_dict.get("pos_embed")
-        if pe is None or pe.shape == self.pos_embed.shape or pe.ndim != 3 or pe.shape[-1] != self.pos_embed.shape[-1]:
-            return state_dict
-        side = math.isqrt(pe.shape[1])
-        if side * side != pe.shape[1]:
-            return state_dict  # not a square patch grid (e.g. a ViT's with a class row): shape-mismatch report
-        state_dict = dict(state_dict)
-        state_dict["pos_embed"] = interpolate_pos_embed(pe, self.grid_size, num_prefix_tokens=0, old_grid=(side, side))
-        return state_dict
+        return resample_checkpoint_pos_embed(state_dict, "pos_embed", self.pos_embed, self.grid_size, 0)
 
 
 def _variant(image_size: int, dim: int, depth: int, heads: int, init_values: float, tag: str):

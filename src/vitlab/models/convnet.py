@@ -9,13 +9,12 @@ each later stage halving the resolution, global average pooling and a linear hea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..components import checkpoint_seq, to_2tuple
-from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from ..components import FeatureLayout, TokenGrid, TokenLayout, square_cell, to_2tuple
+from .base import Backbone, GroupMatcher, IntermediateResult, check_config, classifier_head, pretrained_cfg
 from .registry import register_family
 
 
@@ -43,12 +42,10 @@ class ConvNetConfig:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
         object.__setattr__(self, "widths", tuple(self.widths))
         object.__setattr__(self, "depths", tuple(self.depths))
-        if len(self.widths) != len(self.depths) or not self.widths:
-            raise ValueError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
-        if min(self.widths) <= 0 or min(self.depths) <= 0:
-            raise ValueError("widths and depths must be positive")
-        if self.num_classes < 0 or self.in_channels <= 0:
-            raise ValueError("num_classes must be >= 0 and in_channels positive")
+        check_config(self, positive=("widths", "depths", "in_channels", "image_size"), rates=("dropout",), checks=[
+            (len(self.widths) == len(self.depths) > 0,
+             f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length"),
+        ])
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -94,58 +91,52 @@ class ConvNet(Backbone):
         self.feature_info = info
         self.num_features = cin
         self.head_drop = nn.Dropout(c.dropout)
-        self.head = nn.Linear(cin, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(cin, c.num_classes) if c.num_classes > 0 else nn.Identity()  # PyTorch's default init
         self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0])
-
-    def _run(self, i: int, x: Tensor) -> Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint_seq(self.blocks[i], x)
-        return self.blocks[i](x)
 
     def _check(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Images -> the last stage's map (B, C, H / 2^(stages-1), W / 2^(stages-1))."""
+        self.reject_mask(mask)
         self._check(x)
         x = self.stem(x)
-        for i in range(len(self.blocks)):
-            x = self._run(i, x)
+        for blk in self.blocks:
+            x = self.run_checkpointed(blk, x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Map (B, C, H, W) -> global average -> dropout -> logits (or the pooled features)."""
         x = self.head_drop(x.mean(dim=(2, 3)))  # (B, C, H, W) -> (B, C)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> list[Tensor]:
-        """Stage output maps (B, C, H, W), one per selected stage."""
-        take = resolve_indices(indices, len(self.stage_ends))
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
+        """Stage output maps (B, C, H, W), one per selected stage, and the final map (there is no norm)."""
         self._check(x)
         x = self.stem(x)
-        out, ends = [], {self.stage_ends[s]: s for s in take}
-        for i in range(self.stage_ends[take[-1]] + 1):
-            x = self._run(i, x)
+        maps, ends = [], {self.stage_ends[s] for s in take}
+        last = self.stage_ends[take[-1]] if stop_early else len(self.blocks) - 1
+        for i in range(last + 1):
+            x = self.run_checkpointed(self.blocks[i], x)
             if i in ends:
-                out.append(x)
-        return out
+                maps.append((x, x.shape[-2:], 0))
+        return None if stop_early else x, maps
 
-    def reset_classifier(self, num_classes: int) -> None:
-        import dataclasses
+    def group_matcher(self) -> GroupMatcher:
+        """Stem: the stem convolution; one group per residual block."""
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None)])
 
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = classifier_head(self.num_features, num_classes)
-
-    @property
-    def num_layer_ids(self) -> int:
-        return len(self.blocks) + 2
-
-    def layer_id(self, name: str) -> int:
-        if name.startswith("stem"):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """No attention; feature maps at the end of every stage (3x3 convolutions, padding 1)."""
+        h, w = image_size
+        features = []
+        for s, end in enumerate(self.stage_ends):
+            r = self.feature_info[s]["reduction"]
+            features.append(FeatureLayout(f"stage {s + 1}", TokenGrid((-(-h // r), -(-w // r)), square_cell(r)),
+                                          f"blocks.{end}", prefix=None))
+        return TokenLayout((), tuple(features), readout=())
 
     @classmethod
     def tiny_overrides(cls, config: ConvNetConfig) -> dict:

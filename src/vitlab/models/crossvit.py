@@ -27,7 +27,6 @@ fused ``attn.kv``). :mod:`vitlab.pretrained.convert_crossvit` converts timm chec
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -37,9 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..components import Block, CrossAttention, DropPath, PatchEmbed, checkpoint_seq, interpolate_pos_embed, to_2tuple
+from ..components import (
+    AttentionLayout, Block, CrossAttention, DropPath, FeatureLayout, PatchEmbed, Segment, TokenGrid, TokenLayout,
+    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
+)
 from ..config import build_config
-from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
+    raise_config_errors,
+)
 from .registry import register_family
 
 NUM_BRANCHES = 2
@@ -137,20 +142,17 @@ class CrossViTConfig:
                     errors.append(f"a depth stage needs >= 1 block per branch and >= 0 fusion blocks, got {stage}")
                 stages.append(stage)
             setf("depth", tuple(stages))
-        rates = {n: getattr(self, n) for n in ("dropout", "attention_dropout", "drop_path", "head_dropout")}
         ratios = self.mlp_ratio if isinstance(self.mlp_ratio, tuple) else ()
-        checks = [
-            (all(v > 0 for v in (*self.patch_size, *self.dim, *self.heads, *self.img_scale, self.in_channels)),
-             f"patch_size {self.patch_size}, dim {self.dim}, heads {self.heads}, img_scale {self.img_scale} and "
-             f"in_channels {self.in_channels} must be positive"),
-            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (all(h <= 0 or d % h == 0 for d, h in zip(self.dim, self.heads)),
-             f"each dim {self.dim} must be divisible by its branch's heads {self.heads}"),
-            (all(r > 0 for r in ratios), f"mlp_ratio values must be positive, got {self.mlp_ratio}"),
-            (all(0.0 <= r < 1.0 for r in rates.values()), f"dropout and drop-path rates must be in [0, 1), got {rates}"),
-            (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
-        ]
-        errors += [message for ok, message in checks if not ok]
+        errors += config_errors(
+            self, positive=("patch_size", "dim", "heads", "img_scale", "in_channels"),
+            rates=("dropout", "attention_dropout", "drop_path", "head_dropout"),
+            checks=[
+                (all(h <= 0 or d % h == 0 for d, h in zip(self.dim, self.heads)),
+                 f"each dim {self.dim} must be divisible by its branch's heads {self.heads}"),
+                (all(r > 0 for r in ratios), f"mlp_ratio values must be positive, got {self.mlp_ratio}"),
+                (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+            ],
+        )
         if self.multi_conv:
             bad = [p for p in self.patch_size if p not in ConvPatchEmbed.STEMS]
             if bad:
@@ -165,8 +167,7 @@ class CrossViTConfig:
                         f"image_size {self.image_size} resized by img_scale[{b}]={self.img_scale[b]:.4g} is "
                         f"{scaled}, smaller than patch_size[{b}]={self.patch_size[b]}"
                     )
-        if errors:
-            raise ValueError("invalid CrossViTConfig: " + "; ".join(errors))
+        raise_config_errors(self, errors)
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -297,17 +298,16 @@ class MultiScaleStage(nn.Module):
         )
         self.revert_projs = nn.ModuleList(_projection(dims[o], dims[b], norm_layer) for b, o in enumerate(other))
 
-    def forward(self, xs: list[Tensor], layouts: list[dict], checkpoint: bool = False) -> list[Tensor]:
+    def forward(self, xs: list[Tensor], layouts: list[dict],
+                run: Callable[[nn.Module, Tensor], Tensor] | None = None) -> list[Tensor]:
         """Run the stage on per-branch tokens (B, 1 + N_b, C_b), class token first.
 
         Args:
             xs: Tokens of each branch.
             layouts: Per-branch ``capture_info`` base (branch, grid, prefix tokens, ...).
-            checkpoint: Recompute each block's activations in backward.
+            run: How to call each block (the model's ``run_checkpointed``); a plain call by default.
         """
-
-        def run(module: nn.Module, x: Tensor) -> Tensor:
-            return checkpoint_seq(module, x) if checkpoint else module(x)
+        run = run or (lambda module, x: module(x))
 
         outs = []
         for b, x in enumerate(xs):
@@ -333,10 +333,12 @@ class MultiScaleStage(nn.Module):
 class CrossViT(Backbone):
     """CrossViT classifier/backbone following vitlab's backbone contract.
 
-    ``forward_features`` returns a list of the two branches' normed tokens
-    ``[(B, 1 + N_0, C_0), (B, 1 + N_1, C_1)]`` (class token first); ``forward_head`` takes
-    that list and returns the mean of the two heads' logits (or, with ``pre_logits`` or no
-    heads, the two pooled features concatenated: (B, C_0 + C_1)).
+    ``forward_features`` returns one read-out token per image, (B, 1, C_0 + C_1): each
+    branch's normed class token (or, with ``pool="mean"``, the mean of its normed patch
+    tokens) side by side; ``forward_head`` returns the mean of the two heads' logits on their
+    halves (or, with ``pre_logits`` or no heads, the token itself: (B, C_0 + C_1)). The whole
+    normed token sequence of each branch comes from :meth:`forward_branches`, and every
+    branch's maps from ``forward_intermediates``.
 
     ``forward_intermediates`` / ``feature_info`` are branch-major like timm's: for D stages,
     entries 0..D-1 are branch 0 (small patches) after each stage, entries D..2D-1 branch 1.
@@ -376,18 +378,15 @@ class CrossViT(Backbone):
         self.pos_drop = nn.Dropout(c.dropout)
 
         # Stochastic depth: timm's rule, one rate per (deepest branch + fusion) block of each stage.
-        lengths = [max(s[:2]) + s[2] for s in c.depth]
-        rates = torch.linspace(0, c.drop_path, sum(lengths), device="cpu").tolist()
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        rates = drop_path_rates(c.drop_path, [max(s[:2]) + s[2] for s in c.depth])
         self.blocks = nn.ModuleList(
-            MultiScaleStage(c.dim, c.heads, stage, c.mlp_ratio, c.qkv_bias, c.dropout, c.attention_dropout,
-                            rates[start:start + n], norm)
-            for stage, start, n in zip(c.depth, starts, lengths)
+            MultiScaleStage(c.dim, c.heads, stage, c.mlp_ratio, c.qkv_bias, c.dropout, c.attention_dropout, r, norm)
+            for stage, r in zip(c.depth, rates)
         )
         self.norm = nn.ModuleList(norm(d) for d in c.dim)
         self.head_drop = nn.Dropout(c.head_dropout)
         self.num_features = sum(c.dim)
-        self.head = self._new_heads(c.num_classes)
+        self.head = self.new_classifier("head", c.num_classes)
         depth = len(self.blocks)
         self.feature_info = [
             dict(num_chs=c.dim[b], module=f"blocks.{s}", branch=b,
@@ -405,7 +404,7 @@ class CrossViT(Backbone):
             nn.init.trunc_normal_(getattr(self, f"pos_embed_{b}"), std=0.02)
         init_linears(self)
 
-    def _new_heads(self, num_classes: int) -> nn.ModuleList:
+    def new_classifier(self, name: str, num_classes: int) -> nn.ModuleList:
         """One fresh classifier per branch (Identity when ``num_classes`` is 0)."""
         return nn.ModuleList(classifier_head(d, num_classes) for d in self.config.dim)
 
@@ -429,10 +428,7 @@ class CrossViT(Backbone):
 
     def position_embedding(self, branch: int, grid: tuple[int, int]) -> Tensor:
         """Branch ``branch``'s position embedding for a token grid, resampled (bicubic) if new."""
-        pe = getattr(self, f"pos_embed_{branch}")
-        if tuple(grid) == tuple(self.grid_sizes[branch]):
-            return pe
-        return interpolate_pos_embed(pe, grid, 1, old_grid=self.grid_sizes[branch])
+        return pos_embed_for_grid(getattr(self, f"pos_embed_{branch}"), grid, self.grid_sizes[branch], 1)
 
     def embed(self, x: Tensor) -> tuple[list[Tensor], list[dict]]:
         """Images (B, C, H, W) -> per-branch tokens (B, 1 + N_b, C_b) and their layouts.
@@ -455,11 +451,11 @@ class CrossViT(Backbone):
         return xs, layouts
 
     def run_stage(self, i: int, xs: list[Tensor], layouts: list[dict]) -> list[Tensor]:
-        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        return self.blocks[i](xs, layouts, checkpoint=ckpt)
+        """Multi-scale stage ``i`` on the per-branch tokens (blocks checkpointed when enabled)."""
+        return self.blocks[i](xs, layouts, run=self.run_checkpointed)
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Images -> ``[tokens_0, tokens_1]``: each branch's normed tokens (B, 1 + N_b, C_b)."""
+    def forward_branches(self, x: Tensor) -> list[Tensor]:
+        """Images -> ``[tokens_0, tokens_1]``: each branch's normed tokens (B, 1 + N_b, C_b), class token first."""
         xs, layouts = self.embed(x)
         for i in range(len(self.blocks)):
             xs = self.run_stage(i, xs, layouts)
@@ -469,68 +465,80 @@ class CrossViT(Backbone):
         """(B, 1 + N, C) -> (B, C): the class token, or the mean of the patch tokens."""
         return x[:, 1:].mean(dim=1) if self.config.pool == "mean" else x[:, 0]
 
-    def forward_head(self, x: Sequence[Tensor], pre_logits: bool = False) -> Tensor:
-        """Per-branch tokens -> mean of the two heads' logits.
+    def readout(self, branches: Sequence[Tensor]) -> Tensor:
+        """Per-branch normed tokens -> the read-out token (B, 1, C_0 + C_1)."""
+        return torch.cat([self.pool(t) for t in branches], dim=1).unsqueeze(1)  # (B, C_0 + C_1) -> (B, 1, C_0 + C_1)
 
-        With ``pre_logits`` (or without heads) the pooled features of both branches are
-        concatenated instead: (B, C_0 + C_1).
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Images -> the read-out token (B, 1, C_0 + C_1) of both branches (see the class docstring)."""
+        self.reject_mask(mask)
+        return self.readout(self.forward_branches(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Read-out token (B, 1, C_0 + C_1) -> mean of the two heads' logits.
+
+        With ``pre_logits`` (or without heads) the read-out itself: (B, C_0 + C_1).
         """
-        pooled = [self.head_drop(self.pool(t)) for t in x]
+        pooled = self.head_drop(x[:, 0])
         if pre_logits or self.config.num_classes == 0:
-            return torch.cat(pooled, dim=1)
-        logits = torch.stack([head(p) for head, p in zip(self.head, pooled)])  # (branches, B, classes)
+            return pooled
+        parts = pooled.split(list(self.config.dim), dim=1)  # (B, C_0 + C_1) -> [(B, C_0), (B, C_1)]
+        logits = torch.stack([head(p) for head, p in zip(self.head, parts)])  # (branches, B, classes)
         return logits.mean(dim=0)
 
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> list[Tensor]:
-        """Per-branch feature maps (B, C_b, H_b, W_b) after the chosen stages, branch-major.
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
+        """Per-branch maps (B, C_b, H_b, W_b) after the chosen stages, branch-major, and the read-out.
 
         Feature ``b * D + s`` is branch ``b`` after stage ``s`` (D stages), as in timm and
-        :attr:`feature_info`: all of branch 0 (small patches) first, then branch 1.
-
-        Args:
-            x: Images (B, C, H, W).
-            indices: None for all 2D features, k for the last k, or a list of feature indices.
-            norm: Apply the branch's final norm to each returned map's tokens.
+        :attr:`feature_info`: all of branch 0 (small patches) first, then branch 1. ``norm``
+        applies the branch's final norm to each returned map's tokens.
         """
         depth = len(self.blocks)
-        take = resolve_indices(indices, NUM_BRANCHES * depth)
-        last = max(k % depth for k in take)
+        last = max(k % depth for k in take) if stop_early else depth - 1
         xs, layouts = self.embed(x)
-        found: dict[int, Tensor] = {}
+        found: dict[int, tuple[Tensor, tuple[int, int], int]] = {}
         for s in range(last + 1):
             xs = self.run_stage(s, xs, layouts)
             for b, t in enumerate(xs):
                 if b * depth + s in take:
-                    t = self.norm[b](t) if norm else t
-                    gh, gw = layouts[b]["grid"]
-                    # (B, 1 + N, C) -> (B, N, C) -> (B, C, H', W')
-                    found[b * depth + s] = t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw)
-        return [found[k] for k in take]
+                    found[b * depth + s] = (self.norm[b](t) if norm else t, layouts[b]["grid"], 1)
+        final = None if stop_early else self.readout([n(t) for n, t in zip(self.norm, xs)])
+        return final, [found[k] for k in take]
 
     # ------------------------------------------------------------- contract
-    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
-        """Replace both heads with fresh ones for ``num_classes`` outputs (0: no heads)."""
-        if pool is not None:
-            if pool not in ("cls", "mean"):
-                raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-            self.config = dataclasses.replace(self.config, pool=pool)
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        device = next(self.parameters()).device
-        self.head = self._new_heads(num_classes).to(device)
+    def group_matcher(self) -> GroupMatcher:
+        """Stem: tokens and embeddings of both branches; one group per multi-scale stage."""
+        return dict(stem=r"^(patch_embed|cls_token_|pos_embed_)", blocks=[(r"^blocks\.(\d+)", None)])
 
-    @property
-    def num_layer_ids(self) -> int:
-        """Depth groups for layer-wise lr decay: embeddings, each multi-scale stage, norms + heads."""
-        return len(self.blocks) + 2
+    def branch_grid(self, branch: int, image_size: tuple[int, int]) -> TokenGrid:
+        """Branch ``branch``'s token grid in input pixels (it sees the image resized by ``img_scale``)."""
+        rh, rw = scaled_size(tuple(image_size), self.config.img_scale[branch])
+        p = self.config.patch_size[branch]
+        return TokenGrid(self.patch_embed[branch].grid_size((rh, rw)), (p * image_size[0] / rh, p * image_size[1] / rw))
 
-    def layer_id(self, name: str) -> int:
-        """0 for embeddings/tokens, s + 1 for multi-scale stage s, the last id for norms and heads."""
-        top, _, rest = name.partition(".")
-        if top == "patch_embed" or top.startswith(("cls_token_", "pos_embed_")):
-            return 0
-        return int(rest.split(".")[0]) + 1 if top == "blocks" else self.num_layer_ids - 1
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Per stage: each branch's self-attention over [cls, grid], then each branch's class token
+        querying the other branch's tokens (the first fusion block; later ones see only the class token)."""
+        grids = [self.branch_grid(b, image_size) for b in range(NUM_BRANCHES)]
+        segs = [(Segment(("cls", b)), Segment(("grid", b), grids[b])) for b in range(NUM_BRANCHES)]
+        attention, features = [], []
+        for s, stage in enumerate(self.blocks):
+            for b in range(NUM_BRANCHES):
+                for k in range(len(stage.blocks[b])):
+                    attention.append(AttentionLayout(f"blocks.{s}.blocks.{b}.{k}.attn",
+                                                     f"stage {s + 1} branch {b} block {k + 1}", "self", segs[b], segs[b]))
+            for b in range(NUM_BRANCHES):
+                o = (b + 1) % NUM_BRANCHES
+                attention.append(AttentionLayout(
+                    f"blocks.{s}.fusion.{b}.0.attn", f"stage {s + 1} fusion: branch {b} class token -> branch {o} tokens",
+                    "cross", (Segment(("cls", b)),), (Segment(("cls", b)), segs[o][1])))
+        for b in range(NUM_BRANCHES):
+            for s, stage in enumerate(self.blocks):
+                features.append(FeatureLayout(f"branch {b} stage {s + 1}", grids[b],
+                                              f"blocks.{s}.blocks.{b}.{len(stage.blocks[b]) - 1}", 1, stream=b))
+        kind = "grid" if self.config.pool == "mean" else "cls"
+        return TokenLayout(tuple(attention), tuple(features), readout=tuple((kind, b) for b in range(NUM_BRANCHES)),
+                           default_queries=("cls",))
 
     @classmethod
     def tiny_overrides(cls, config: CrossViTConfig) -> dict:
@@ -547,17 +555,10 @@ class CrossViT(Backbone):
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample each branch's position embedding (bicubic) to this model's grid."""
-        out = dict(state_dict)
         for b in range(NUM_BRANCHES):
             key = f"pos_embed_{b}"
-            pe, own = out.get(key), getattr(self, key)
-            if pe is None or pe.shape == own.shape or pe.ndim != 3 or pe.shape[-1] != own.shape[-1]:
-                continue  # equal, or left to the shape-mismatch report
-            n = pe.shape[1] - 1
-            side = math.isqrt(max(n, 0))
-            if n > 0 and side * side == n:
-                out[key] = interpolate_pos_embed(pe, self.grid_sizes[b], 1, old_grid=(side, side))
-        return out
+            state_dict = resample_checkpoint_pos_embed(state_dict, key, getattr(self, key), self.grid_sizes[b], 1)
+        return state_dict
 
 
 def _variant(dim: tuple[int, int], blocks: int, heads: int, mlp: float, **extra) -> dict:

@@ -38,6 +38,8 @@ class DistilledVisionTransformer(VisionTransformer):
     family = "deit"
     config_class = DeiTConfig
     num_distill_tokens = 1
+    classifier_names = ("head", "head_dist")
+    head_names = ("head", "head_dist")
 
     def __init__(self, config: DeiTConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
@@ -64,10 +66,6 @@ class DistilledVisionTransformer(VisionTransformer):
         if self.training and self.distilled_training:
             return x_cls, x_dist
         return (x_cls + x_dist) / 2
-
-    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
-        super().reset_classifier(num_classes, pool)
-        self.head_dist = classifier_head(self.num_features, num_classes)
 
 
 _SIZES = {

@@ -8,15 +8,16 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..config import check_keys, suggest
 from ..errors import UnknownModelError
 
 #: timm-style size letters in short names: ``swin_t`` -> ``swin_tiny_...``, ``vit_b`` -> ``vit_base_...``.
 SIZE_LETTERS = {"t": "tiny", "ti": "tiny", "s": "small", "m": "medium", "b": "base", "l": "large", "h": "huge"}
+
+if TYPE_CHECKING:
+    from .base import Backbone
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def model_config(name: str, **overrides: Any) -> Any:
     return entry.config_class(**{**entry.defaults, **overrides})
 
 
-def build_model(name: str, **overrides: Any) -> nn.Module:
+def build_model(name: str, **overrides: Any) -> Backbone:
     """A randomly initialised registered model."""
     entry = get_entry(name)
     model = entry.model_class(model_config(name, **overrides))
@@ -200,7 +201,7 @@ def create_model(
     pretrained: bool | str | Path | None = None,
     num_classes: int | None = None,
     **overrides: Any,
-) -> nn.Module:
+) -> Backbone:
     """Build a registered model, optionally with weights.
 
     Args:

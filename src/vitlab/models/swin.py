@@ -35,7 +35,6 @@ N = window area; ``info`` holds ``grid``, ``padded_grid``, ``window``, ``shift``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -46,16 +45,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..components import (
-    Block,
-    PatchEmbed,
-    RelativePositionBias,
-    WindowAttention,
-    checkpoint_seq,
-    resample_relative_position_table,
-    to_2tuple,
+    AttentionLayout, Block, FeatureLayout, PatchEmbed, RelativePositionBias, Segment, TokenGrid, TokenLayout,
+    WindowAttention, drop_path_rates, resample_relative_position_table, square_cell, to_2tuple, tokens_to_map,
 )
 from ..config import build_config
-from .base import Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
+    raise_config_errors,
+)
 from .registry import register_family
 
 
@@ -106,11 +103,6 @@ class SwinConfig:
             raise ValueError(f"invalid SwinConfig: image_size and window_size must be an int or a pair ({e})") from None
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
-        for name in ("patch_size", "in_channels", "dim"):
-            if getattr(self, name) <= 0:
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
         if not self.depths:
             errors.append("depths must name at least one stage")
         if len(self.depths) != len(self.heads):
@@ -123,19 +115,12 @@ class SwinConfig:
             for i, h in enumerate(self.heads):
                 if (self.dim * 2**i) % h:
                     errors.append(f"stage {i} width {self.dim * 2**i} (dim * 2**{i}) is not divisible by its heads ({h})")
-        if any(w <= 0 for w in self.window_size):
-            errors.append(f"window_size must be positive, got {self.window_size}")
-        if self.mlp_ratio <= 0:
-            errors.append(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for name in ("dropout", "attention_dropout", "drop_path", "head_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.norm_eps <= 0:
-            errors.append(f"norm_eps must be positive, got {self.norm_eps}")
         if self.patch_size > 0 and any(s < self.patch_size for s in self.image_size):
             errors.append(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        if errors:
-            raise ValueError("invalid SwinConfig: " + "; ".join(errors))
+        raise_config_errors(self, config_errors(
+            self, positive=("patch_size", "in_channels", "dim", "window_size", "mlp_ratio", "norm_eps"),
+            rates=("dropout", "attention_dropout", "drop_path", "head_dropout"),
+        ) + errors)
 
     @property
     def num_stages(self) -> int:
@@ -271,18 +256,14 @@ class SwinTransformer(Backbone):
         norm = partial(nn.LayerNorm, eps=c.norm_eps)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_channels, c.dim, norm_layer=norm, pad_input=c.pad_input)
         dims = c.stage_dims()
-        total = sum(c.depths)
-        rates = [c.drop_path * i / max(total - 1, 1) for i in range(total)]
-        self.layers = nn.ModuleList()
-        start = 0
-        for i, ((window, shift), depth) in enumerate(zip(c.stage_windows(), c.depths)):
-            self.layers.append(
-                SwinStage(
-                    dims[max(i - 1, 0)], dims[i], depth, c.heads[i], window, shift, c.mlp_ratio, c.qkv_bias,
-                    c.dropout, c.attention_dropout, rates[start : start + depth], norm, downsample=i > 0,
-                )
+        rates = drop_path_rates(c.drop_path, c.depths)
+        self.layers = nn.ModuleList(
+            SwinStage(
+                dims[max(i - 1, 0)], dims[i], depth, c.heads[i], window, shift, c.mlp_ratio, c.qkv_bias,
+                c.dropout, c.attention_dropout, rates[i], norm, downsample=i > 0,
             )
-            start += depth
+            for i, ((window, shift), depth) in enumerate(zip(c.stage_windows(), c.depths))
+        )
         self.num_features = dims[-1]
         self.norm = norm(self.num_features)
         self.head_drop = nn.Dropout(c.head_dropout)
@@ -302,11 +283,6 @@ class SwinTransformer(Backbone):
         init_linears(self)
 
     # ------------------------------------------------------------- features
-    def run_block(self, block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint_seq(partial(block, grid=grid), x)
-        return block(x, grid=grid)
-
     def run_stages(self, x: Tensor, last: int | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
         """Image (B, C, H, W) -> yields ``(stage index, tokens (B, h*w, C_i), grid (h, w))`` per stage."""
         x, grid = self.patch_embed(x)  # (B, N, C)
@@ -315,20 +291,15 @@ class SwinTransformer(Backbone):
             if stage.downsample is not None:
                 x, grid = stage.downsample(x, grid)
             for block in stage.blocks:
-                x = self.run_block(block, x, grid)
+                x = self.run_checkpointed(block, x, grid=grid)
             yield i, x, grid
 
-    @staticmethod
-    def tokens_to_map(x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(B, h*w, C) -> (B, C, h, w)."""
-        b, _, c = x.shape
-        return x.transpose(1, 2).reshape(b, c, grid[0], grid[1])
-
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Image -> normed feature map of the last stage (B, num_features, H/32, W/32)."""
+        self.reject_mask(mask)
         for _, tokens, grid in self.run_stages(x):
             pass
-        return self.tokens_to_map(self.norm(tokens), grid)
+        return tokens_to_map(self.norm(tokens), grid)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Feature map (B, C, h, w) (or tokens (B, N, C)) -> global average -> logits."""
@@ -336,47 +307,45 @@ class SwinTransformer(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> list[Tensor]:
-        """Per-stage feature maps (B, C_i, H/s_i, W/s_i) at strides 4, 8, 16, 32.
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
+        """Per-stage maps (B, C_i, H/s_i, W/s_i) at strides 4, 8, 16, 32, and the final map.
 
-        Args:
-            x: Images (B, C, H, W).
-            indices: None for every stage, k for the last k, or a list of stage indices.
-            norm: Apply the final norm to the last stage's map (the only one it is sized for).
+        ``norm`` applies the final norm to the last stage's map (the only one it is sized for).
         """
-        take = resolve_indices(indices, len(self.layers))
-        out = []
-        for i, tokens, grid in self.run_stages(x, last=take[-1]):
+        n = len(self.layers)
+        maps = []
+        for i, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None):
             if i in take:
-                if norm and i == len(self.layers) - 1:
-                    tokens = self.norm(tokens)
-                out.append(self.tokens_to_map(tokens, grid))
-        return out
+                maps.append((self.norm(tokens) if norm and i == n - 1 else tokens, grid, 0))
+        final = None if stop_early else tokens_to_map(self.norm(tokens), grid)
+        return final, maps
 
     # ------------------------------------------------------------- contract
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
-        self.head = classifier_head(self.num_features, num_classes)
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+    def group_matcher(self) -> GroupMatcher:
+        """Stem: the patch embedding; one group per block across stages, a stage's patch merging
+        with its first block."""
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)\.(?:blocks\.(\d+)|downsample)", None)])
 
-    @property
-    def num_layer_ids(self) -> int:
-        """Depth groups for layer-wise lr decay: patch embedding, each block, then norm/head."""
-        return sum(self.config.depths) + 2
+    def stage_grids(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Token grid of every stage for an input size (odd grids are padded before merging)."""
+        grid = self.patch_embed.grid_size(tuple(image_size))
+        grids = [tuple(grid)]
+        for _ in range(1, len(self.layers)):
+            grids.append(tuple((g + 1) // 2 for g in grids[-1]))
+        return grids  # type: ignore[return-value]
 
-    def layer_id(self, name: str) -> int:
-        """0 for the patch embedding, k + 1 for the k-th block counted across stages (a stage's
-        patch merging goes with its first block), ``num_layer_ids - 1`` for the norm and head."""
-        if name.startswith("patch_embed"):
-            return 0
-        parts = name.split(".")
-        if parts[0] == "layers":
-            stage = int(parts[1])
-            before = sum(self.config.depths[:stage])
-            if parts[2] == "blocks":
-                return before + int(parts[3]) + 1
-            return before + 1  # downsample: with the stage's first block
-        return self.num_layer_ids - 1
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Window attention on each stage's grid (window and shift per block); maps after every stage."""
+        attention, features = [], []
+        for s, (stage, shape) in enumerate(zip(self.layers, self.stage_grids(image_size))):
+            grid = TokenGrid(shape, square_cell(self.feature_info[s]["reduction"]))
+            seg = (Segment(("grid", 0), grid),)
+            for j, blk in enumerate(stage.blocks):
+                window, shift = blk.attn.layout(shape)
+                label = f"stage {s + 1} block {j + 1}" + (" (shifted windows)" if any(shift) else "")
+                attention.append(AttentionLayout(f"layers.{s}.blocks.{j}.attn", label, "window", seg, seg, window, shift))
+            features.append(FeatureLayout(f"stage {s + 1}", grid, f"layers.{s}.blocks.{len(stage.blocks) - 1}"))
+        return TokenLayout(tuple(attention), tuple(features), readout=(("grid", 0),))
 
     @classmethod
     def tiny_overrides(cls, config: SwinConfig) -> dict:

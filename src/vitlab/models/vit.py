@@ -6,18 +6,23 @@ State-dict keys follow timm's layout (``patch_embed.proj``, ``cls_token``, ``pos
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..components import Block, LinearPatchEmbed, PatchEmbed, checkpoint_seq, interpolate_pos_embed, sincos_2d_pos_embed, to_2tuple
+from ..components import (
+    ACT_LAYERS, AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid, TokenLayout,
+    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, sincos_2d_pos_embed, to_2tuple,
+)
 from ..config import build_config
-from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, classifier_head, init_linears, pretrained_cfg, resolve_indices
+from .base import (
+    INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, check_config, IntermediateResult, classifier_head,
+    init_linears, pretrained_cfg,
+)
 from .registry import register_family
 
 
@@ -48,6 +53,10 @@ class ViTConfig:
         norm_eps: LayerNorm epsilon.
         fc_norm: Norm after pooling instead of before it; default: True when pool is "mean".
         head_dropout: Dropout before the classifier.
+        pre_norm: LayerNorm on the embedded tokens before the first block (CLIP's
+            ``pre_layrnorm``; timm's ``norm_pre``).
+        act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP).
+        patch_bias: Bias in the patch-embedding convolution (CLIP has none).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -72,32 +81,29 @@ class ViTConfig:
     norm_eps: float = 1e-6
     fc_norm: bool | None = None
     head_dropout: float = 0.0
+    pre_norm: bool = False
+    act: Literal["gelu", "quick_gelu"] = "gelu"
+    patch_bias: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
-        errors = []
-        for name in ("patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, name) <= 0:
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.heads > 0 and self.dim % self.heads:
-            errors.append(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        for name in ("dropout", "attention_dropout", "drop_path", "head_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.pool not in ("cls", "mean"):
-            errors.append(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        if self.pool == "cls" and not self.class_token:
-            errors.append("pool='cls' needs class_token=True; use pool='mean' without a class token")
-        if self.pos_embed not in ("learned", "sincos", "none"):
-            errors.append(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
-        if self.patch_embed not in ("conv", "linear"):
-            errors.append(f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}")
-        if any(s < self.patch_size for s in self.image_size):
-            errors.append(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        if errors:
-            raise ValueError("invalid ViTConfig: " + "; ".join(errors))
+        check_config(
+            self,
+            positive=("patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"),
+            rates=("dropout", "attention_dropout", "drop_path", "head_dropout"),
+            checks=[
+                (self.heads <= 0 or self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+                (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+                (self.pool != "cls" or self.class_token,
+                 "pool='cls' needs class_token=True; use pool='mean' without a class token"),
+                (self.pos_embed in ("learned", "sincos", "none"),
+                 f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}"),
+                (self.act in ACT_LAYERS, f"act must be one of {sorted(ACT_LAYERS)}, got {self.act!r}"),
+                (self.patch_embed in ("conv", "linear"), f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}"),
+                (all(s >= self.patch_size for s in self.image_size),
+                 f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"),
+            ],
+        )
 
 
 class VisionTransformer(Backbone):
@@ -116,6 +122,7 @@ class VisionTransformer(Backbone):
     config_class = ViTConfig
     num_distill_tokens = 0
     no_weight_decay_names = ("pos_embed", "cls_token", "dist_token")
+    head_names = ("fc_norm", "pre_logits", "head")
 
     def __init__(self, config: ViTConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -123,7 +130,7 @@ class VisionTransformer(Backbone):
             config = build_config(self.config_class, vars(config) if config is not None else {}, **overrides)
         self.config = c = config
         embed_cls = LinearPatchEmbed if c.patch_embed == "linear" else PatchEmbed
-        self.patch_embed = embed_cls(c.patch_size, c.in_channels, c.dim, pad_input=c.pad_input)
+        self.patch_embed = embed_cls(c.patch_size, c.in_channels, c.dim, bias=c.patch_bias, pad_input=c.pad_input)
         self.grid_size = self.patch_embed.grid_size(c.image_size)
         self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens
         self.num_features = c.representation_size or c.dim
@@ -138,11 +145,13 @@ class VisionTransformer(Backbone):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(c.dropout)
         norm = partial(nn.LayerNorm, eps=c.norm_eps)
-        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.norm_pre = norm(c.dim) if c.pre_norm else nn.Identity()
+        rates = drop_path_rates(c.drop_path, [c.depth])[0]
         self.blocks = nn.ModuleList(
             Block(
                 c.dim, c.heads, c.mlp_dim, qkv_bias=c.qkv_bias, dropout=c.dropout,
                 attention_dropout=c.attention_dropout, drop_path=r, layer_scale=c.layer_scale, norm_layer=norm,
+                act_layer=ACT_LAYERS[c.act],
             )
             for r in rates
         )
@@ -173,39 +182,57 @@ class VisionTransformer(Backbone):
         """The learned tokens put before the patch tokens, each (B, 1, C)."""
         return [self.cls_token.expand(batch, -1, -1)] if self.cls_token is not None else []
 
+    def prefix_names(self) -> list[str]:
+        """Names of the prefix tokens, in order (``cls``, ``dist``)."""
+        return ["cls"] * int(self.cls_token is not None) + ["dist"] * self.num_distill_tokens
+
     def position_embedding(self, grid: tuple[int, int]) -> Tensor | None:
         """The position embedding for a token grid, resampled (bicubic) if the grid is new."""
         if self.pos_embed is None:
             return None
-        if tuple(grid) == tuple(self.grid_size):
-            return self.pos_embed
-        if self.config.pos_embed == "sincos":
+        if self.config.pos_embed == "sincos" and tuple(grid) != tuple(self.grid_size):
             pe = sincos_2d_pos_embed(self.config.dim, grid).to(self.pos_embed)
             return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], pe.unsqueeze(0)], dim=1)
-        return interpolate_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, old_grid=self.grid_size)
+        return pos_embed_for_grid(self.pos_embed, grid, self.grid_size, self.num_prefix_tokens)
 
-    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Image (B, C, H, W) -> tokens with prefix and position embedding (B, P + N, C), grid."""
+    def embed(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """Image (B, C, H, W) -> tokens with prefix and position embedding (B, P + N, C), grid.
+
+        With a ``mask`` (B, N) (True: hidden) the hidden patch tokens are dropped after the
+        position embedding is added (MAE); every row must hide the same number of patches.
+        """
         x, grid = self.patch_embed(x)  # (B, N, C)
+        pos = self.position_embedding(grid)
+        p = self.num_prefix_tokens
+        if pos is not None:
+            x = x + pos[:, p:]
+        if mask is not None:
+            x = self.drop_masked(x, mask)
         prefix = self.prefix_tokens(x.shape[0])
         if prefix:
-            x = torch.cat([*prefix, x], dim=1)  # (B, P + N, C)
-        pos = self.position_embedding(grid)
-        if pos is not None:
-            x = x + pos
-        return self.pos_drop(x), grid
+            prefix_t = torch.cat(prefix, dim=1)  # (B, P, C)
+            if pos is not None:
+                prefix_t = prefix_t + pos[:, :p]
+            x = torch.cat([prefix_t, x], dim=1)  # (B, P + N, C)
+        return self.norm_pre(self.pos_drop(x)), grid
 
-    def run_block(self, i: int, x: Tensor) -> Tensor:
-        blk = self.blocks[i]
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint_seq(blk, x)
-        return blk(x)
+    @staticmethod
+    def drop_masked(x: Tensor, mask: Tensor) -> Tensor:
+        """Keep the patch tokens (B, N, C) whose ``mask`` (B, N) entry is False -> (B, N_keep, C)."""
+        b, n, c = x.shape
+        if mask.shape != (b, n) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a boolean tensor of shape (B, N) = ({b}, {n}), got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        keep = (~mask).sum(dim=1)
+        if (keep != keep[0]).any():
+            raise ValueError(f"every image must hide the same number of patches, got {(n - keep).tolist()}")
+        return x[~mask].reshape(b, int(keep[0]), c)  # (B * N_keep, C) -> (B, N_keep, C)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Image -> normed tokens (B, P + N, C), prefix tokens first."""
-        x, _ = self.embed(x)
-        for i in range(len(self.blocks)):
-            x = self.run_block(i, x)
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Image -> normed tokens (B, P + N, C), prefix tokens first (only the visible patches with ``mask``)."""
+        x, _ = self.embed(x, mask)
+        for blk in self.blocks:
+            x = self.run_checkpointed(blk, x)
         return self.norm(x)
 
     def pool(self, x: Tensor) -> Tensor:
@@ -220,51 +247,39 @@ class VisionTransformer(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def tokens_to_map(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Patch tokens of (B, P + N, C) -> (B, C, H', W')."""
-        b, _, c = x.shape
-        # (B, N, C) -> (B, C, H', W')
-        return x[:, self.num_prefix_tokens :].transpose(1, 2).reshape(b, c, grid[0], grid[1])
-
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> list[Tensor]:
-        """Feature maps (B, C, H', W') after the chosen blocks (see :func:`resolve_indices`).
-
-        Args:
-            x: Images (B, C, H, W).
-            indices: None for every block, k for the last k, or a list of block indices.
-            norm: Apply the final norm to each returned map's tokens.
-        """
-        take = resolve_indices(indices, len(self.blocks))
+    def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
+        """Maps (B, C, H', W') after the chosen blocks and the final tokens (see :meth:`Backbone.forward_intermediates`)."""
         x, grid = self.embed(x)
-        out = []
-        for i in range(take[-1] + 1):
-            x = self.run_block(i, x)
+        maps = []
+        last = take[-1] if stop_early else len(self.blocks) - 1
+        for i in range(last + 1):
+            x = self.run_checkpointed(self.blocks[i], x)
             if i in take:
-                out.append(self.tokens_to_map(self.norm(x) if norm else x, grid))
-        return out
+                maps.append((self.norm(x) if norm else x, grid, self.num_prefix_tokens))
+        final = None if stop_early else self.norm(x)
+        return final, maps
 
     # ------------------------------------------------------------- contract
-    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` outputs (0: no head)."""
-        if pool is not None:
-            if pool not in ("cls", "mean") or (pool == "cls" and self.cls_token is None):
-                raise ValueError(f"pool must be 'mean' or (with a class token) 'cls', got {pool!r}")
-            self.config = dataclasses.replace(self.config, pool=pool)
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.head = classifier_head(self.num_features, num_classes)
+    def group_matcher(self) -> GroupMatcher:
+        """Stem: tokens, position and patch embedding; then one group per block."""
+        return dict(stem=r"^(cls_token|dist_token|pos_embed|patch_embed)", blocks=[(r"^blocks\.(\d+)", None)])
 
-    @property
-    def num_layer_ids(self) -> int:
-        """Number of depth groups for layer-wise lr decay: embeddings, each block, the head."""
-        return len(self.blocks) + 2
-
-    def layer_id(self, name: str) -> int:
-        """Depth index of a parameter: 0 for embeddings/tokens, i + 1 for block i, depth + 1 else."""
-        if name.startswith(("cls_token", "dist_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """[prefix tokens, patch grid] in every block; feature maps after every block."""
+        pe = self.patch_embed
+        grid = TokenGrid(pe.grid_size(tuple(image_size)), (float(pe.stride[0]), float(pe.stride[1])))
+        prefix = tuple(Segment((n, 0)) for n in self.prefix_names())
+        segs = (*prefix, Segment(("grid", 0), grid))
+        n = len(self.blocks)
+        blind = self.config.pool == "cls"
+        readout = (("grid", 0),) if self.config.pool == "mean" else tuple(s.key for s in prefix)
+        return TokenLayout(
+            attention=tuple(AttentionLayout(f"blocks.{i}.attn", f"block {i + 1}", "self", segs, segs) for i in range(n)),
+            features=tuple(FeatureLayout(f"block {i + 1}", grid, f"blocks.{i}", len(prefix), not (blind and i == n - 1))
+                           for i in range(n)),
+            readout=readout,
+            default_queries=tuple(k[0] for k in readout if k[0] != "grid"),
+        )
 
     @classmethod
     def tiny_overrides(cls, config: ViTConfig) -> dict:
@@ -276,16 +291,9 @@ class VisionTransformer(Backbone):
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample a checkpoint's position embedding (bicubic) to this model's grid."""
-        pe = state_dict.get("pos_embed")
-        if isinstance(self.pos_embed, nn.Parameter) and pe is not None and pe.shape != self.pos_embed.shape:
-            if pe.ndim != 3 or pe.shape[-1] != self.pos_embed.shape[-1]:
-                return state_dict  # leave it to the shape-mismatch report
-            try:
-                resampled = interpolate_pos_embed(pe, self.grid_size, self.num_prefix_tokens)
-            except ValueError:
-                return state_dict  # not a square grid with our prefix tokens: reported as a mismatch
-            state_dict = {**state_dict, "pos_embed": resampled}
-        return state_dict
+        if not isinstance(self.pos_embed, nn.Parameter):
+            return state_dict
+        return resample_checkpoint_pos_embed(state_dict, "pos_embed", self.pos_embed, self.grid_size, self.num_prefix_tokens)
 
 
 _IN = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)

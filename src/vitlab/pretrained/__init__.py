@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..config import config_from_dict
+from ..models.base import Backbone
 from ..models.registry import build_model, get_entry, list_families, list_models
 from .convert import (
     convert_state_dict,
@@ -41,7 +41,7 @@ def imagenet_labels() -> list[str]:
     return labels
 
 
-def _model_from_vitlab_meta(meta: dict[str, Any]) -> nn.Module:
+def _model_from_vitlab_meta(meta: dict[str, Any]) -> Backbone:
     name, family = meta.get("model_name"), meta.get("family")
     families = list_families()
     if name and name in list_models():
@@ -114,7 +114,7 @@ def _from_hf_vit_config(hf: dict[str, Any], sd: dict[str, torch.Tensor]) -> tupl
     return base, values
 
 
-def load_model(source: str | Path) -> nn.Module:
+def load_model(source: str | Path) -> Backbone:
     """Build a model from a checkpoint alone: vitlab checkpoints, HF folders, or timm files.
 
     A vitlab checkpoint rebuilds exactly the saved architecture; for foreign checkpoints the

@@ -25,9 +25,6 @@ Converter = Callable[[StateDict, nn.Module], StateDict]
 # family -> list of (layout name, detector(sd) -> bool, converter)
 _CONVERTERS: dict[str, list[tuple[str, Callable[[StateDict], bool], Converter]]] = {}
 
-#: Parameter-name prefixes of classifier heads; these may be dropped when sizes differ.
-HEAD_PREFIXES = ("head.", "head_dist.", "head.fc.")
-
 
 def register_converter(family: str, layout: str, detect: Callable[[StateDict], bool], convert: Converter) -> None:
     """Teach vitlab a foreign checkpoint layout for one family."""
@@ -59,8 +56,9 @@ def convert_state_dict(sd: StateDict, model: nn.Module, layout: str | None = Non
     return dict(sd), layout
 
 
-def _is_head_key(key: str) -> bool:
-    return key.startswith(HEAD_PREFIXES)
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the model's classifier(s), as the model declares them (``classifier_names``)."""
+    return tuple(f"{name}." for name in getattr(model, "classifier_names", ("head",)))
 
 
 def load_state_dict_checked(model: nn.Module, sd: StateDict, source: str = "checkpoint") -> list[str]:
@@ -76,6 +74,11 @@ def load_state_dict_checked(model: nn.Module, sd: StateDict, source: str = "chec
     if hasattr(model, "adapt_state_dict"):
         sd = model.adapt_state_dict(sd)
     own = model.state_dict()
+    heads = _head_prefixes(model)
+
+    def _is_head_key(key: str) -> bool:
+        return key.startswith(heads)
+
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -161,12 +164,25 @@ _HF_TOP = {
 _HF_HEADS = {"classifier": "head", "cls_classifier": "head", "distillation_classifier": "head_dist"}
 
 
+# MAE pre-training checkpoints (HF ViTMAEForPreTraining, facebookresearch/mae) carry a decoder and a
+# mask token that a classifier does not use (vitlab.tasks.mae loads them); the encoder loads as a ViT.
+_MAE_DECODER_KEY = re.compile(r"^(decoder\.|decoder_(embed|pos_embed|blocks|norm|pred)\b|mask_token$)")
+
+
+def without_mae_decoder(sd: StateDict) -> StateDict:
+    """``sd`` without the decoder and mask token of an MAE pre-training checkpoint (else unchanged)."""
+    if "decoder.mask_token" not in sd and "mask_token" not in sd:
+        return sd
+    return {k: v for k, v in sd.items() if not _MAE_DECODER_KEY.match(k)}
+
+
 def convert_hf_vit(sd: StateDict, model: nn.Module) -> StateDict:
     """HF ``ViTModel`` / ``ViTForImageClassification`` / ``DeiT*`` keys -> vitlab (timm) keys.
 
     q, k and v projections are fused into one qkv projection. A pooler is kept only when
-    the model has a pre-logits layer.
+    the model has a pre-logits layer. Of a ``ViTMAEForPreTraining`` checkpoint the encoder loads.
     """
+    sd = without_mae_decoder(sd)
     prefix = _hf_vit_prefix(sd) or ""
     out: StateDict = {}
     qkv: dict[int, dict[str, Tensor]] = {}
@@ -206,8 +222,11 @@ def _detect_timm_vit(sd: StateDict) -> bool:
 
 
 def convert_timm_vit(sd: StateDict, model: nn.Module) -> StateDict:
-    """timm ViT keys are vitlab's; only the older ``pre_logits.fc`` / ``head.fc`` spellings differ."""
-    out = dict(sd)
+    """timm ViT keys are vitlab's; only the older ``pre_logits.fc`` / ``head.fc`` spellings differ.
+
+    An original MAE pre-training checkpoint (timm keys plus a decoder) loads its encoder.
+    """
+    out = dict(without_mae_decoder(sd))
     for kind in ("weight", "bias"):
         if f"head.fc.{kind}" in out:
             out[f"head.{kind}"] = out.pop(f"head.fc.{kind}")

@@ -129,8 +129,8 @@ class ViTTransferLearning:
         self.set_backbone_trainable(not freeze_backbone)
 
     def head_parameter_names(self) -> list[str]:
-        """Parameters that belong to the classifier (trained even with a frozen backbone)."""
-        return [n for n, _ in self.model.named_parameters() if n.startswith(("head.", "head_dist.", "fc_norm."))]
+        """Parameters ``forward_head`` uses (pooling norm, pre-logits, classifiers): trained even with a frozen backbone."""
+        return self.model.head_parameter_names()
 
     def set_backbone_trainable(self, trainable: bool) -> None:
         head = set(self.head_parameter_names())

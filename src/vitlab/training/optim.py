@@ -19,7 +19,8 @@ def param_groups(
 
     Biases, norm weights (every 1-D parameter) and the names in the model's
     ``no_weight_decay()`` (position embeddings, tokens, bias tables) get no weight decay.
-    With ``layer_decay`` the groups are also split by ``model.layer_id(name)`` and carry an
+    With ``layer_decay`` the groups are also split by depth id, resolved once from the
+    model's ``group_matcher()`` (:func:`~vitlab.models.base.resolve_layer_ids`), and carry an
     ``lr_scale`` of ``layer_decay ** (num_layer_ids - 1 - layer_id)``: the head learns at
     the full rate, the patch embedding at the smallest.
 
@@ -30,15 +31,22 @@ def param_groups(
     if hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
     use_layers = layer_decay is not None and layer_decay != 1.0
-    if use_layers and not hasattr(model, "layer_id"):
-        raise ValueError(f"layer-wise lr decay needs a model with layer_id(); {type(model).__name__} has none")
-    num_layers = getattr(model, "num_layer_ids", 1)
+    layer_ids: dict[str, int] = {}
+    num_layers = 1
+    if use_layers:
+        if not callable(getattr(model, "group_matcher", None)):
+            raise ValueError(
+                f"layer-wise lr decay needs a model with group_matcher() (a vitlab Backbone); {type(model).__name__} has none"
+            )
+        from ..models.base import resolve_layer_ids
+
+        layer_ids, num_layers = resolve_layer_ids([n for n, _ in model.named_parameters()], model.group_matcher())
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not (p.ndim <= 1 or name in skip or name.endswith(".bias"))
-        layer = model.layer_id(name) if use_layers else 0
+        layer = layer_ids.get(name, 0)
         scale = layer_decay ** (num_layers - 1 - layer) if use_layers else 1.0
         g = groups.setdefault((layer, decay), {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
         g["params"].append(p)

@@ -1,0 +1,61 @@
+"""Zero-shot classification with prompt-template ensembles."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .model import CLIP
+    from .tokenizer import CLIPTokenizer
+
+#: A few of CLIP's ImageNet prompt templates.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "itap of a {}.",
+)
+
+
+def zero_shot_weights(text_emb: Tensor) -> Tensor:
+    """Per-class text embeddings (K, T, D) (K classes x T templates) -> classifier (D, K).
+
+    Each template embedding is L2-normalised, the T of a class are averaged and the mean is
+    normalised again (CLIP's prompt ensembling).
+    """
+    if text_emb.ndim != 3:
+        raise ValueError(f"text embeddings must be (classes, templates, dim), got {tuple(text_emb.shape)}")
+    mean = F.normalize(text_emb, dim=-1).mean(dim=1)  # (K, D)
+    return F.normalize(mean, dim=-1).t()  # (D, K)
+
+
+@torch.no_grad()
+def zero_shot_classifier(model: CLIP, tokenizer: CLIPTokenizer, classnames: Sequence[str],
+                         templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
+    """Build the zero-shot classifier (D, K) of ``classnames`` from ``templates`` (``"{}"`` = class)."""
+    if not classnames or not templates:
+        raise ValueError("zero-shot classification needs at least one class name and one template")
+    texts = [t.format(c) for c in classnames for t in templates]
+    device = model.logit_scale.device
+    emb = model.encode_text(tokenizer(texts).to(device))  # (K * T, D)
+    return zero_shot_weights(emb.view(len(classnames), len(templates), -1))  # (K*T, D) -> (K, T, D)
+
+
+def zero_shot_logits(image_emb: Tensor, weights: Tensor, scale: float | Tensor = 100.0) -> Tensor:
+    """Normalised image embeddings (B, D) times the classifier (D, K), scaled -> logits (B, K)."""
+    return scale * F.normalize(image_emb, dim=-1) @ weights
+
+
+def zero_shot_accuracy(image_emb: Tensor, weights: Tensor, targets: Tensor, topk: Sequence[int] = (1, 5)
+                       ) -> dict[str, float]:
+    """Top-k accuracies (fractions) of the zero-shot classifier; k larger than K counts as K."""
+    logits = zero_shot_logits(image_emb, weights)
+    k_max = min(max(topk), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices  # (B, k_max)
+    hit = top == targets[:, None]
+    return {f"top{k}": float(hit[:, : min(k, k_max)].any(dim=1).float().mean()) for k in topk}

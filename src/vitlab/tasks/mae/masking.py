@@ -1,0 +1,44 @@
+"""Random patch masking by per-sample noise (He et al., 2022, "Masked Autoencoders Are Scalable Vision Learners")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """How many of ``num_patches`` patches stay visible at ``mask_ratio`` (the paper's ``int(N * (1 - r))``)."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
+    """The MAE mask drawn from per-patch noise: the patches with the smallest noise stay visible.
+
+    Sorting the noise (argsort, as in the paper) makes the mask a pure function of ``noise``:
+    the same noise tensor always gives the same mask.
+
+    Args:
+        noise: (B, N) noise, one value per patch (uniform in [0, 1) in training).
+        mask_ratio: Fraction of patches to hide, in [0, 1).
+
+    Returns:
+        ``mask`` (B, N) bool, True where a patch is hidden (the backbone contract's convention),
+        and ``ids_restore`` (B, N), the rank of every patch in the noise order (the inverse of
+        the argsort permutation).
+
+    Raises:
+        ValueError: ``noise`` is not 2-D or ``mask_ratio`` is outside [0, 1).
+    """
+    if noise.ndim != 2:
+        raise ValueError(f"noise must have shape (B, N), got {tuple(noise.shape)}")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    b, n = noise.shape
+    keep = num_visible(n, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = ids_restore >= keep  # rank >= keep: hidden
+    return mask, ids_restore
+
+
+__all__ = ["num_visible", "random_masking"]
