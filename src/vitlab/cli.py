@@ -85,7 +85,7 @@ def _train_flags(args: argparse.Namespace) -> dict[str, object]:
     """The explicit flags of ``vitlab train`` as dotted config keys (strongest layer)."""
     flags = {"data.data_dir": args.data_dir, "epochs": args.epochs, "data.batch_size": args.batch_size,
              "optim.lr": args.lr, "seed": args.seed, "output_dir": args.output_dir, "device": args.device,
-             "precision": args.precision}
+             "precision": args.precision, "task": args.task}
     out = {k: v for k, v in flags.items() if v is not None}
     if args.no_progress:
         out["progress"] = False
@@ -153,6 +153,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         line = f"{split} accuracy: top-1 {results[f'{split}_top1']:.2f}%  top-5 {results[f'{split}_top5']:.2f}%"
         if f"ema_{split}_top1" in results:
             line += f"  (EMA top-1 {results[f'ema_{split}_top1']:.2f}%)"
+        print(line)
+    elif f"{split}_{results.get('primary_metric')}" in results:  # another task: its primary metric
+        primary = results["primary_metric"]
+        line = f"{split} {primary}: {results[f'{split}_{primary}']:.6g}"
+        if f"ema_{split}_{primary}" in results:
+            line += f"  (EMA {results[f'ema_{split}_{primary}']:.6g})"
         print(line)
     return 0
 
@@ -272,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "KEY=VALUE overrides (e.g. optim.lr=5e-4 model.overrides.depth=4) apply last.")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     t.add_argument("--config", type=Path, help="YAML recipe (configs/*.yaml)")
+    t.add_argument("--task", help="what to train: a registered task (default: the recipe's, classification); "
+                                  "see vitlab.tasks.list_tasks()")
     t.add_argument("--model", help="registered model name or alias (vit_base)")
     t.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagenet | synthetic | PATH to an image folder")
     t.add_argument("--data-dir", "--data_dir", dest="data_dir", help="where CIFAR / ImageNet data live")

@@ -1,6 +1,15 @@
-"""Tasks built on any backbone through the contract.
+"""Tasks built on any backbone through the contract, and the tasks of the training engine.
+
+A training task (:class:`Task`) says what a batch is, the loss, the metrics and the plots;
+the engine (:mod:`vitlab.training`) does the rest. Pick one by name with :func:`get_task`
+(``vitlab train --task NAME``); add one with :func:`register_task`.
 
 Inference with a trained classifier (:class:`vitlab.ViTClassifier`) lives in :mod:`vitlab.deploy`.
 """
 
-__all__: list[str] = []
+from .base import Batch, Metrics, NoMetrics, Task, evaluate_task
+from .image_classification import ClassificationTask
+from .registry import TaskSetup, UnknownTaskError, get_task, list_tasks, register_task
+
+__all__ = ["Batch", "ClassificationTask", "Metrics", "NoMetrics", "Task", "TaskSetup", "UnknownTaskError",
+           "evaluate_task", "get_task", "list_tasks", "register_task"]

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..config import suggest
+from ..tasks.registry import UnknownTaskError, get_task
 
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
 
@@ -109,14 +110,28 @@ class DistillSection:
 
 
 @dataclass
-class TrainConfig:
-    """A whole training run."""
+class LogSection:
+    """Extra logging: ``tensorboard`` writes event files to ``<run>/tensorboard`` (needs the
+    ``tensorboard`` package) next to ``metrics.jsonl``."""
 
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run.
+
+    ``task`` names a registered task (:func:`vitlab.tasks.list_tasks`): what a batch is, the
+    loss, the metrics and the plots; the engine does the rest.
+    """
+
+    task: str = "classification"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
     optim: OptimSection = field(default_factory=OptimSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    log: LogSection = field(default_factory=LogSection)
     epochs: int = 30
     seed: int = 0
     device: str = "auto"
@@ -130,6 +145,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         errors = []
+        try:
+            get_task(self.task)
+        except UnknownTaskError as e:
+            errors.append(str(e))
         if self.epochs <= 0:
             errors.append(f"epochs must be positive, got {self.epochs}")
         if self.precision not in ("fp32", "bf16", "fp16"):

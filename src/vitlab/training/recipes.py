@@ -18,6 +18,7 @@ from typing import Any
 #: the digits dataset's own.
 DIGITS_RECIPE: dict[str, Any] = {
     "recipe": "digits",
+    "task": "classification",
     "model": {
         "name": "vit_tiny_patch16_224",
         "overrides": {"patch_size": 2, "dim": 128, "depth": 6, "heads": 4, "mlp_dim": 256, "drop_path": 0.1},

@@ -1,4 +1,4 @@
-"""Assemble a training run from a :class:`TrainConfig`: data, model, augmentation, loss, trainer."""
+"""Assemble a training run from a :class:`TrainConfig` (the task builds data, model and loss), run directories, resume."""
 
 from __future__ import annotations
 
@@ -10,156 +10,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch import nn
 
-from ..datasets.augment import (
-    ColorJitter,
-    Compose,
-    Normalize,
-    RandAugment,
-    RandomAffine,
-    RandomErasing,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
-    parse_rand_augment,
+from ..datasets.pipeline import dataset_label
+from ..tasks.image_classification import (  # noqa: F401  (the classification task's builders, re-exported)
+    _Resized,
+    build_augment,
+    build_criterion,
+    build_datasets,
+    build_teacher,
+    create_classifier,
 )
-from ..datasets.factory import build_dataset
-from ..datasets.pipeline import (
-    RandomResizedCropSample,
-    ResizeCenterCropSample,
-    dataset_kind,
-    dataset_label,
-    preprocessing_record,
-)
-from ..pretrained import create_model
-from .config import AugmentSection, TrainConfig, _build, set_dotted
-from .losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from .mixup import Mixup
+from ..tasks.registry import get_task
+from .config import TrainConfig, _build, set_dotted
 from .trainer import Trainer, unwrap
-
-
-def build_augment(aug: AugmentSection, image_size: int, mean, std, crop_on_device: bool = True) -> Compose:
-    """The training augmentation on [0, 1] batches, ending with normalisation (and erasing).
-
-    ``crop_on_device=False`` leaves out the random-resized crop: it then runs per sample in
-    the DataLoader workers (image folders, whose images differ in size).
-    """
-    ops: list[Any] = []
-    if aug.random_resized_crop and crop_on_device:
-        ops.append(RandomResizedCrop(image_size, tuple(aug.crop_scale), tuple(aug.crop_ratio)))
-    if aug.hflip > 0:
-        ops.append(RandomHorizontalFlip(aug.hflip))
-    if aug.affine_p > 0:
-        ops.append(RandomAffine(aug.affine_degrees, aug.affine_translate, tuple(aug.affine_scale), aug.affine_shear,
-                                fill=0.0, p=aug.affine_p))
-    if aug.randaugment:
-        ra: RandAugment = parse_rand_augment(aug.randaugment)
-        if aug.randaugment_ops:
-            ra = RandAugment(ra.num_ops, ra.magnitude, ra.magnitude_std, ra.max_magnitude, ra.op_prob,
-                             ops=aug.randaugment_ops, fill=0.0 if len(mean) == 1 else ra.fill)
-        ops.append(ra)
-    elif aug.color_jitter > 0:
-        ops.append(ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter if len(mean) == 3 else 0.0))
-    ops.append(Normalize(mean, std))
-    if aug.random_erasing > 0:
-        ops.append(RandomErasing(aug.random_erasing))
-    return Compose(ops)
-
-
-def build_criterion(cfg: TrainConfig, teacher: nn.Module | None) -> Callable[..., torch.Tensor]:
-    """Cross-entropy (soft targets under mixup, label smoothing otherwise), wrapped for distillation."""
-    a = cfg.augment
-    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-        base: nn.Module = SoftTargetCrossEntropy()
-    elif a.label_smoothing > 0:
-        base = LabelSmoothingCrossEntropy(a.label_smoothing)
-    else:
-        base = nn.CrossEntropyLoss()
-    d = cfg.distill
-    return DistillationLoss(base, teacher, d.type if teacher is not None else "none", d.alpha, d.tau)
-
-
-def build_teacher(cfg: TrainConfig, num_classes: int, in_channels: int, image_size: int | None) -> nn.Module | None:
-    """The distillation teacher: a registered model (optionally with weights) or a checkpoint."""
-    d = cfg.distill
-    if d.type == "none":
-        return None
-    from ..pretrained import load_model
-
-    if d.teacher:
-        extra: dict[str, Any] = {"in_channels": in_channels}
-        if image_size is not None:
-            extra["image_size"] = image_size
-        teacher = create_model(d.teacher, pretrained=d.teacher_checkpoint, num_classes=num_classes, **extra)
-    else:
-        teacher = load_model(d.teacher_checkpoint)
-    if getattr(teacher.config, "num_classes", num_classes) != num_classes:
-        raise ValueError(f"the teacher predicts {teacher.config.num_classes} classes; the data has {num_classes}")
-    return teacher.eval()
-
-
-class _Resized(Dataset):
-    """A dataset with a per-sample transform applied to its images; keeps its metadata."""
-
-    def __init__(self, dataset: Any, transform: Callable[[Tensor], Tensor]) -> None:
-        self.dataset, self.transform = dataset, transform
-        for attr in ("classes", "num_classes", "mean", "std", "targets"):
-            if hasattr(dataset, attr):
-                setattr(self, attr, getattr(dataset, attr))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x, y = self.dataset[index]
-        return self.transform(x), y
-
-
-def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any | None]:
-    """Train/val/test datasets yielding [0, 1] images at ``cfg.data.image_size``.
-
-    Image folders and ImageNet trees (images of any size and mode) are decoded and cropped
-    per sample in the DataLoader workers: a random-resized crop (``augment.crop_scale``,
-    ``augment.crop_ratio``) or, without it, the evaluation transform for training; resize to
-    ``image_size / crop_pct`` + center crop for evaluation, both with ``data.interpolation``.
-    Fixed-size datasets (digits, CIFAR, synthetic) are resized per sample only when the
-    training size or crop differs from their own; their random-resized crop runs batched on
-    the device.
-    """
-    data = cfg.data
-    size = data.image_size
-    kind = dataset_kind(data.dataset)
-
-    def build(split: str, transform: Callable[[Tensor], Tensor] | None = None) -> Any:
-        kw = {"transform": transform} if transform is not None else {}
-        return build_dataset(data.dataset, split, data.data_dir, **kw)
-
-    def build_test(transform: Callable[[Tensor], Tensor] | None = None) -> Any | None:
-        try:
-            return build(split="test", transform=transform)
-        except (ValueError, FileNotFoundError):
-            return None
-
-    if kind == "folder":
-        if size is None:
-            raise ValueError(f"data.image_size must be set to train on the image folder {data.dataset}")
-        evaluate = ResizeCenterCropSample(size, data.crop_pct, data.interpolation)
-        a = cfg.augment
-        crop = (RandomResizedCropSample(size, a.crop_scale, a.crop_ratio, data.interpolation)
-                if a.random_resized_crop else evaluate)
-        return build("train", crop), build("val", evaluate), build_test(evaluate)
-    train_set, val_set, test_set = build("train"), build("val"), build_test()
-    native = tuple(train_set[0][0].shape[-2:])
-    if size is None:
-        size = data.image_size = int(native[-1])
-    if native != (size, size):
-        train_set = _Resized(train_set, ResizeCenterCropSample(size, 1.0, data.interpolation))
-    if native != (size, size) or data.crop_pct != 1.0:
-        evaluate = ResizeCenterCropSample(size, data.crop_pct, data.interpolation)
-        val_set = _Resized(val_set, evaluate)
-        test_set = _Resized(test_set, evaluate) if test_set is not None else None
-    return train_set, val_set, test_set
 
 
 #: Effective training rate assumed for the CPU estimate (GFLOP/s, forward + backward); set
@@ -191,64 +55,20 @@ def estimate_train_hours(model: nn.Module, image_size: int, in_channels: int, im
     return 3.0 * flops * images_per_epoch * epochs / (rate * 1e9) / 3600.0
 
 
-def _create_model(cfg: TrainConfig, num_classes: int, channels: int, image_size: int) -> nn.Module:
-    overrides = dict(cfg.model.overrides)
-    overrides.setdefault("in_channels", channels)
-    overrides.setdefault("image_size", image_size)
-    try:
-        return create_model(cfg.model.name, pretrained=cfg.model.pretrained, num_classes=num_classes, **overrides)
-    except (ValueError, TypeError) as e:
-        if "image_size" in cfg.model.overrides:
-            raise
-        raise ValueError(
-            f"cannot build {cfg.model.name} for the {image_size}x{image_size} images of {cfg.data.dataset}: {e}. "
-            f"Set data.image_size=N (the model's own size is slow on CPU) or fit the model to the data with "
-            f"model.overrides (e.g. model.overrides.patch_size=2)"
-        ) from None
-
-
 def build_trainer(cfg: TrainConfig, output_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Trainer:
-    """Datasets, model, augmentation and loss from a config, as a ready :class:`Trainer`.
+    """The task's datasets and model from a config, as a ready :class:`Trainer`.
 
-    The model is built for the data's size (``data.image_size``) unless
-    ``model.overrides.image_size`` says otherwise. Its ``pretrained_cfg`` (saved in every
-    checkpoint) records the preprocessing this run uses: ``input_size``, the dataset's
-    ``mean``/``std``, ``crop_pct`` and ``interpolation``. Without ``output_dir`` or
+    ``cfg.task`` picks the task from the registry (:func:`vitlab.tasks.get_task`); its
+    ``from_config`` builds the task, the model and the datasets (classification:
+    :meth:`vitlab.tasks.ClassificationTask.from_config`). Without ``output_dir`` or
     ``cfg.output_dir`` a fresh run directory is made (:func:`new_run_dir`).
     """
     torch.manual_seed(cfg.seed)  # the model's initialisation is part of the run's reproducibility
-    data = cfg.data
     if output_dir is None and cfg.output_dir is None:
         prepare_output_dir(cfg)  # a fresh runs/<recipe>/<model>-<dataset>-<N>
-    train_set, val_set, test_set = build_datasets(cfg)
-    sample, _ = train_set[0]
-    channels = sample.shape[0]
-    image_size = int(data.image_size or sample.shape[-1])
-    model = _create_model(cfg, train_set.num_classes, channels, image_size)
-    model_size = getattr(model.config, "image_size", (image_size, image_size))
-    if data.image_size is None and tuple(model_size) != (image_size, image_size):
-        image_size = model_size[0]
-    cfg.data.image_size = image_size
-    mean, std = tuple(train_set.mean), tuple(train_set.std)
-    # Checkpoints carry the preprocessing this run evaluates with (predict / eval read it back).
-    model.pretrained_cfg = {**model.pretrained_cfg,
-                            **preprocessing_record(image_size, mean, std, data.crop_pct, data.interpolation)}
-    augment = build_augment(cfg.augment, image_size, mean, std, crop_on_device=dataset_kind(data.dataset) != "folder")
-    a = cfg.augment
-    mixup = None
-    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-        mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mixup_prob,
-                      switch_prob=a.mixup_switch_prob, label_smoothing=a.label_smoothing,
-                      num_classes=train_set.num_classes)
-    teacher = build_teacher(cfg, train_set.num_classes, channels, image_size)
-    if hasattr(model, "set_distilled_training"):
-        model.set_distilled_training(teacher is not None)
-    trainer = Trainer(model, cfg, train_set, val_set, test_set, labels=list(train_set.classes), mean=mean, std=std,
-                      augment=augment, mixup=mixup, criterion=build_criterion(cfg, teacher),
-                      output_dir=output_dir, log=log)
-    if teacher is not None:
-        teacher.to(trainer.device)
-    return trainer
+    setup = get_task(cfg.task).from_config(cfg)
+    return Trainer(setup.model, cfg, setup.train_data, setup.val_data, setup.test_data, task=setup.task,
+                   output_dir=output_dir, log=log)
 
 
 # --------------------------------------------------------------------------- run directories
@@ -450,12 +270,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 
 def _warn_if_slow(trainer: Trainer, cfg: TrainConfig, log: Callable[[str], None]) -> None:
     """One warning line when the remaining epochs would take more than :data:`CPU_WARN_HOURS` on a CPU."""
-    if trainer.device.type != "cpu" or trainer.epoch >= cfg.epochs:
+    if trainer.device.type != "cpu" or trainer.epoch >= cfg.epochs or cfg.data.image_size is None:
         return
     model = unwrap(trainer.model)
-    channels = int(getattr(model.config, "in_channels", 3))
+    channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if channels is None:  # not an image backbone: no estimate
+        return
     n = len(trainer.train_loader.dataset) if hasattr(trainer.train_loader, "dataset") else 0
-    hours = estimate_train_hours(model, int(cfg.data.image_size), channels, n, cfg.epochs - trainer.epoch)
+    hours = estimate_train_hours(model, int(cfg.data.image_size), int(channels), n, cfg.epochs - trainer.epoch)
     if hours > CPU_WARN_HOURS:
         log(f"warning: this run needs about {hours:.1f} hours on a CPU ({cfg.model.name} at "
             f"{cfg.data.image_size}x{cfg.data.image_size}, {n} images x {cfg.epochs - trainer.epoch} epochs at an assumed "

@@ -1,15 +1,20 @@
-"""The training engine: one loop for classification and distillation.
+"""The training engine: one loop for every task.
 
-Per step: batch to device -> resize (progressive resizing) -> augmentation -> normalisation
--> mixup/cutmix -> forward under autocast -> loss (+ distillation) -> backward (accumulated)
--> clip -> optimizer step -> lr schedule -> EMA. Per epoch: evaluation (model and EMA),
-``metrics.jsonl``, an atomic checkpoint. At the end: test metrics in ``results.json``,
-curves and a confusion matrix as PNG.
+Per step: the task prepares the batch (to the device, resized to the epoch's size for
+progressive resizing, augmented) -> forward and loss under autocast -> backward
+(accumulated; DDP gradients synchronised on the last micro-batch only) -> the NaN stop ->
+clip -> optimizer step -> lr schedule -> EMA. Per epoch: evaluation (model and EMA),
+``metrics.jsonl`` (and TensorBoard when ``log.tensorboard``), an atomic checkpoint. At the
+end: test metrics in ``results.json`` and the task's plots.
+
+What differs between tasks (batches, loss, metrics, extra state, plots) is the task's
+(:class:`vitlab.tasks.Task`); the engine never looks inside a batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import sys
@@ -18,12 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..datasets.transforms import normalize
-from ..tasks.metrics import confusion_matrix, topk_correct
+from ..tasks.base import Task, autocast, evaluate_task
+from ..tasks.image_classification import ClassificationTask, evaluate_classifier
 from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, GlobalBatchSampler, all_reduce_mean, init_distributed
@@ -31,6 +35,13 @@ from .ema import ModelEma
 from .optim import WarmupCosineScheduler, build_optimizer
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+#: Kept for callers of the former classification-only engine: see
+#: :func:`vitlab.tasks.image_classification.evaluate_classifier`.
+evaluate_model = evaluate_classifier
+
+#: What ``log.tensorboard=true`` needs when ``tensorboard`` does not import.
+TENSORBOARD_HINT = "log.tensorboard=true needs the tensorboard package: pip install tensorboard (or 'vitlab[tensorboard]')"
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,68 +59,45 @@ def resolve_device(name: str) -> torch.device:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    image_size: int | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """Loss, top-1/top-5 accuracy (%) and the confusion matrix of ``model`` on a loader of
-    ([0, 1] images, labels), resized to ``image_size`` and normalised with ``mean``/``std``."""
-    was = model.training
-    model.eval()
-    loss_sum, seen, hits1, hits5 = 0.0, 0, 0, 0
-    preds, targets = [], []
-    num_classes = 0
-    for x, y in loader:
-        x = x.to(device).float()
-        if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-            # (B, C, H, W) -> (B, C, size, size)
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-        if mean is not None and std is not None:
-            x = normalize(x, mean, std)
-        y = y.to(device)
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-        with ctx:
-            logits = model(x)
-        logits = logits.float()
-        num_classes = logits.shape[1]
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        hits = topk_correct(logits, y, (1, 5))
-        hits1, hits5 = hits1 + hits[1], hits5 + hits[5]
-        seen += y.shape[0]
-        preds.append(logits.argmax(1).cpu())
-        targets.append(y.cpu())
-    model.train(was)
-    cm = confusion_matrix(torch.cat(preds), torch.cat(targets), num_classes) if seen else None
-    return {"loss": loss_sum / max(seen, 1), "top1": 100.0 * hits1 / max(seen, 1),
-            "top5": 100.0 * hits5 / max(seen, 1), "n": seen, "confusion": cm}
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``.
+
+    Raises:
+        ImportError: tensorboard is not installed (one line naming ``pip install tensorboard``).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError(TENSORBOARD_HINT) from None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 class Trainer:
-    """Trains a model on datasets (or loaders) according to a :class:`TrainConfig`.
+    """Trains a model for a task according to a :class:`TrainConfig`.
 
     Args:
-        model: Any vitlab model (or nn.Module returning logits).
+        model: Any nn.Module; the task calls it (``task.forward``).
         config: The run configuration.
-        train_data: A Dataset of (image in [0, 1] (C, H, W), label) or a DataLoader.
-        val_data, test_data: Optional evaluation sets (Dataset or DataLoader).
-        labels: Class names (for the confusion matrix and checkpoints).
-        mean, std: Normalisation applied on the device after augmentation; None for none
-            (e.g. a user's loader that already normalises).
-        augment: ``augment(batch, generator) -> batch`` from [0, 1] images to normalised
-            ones (training only; it replaces the normalisation above).
-        mixup: ``mixup(x, y, generator) -> (x, soft_targets)``, training only.
-        criterion: ``criterion(inputs, outputs, targets) -> loss``; cross-entropy by default.
+        train_data: A Dataset or a DataLoader of the task's batches.
+        val_data: Optional validation set (Dataset or DataLoader).
+        test_data: Optional test set (Dataset or DataLoader).
+        labels: Classification only (no ``task``): class names.
+        mean: Classification only: normalisation mean applied on the device after
+            augmentation; None for none (e.g. a user's loader that already normalises).
+        std: Classification only: normalisation std.
+        augment: Classification only: ``augment(batch, generator) -> batch`` from [0, 1]
+            images to normalised ones (training only; it replaces the normalisation above).
+        mixup: Classification only: ``mixup(x, y, generator) -> (x, soft_targets)``.
+        criterion: Classification only: ``criterion(inputs, outputs, targets) -> loss``;
+            cross-entropy by default.
         output_dir: Run directory (``config.output_dir`` by default).
         log: Where progress lines go (rank 0 only).
+        task: The task; None builds a :class:`~vitlab.tasks.ClassificationTask` from the
+            classification-only arguments above.
     """
 
     def __init__(
@@ -127,7 +115,11 @@ class Trainer:
         criterion: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
         output_dir: str | Path | None = None,
         log: Callable[[str], None] = print,
+        task: Task | None = None,
     ) -> None:
+        if task is not None and any(v is not None for v in (labels, mean, std, augment, mixup, criterion)):
+            raise ValueError("pass either a task or the classification arguments (labels, mean, std, augment, "
+                             "mixup, criterion), not both: the task owns them")
         self.cfg = config
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device)
@@ -135,16 +127,20 @@ class Trainer:
         self.out = Path(output_dir or config.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.task: Task = task if task is not None else ClassificationTask(labels, mean, std, augment, mixup, criterion)
+        self.task.to(self.device)
+        self._tb_wanted = bool(config.log.tensorboard) and self.dist.is_main
+        if self._tb_wanted:
+            try:  # fail before training, not after the first epoch
+                importlib.import_module("torch.utils.tensorboard")
+            except ImportError:
+                raise ImportError(TENSORBOARD_HINT) from None
         torch.manual_seed(config.seed + self.dist.rank)
         self.model = model.to(self.device)
         if config.model.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
             model.set_grad_checkpointing(True)
-        self.labels = labels
-        self.mean, self.std = mean, std
-        self.augment, self.mixup = augment, mixup
-        self.criterion = criterion or (lambda inputs, outputs, target: F.cross_entropy(outputs, target))
         self.train_loader = self._loader(train_data, train=True)
         self.val_loader = self._loader(val_data, train=False) if val_data is not None else None
         self.test_loader = self._loader(test_data, train=False) if test_data is not None else None
@@ -168,6 +164,43 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
 
+    # ------------------------------------------------- the classification task's parts
+    # Kept as attributes of the trainer for code written against the classification-only
+    # engine; they belong to the task (AttributeError for a task without them).
+    @property
+    def criterion(self) -> Callable[..., Tensor]:
+        """The classification task's ``criterion(inputs, outputs, targets)`` (settable)."""
+        return self.task.criterion  # type: ignore[attr-defined]
+
+    @criterion.setter
+    def criterion(self, value: Callable[..., Tensor]) -> None:
+        self.task.criterion = value  # type: ignore[attr-defined]
+
+    @property
+    def mean(self) -> tuple[float, ...] | None:
+        """The classification task's normalisation mean."""
+        return self.task.mean  # type: ignore[attr-defined]
+
+    @property
+    def std(self) -> tuple[float, ...] | None:
+        """The classification task's normalisation std."""
+        return self.task.std  # type: ignore[attr-defined]
+
+    @property
+    def augment(self) -> Augment | None:
+        """The classification task's on-device training augmentation."""
+        return self.task.augment  # type: ignore[attr-defined]
+
+    @property
+    def mixup(self) -> Callable[..., tuple[Tensor, Tensor]] | None:
+        """The classification task's Mixup/CutMix."""
+        return self.task.mixup  # type: ignore[attr-defined]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The task's class names (None for a task without classes)."""
+        return self.task.labels
+
     # ------------------------------------------------------------------ data
     def _loader(self, data: Dataset | DataLoader, train: bool) -> DataLoader:
         if isinstance(data, DataLoader):
@@ -190,34 +223,18 @@ class Trainer:
             size = self.cfg.data.progressive_sizes[0]
         return size
 
-    def _prepare(self, x: Tensor, size: int | None, gen: torch.Generator | None) -> Tensor:
-        x = x.to(self.device, non_blocking=True).float()
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            # (B, C, H, W) -> (B, C, size, size)
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        if gen is not None and self.augment is not None:
-            x = self.augment(x, gen)  # the augmentation ends with the normalisation
-            if size is not None and tuple(x.shape[-2:]) != (size, size):
-                # A fixed-size crop (RandomResizedCrop to data.image_size) would undo progressive resizing.
-                # (B, C, H', W') -> (B, C, size, size)
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            return x
-        if self.mean is not None and self.std is not None:
-            x = normalize(x, self.mean, self.std)
-        return x
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.amp_dtype)
 
     def log(self, msg: str) -> None:
+        """Print ``msg`` through the log function (rank 0 only)."""
         if self.dist.is_main:
             self.log_fn(msg)
 
     # ----------------------------------------------------------------- train
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training data; returns loss, accuracy, throughput, time."""
+        """One pass over the training data; returns the loss, the task's training metrics
+        (``train_<name>``), throughput, time and image size."""
         model = self.model
         model.train()
         sampler = getattr(self.train_loader, "batch_sampler", None)
@@ -225,24 +242,21 @@ class Trainer:
             sampler.set_epoch(self.epoch)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100003 + self.epoch * 7919 + self.dist.rank)
         size = self.image_size_at(self.epoch)
-        loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        metrics = self.task.train_metrics()
+        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
         bar = self._progress(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg.epochs}")
         self.optimizer.zero_grad(set_to_none=True)
         n_batches = len(self.train_loader)
-        for i, (x, y) in enumerate(self.train_loader):
-            x = self._prepare(x, size, gen)
-            y = y.to(self.device)
-            target = y
-            if self.mixup is not None:
-                x, target = self.mixup(x, y, generator=gen)
+        for i, raw in enumerate(self.train_loader):
+            batch = self.task.prepare(raw, self.device, size, gen)
             last_micro = (i + 1) % self.accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext()
             if self.dist.enabled and not last_micro:
                 sync = model.no_sync()
             with sync:
                 with self._autocast():
-                    out = model(x)
-                    loss = self.criterion(x, out, target)
+                    out = self.task.forward(model, batch.inputs)
+                    loss = self.task.loss(batch, out)
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(self.out)
                     raise TrainingDiverged(
@@ -253,23 +267,21 @@ class Trainer:
                 self.scaler.scale(loss / self.accum).backward()
             if last_micro:
                 self._optimizer_step()
-            logits = out[0] + out[1] if isinstance(out, tuple) else out
-            loss_sum += loss.item() * y.shape[0]
-            correct += topk_correct(logits.detach().float(), y, (1,))[1]
-            seen += y.shape[0]
+            loss_sum += loss.item() * batch.size
+            seen += batch.size
+            metrics.update(batch, out)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.scheduler.get_last_lr()[-1]:.2e}")
                 bar.update(1)
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
-        return {
-            "train_loss": all_reduce_mean(loss_sum / max(seen, 1), self.dist),
-            "train_top1": all_reduce_mean(100.0 * correct / max(seen, 1), self.dist),
-            "throughput": seen * self.dist.world_size / elapsed,
-            "epoch_time": elapsed,
-            "image_size": size,
-        }
+        rec: dict[str, Any] = {"train_loss": all_reduce_mean(loss_sum / max(seen, 1), self.dist)}
+        for k, v in metrics.compute().items():
+            if k != "n" and _is_scalar(v):
+                rec[f"train_{k}"] = all_reduce_mean(float(v), self.dist)
+        rec.update(throughput=seen * self.dist.world_size / elapsed, epoch_time=elapsed, image_size=size)
+        return rec
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.optim.clip_grad
@@ -293,12 +305,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, loader: DataLoader, model: nn.Module | None = None) -> dict[str, Any]:
-        """Loss, top-1/top-5 accuracy (%) and the confusion matrix on a loader."""
-        return evaluate_model(unwrap(model or self.model), loader, self.device, self.cfg.data.image_size,
-                              self.mean, self.std, self.amp_dtype)
+        """The task's evaluation metrics (classification: loss, top-1/top-5 %, ``n``, confusion matrix)."""
+        return evaluate_task(unwrap(model or self.model), self.task, loader, self.device, self.cfg.data.image_size,
+                             self.amp_dtype)
 
     # ---------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
+        """Everything besides the weights that an exact resume needs (the task's state included)."""
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -307,13 +320,15 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema else 0,
             "history": json.dumps(self.history),
             "best": json.dumps(self.best),
+            "task": self.task.state_dict(),
         }
 
     def save(self) -> Path | None:
+        """Write this epoch's checkpoint (rank 0 only); returns its folder."""
         if not self.dist.is_main:
             return None
         return save_training_checkpoint(self.out, self.epoch, unwrap(self.model), self.state(),
-                                        self.ema.module if self.ema else None, labels=self.labels)
+                                        self.ema.module if self.ema else None, labels=self.task.labels)
 
     def resume(self, folder: str | Path | None = None) -> bool:
         """Restore the latest checkpoint of the run directory (or ``folder``); False if none."""
@@ -333,6 +348,7 @@ class Trainer:
         self.step = int(st["step"])
         self.history = json.loads(st["history"])
         self.best = json.loads(st["best"])
+        self.task.load_state_dict(st.get("task", {}))
         set_rng_state(st["rng"])
         if self.dist.rank:
             torch.manual_seed(self.cfg.seed + self.dist.rank + 7 * self.epoch)
@@ -347,67 +363,92 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
             if self.epoch == 0 and metrics_file.exists():
                 metrics_file.unlink()
-        while self.epoch < self.cfg.epochs:
-            rec: dict[str, Any] = {"epoch": self.epoch + 1}
-            rec.update(self.train_epoch())
-            rec["lr"] = self.scheduler.get_last_lr()[-1]
-            rec["step"] = self.step
-            last = self.epoch + 1 == self.cfg.epochs
-            if self.val_loader is not None and ((self.epoch + 1) % self.cfg.eval_every == 0 or last):
-                v = self.evaluate(self.val_loader)
-                rec.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
-                if self.ema is not None:
-                    e = self.evaluate(self.val_loader, self.ema.module)
-                    rec.update(ema_val_loss=e["loss"], ema_val_top1=e["top1"], ema_val_top5=e["top5"])
-            self.epoch += 1
-            self.history.append(rec)
-            if self.dist.is_main:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            self.log(self._summary(rec))
-            if self.epoch % self.cfg.save_every == 0 or last:
-                self.save()
-        return self.finish()
+        writer = tensorboard_writer(self.out / "tensorboard") if self._tb_wanted else None
+        try:
+            while self.epoch < self.cfg.epochs:
+                rec: dict[str, Any] = {"epoch": self.epoch + 1}
+                rec.update(self.train_epoch())
+                rec["lr"] = self.scheduler.get_last_lr()[-1]
+                rec["step"] = self.step
+                last = self.epoch + 1 == self.cfg.epochs
+                if self.val_loader is not None and ((self.epoch + 1) % self.cfg.eval_every == 0 or last):
+                    rec.update(_prefixed("val", self.evaluate(self.val_loader)))
+                    if self.ema is not None:
+                        rec.update(_prefixed("ema_val", self.evaluate(self.val_loader, self.ema.module)))
+                    self._track_best(rec)
+                self.epoch += 1
+                self.history.append(rec)
+                if self.dist.is_main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if writer is not None:
+                        for k, v in rec.items():
+                            if k != "epoch" and _is_scalar(v):
+                                writer.add_scalar(k, v, self.epoch)
+                        writer.flush()
+                self.log(self._summary(rec))
+                if self.epoch % self.cfg.save_every == 0 or last:
+                    self.save()
+            return self.finish()
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _track_best(self, rec: dict[str, Any]) -> None:
+        key = f"val_{self.task.primary_metric}"
+        value = rec.get(key)
+        if value is None:
+            return
+        old = self.best.get(key)
+        better = old is None or (value > old if self.task.higher_is_better else value < old)
+        if better:
+            self.best = {"epoch": rec["epoch"], key: value}
 
     def _summary(self, r: dict[str, Any]) -> str:
+        primary = self.task.primary_metric
         parts = [f"epoch {r['epoch']}/{self.cfg.epochs}", f"loss {r['train_loss']:.4f}"]
-        if "val_top1" in r:
-            parts.append(f"val top-1 {r['val_top1']:.2f}%")
-        if "ema_val_top1" in r:
-            parts.append(f"EMA {r['ema_val_top1']:.2f}%")
+        if f"val_{primary}" in r:
+            parts.append(f"val {self.task.format_metric(primary, r[f'val_{primary}'])}")
+        if f"ema_val_{primary}" in r:
+            parts.append(f"EMA {self.task.format_metric(primary, r[f'ema_val_{primary}'])}")
         parts += [f"lr {r['lr']:.2e}", f"{r['throughput']:.0f} img/s", f"{r['epoch_time']:.1f}s"]
         return "  ".join(parts)
 
     def finish(self) -> dict[str, Any]:
-        """Test metrics (model and EMA), ``results.json``, curves and confusion-matrix PNGs."""
-        results: dict[str, Any] = {"epochs": self.epoch, "steps": self.step}
+        """Test metrics (model and EMA), ``results.json`` and the task's plots."""
+        primary = self.task.primary_metric
+        results: dict[str, Any] = {"task": self.task.name, "primary_metric": primary, "epochs": self.epoch,
+                                   "steps": self.step}
         if self.history:
-            results["final_val_top1"] = self.history[-1].get("val_top1")
+            results[f"final_val_{primary}"] = self.history[-1].get(f"val_{primary}")
             results["train_time_s"] = sum(h["epoch_time"] for h in self.history)
+        if self.best:
+            results["best"] = self.best
         loader = self.test_loader or self.val_loader
-        cm = None
+        final = None
         if loader is not None:
             split = "test" if self.test_loader is not None else "val"
-            t = self.evaluate(loader)
-            results.update({f"{split}_top1": t["top1"], f"{split}_top5": t["top5"], f"{split}_loss": t["loss"], f"{split}_n": t["n"]})
-            cm = t["confusion"]
+            final = self.evaluate(loader)
+            results.update(_prefixed(split, final, keep_n=True))
             if self.ema is not None:
-                e = self.evaluate(loader, self.ema.module)
-                results.update({f"ema_{split}_top1": e["top1"], f"ema_{split}_top5": e["top5"], f"ema_{split}_loss": e["loss"]})
+                results.update(_prefixed(f"ema_{split}", self.evaluate(loader, self.ema.module)))
             results["split"] = split
         if self.dist.is_main:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
-            self._plots(cm)
+            self._plots(final)
         return results
 
-    def _plots(self, cm: Tensor | None) -> None:
+    def _plots(self, final: dict[str, Any] | None) -> None:
         try:
-            from ..tasks.plots import plot_confusion_matrix, plot_curves
-
-            if self.history:
-                plot_curves(self.history, self.out / "curves.png")
-            if cm is not None:
-                labels = self.labels or [str(i) for i in range(cm.shape[0])]
-                plot_confusion_matrix(cm, labels, self.out / "confusion_matrix.png")
+            self.task.plots(self.out, self.history, final)
         except ImportError as e:
             self.log(f"plots skipped: {e}")
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _prefixed(prefix: str, metrics: dict[str, Any], keep_n: bool = False) -> dict[str, Any]:
+    """``{prefix_name: value}`` for the scalar metrics (``n`` only with ``keep_n``)."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if _is_scalar(v) and (keep_n or k != "n")}

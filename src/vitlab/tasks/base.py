@@ -1,0 +1,188 @@
+"""What a task is to the training engine: the :class:`Task` protocol.
+
+The engine (:class:`vitlab.training.Trainer`) owns what every task shares: device and
+precision, accumulation, clipping, optimizer groups and layer decay, the schedule, EMA, DDP,
+progressive resizing (it decides the size; the task applies it), the NaN stop, checkpoints
+and exact resume, ``metrics.jsonl``, progress bars, TensorBoard and ``results.json``.
+
+A task owns what differs:
+
+- :meth:`Task.prepare`: a loader batch -> a :class:`Batch` on the device (augmentation on
+  the device when a generator is given: training), resized to the engine's size;
+- :meth:`Task.forward` and :meth:`Task.loss`;
+- :meth:`Task.train_metrics` / :meth:`Task.eval_metrics`: accumulators of its metrics, and
+  :attr:`Task.primary_metric` (which one ranks runs);
+- :meth:`Task.state_dict` / :meth:`Task.load_state_dict`: extra state in each checkpoint;
+- :meth:`Task.plots`: the figures of a finished run.
+
+Tasks never import :mod:`vitlab.training` (layering: ``tasks <- training``); the engine
+finds them through :mod:`vitlab.tasks.registry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """One prepared batch.
+
+    Attributes:
+        inputs: What the model is called with (by :meth:`Task.forward`).
+        targets: What the loss compares the outputs with.
+        size: Number of samples (weights the running training loss).
+        extra: Anything else the task's metrics need (e.g. the hard labels under mixup).
+    """
+
+    inputs: Any
+    targets: Any
+    size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Metrics:
+    """An accumulator of a task's metrics over batches.
+
+    ``update`` is called once per batch with the prepared batch and the model's outputs
+    (training: the outputs of the training forward; evaluation: of the eval-mode forward);
+    ``compute`` returns the metric values. Scalars become ``train_<name>`` / ``val_<name>`` /
+    ``test_<name>`` in ``metrics.jsonl`` and ``results.json``; other values (tensors) are
+    only handed to :meth:`Task.plots`. ``n`` is the number of samples seen.
+    """
+
+    def update(self, batch: Batch, outputs: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class NoMetrics(Metrics):
+    """Counts samples only (a task with no training metrics beyond the loss)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        self.n += batch.size
+
+    def compute(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+
+class Task:
+    """The base of every task; see the module docstring for the split of duties.
+
+    Attributes:
+        name: The registry name (``classification``, ...).
+        primary_metric: The evaluation metric that ranks checkpoints and runs (a key of
+            :meth:`eval_metrics`' result).
+        higher_is_better: Whether a larger primary metric is better.
+        labels: Class names stored with checkpoints (None for tasks without classes).
+    """
+
+    name: str = "task"
+    primary_metric: str = "loss"
+    higher_is_better: bool = False
+    labels: list[str] | None = None
+
+    def to(self, device: torch.device) -> "Task":
+        """Move the task's own modules (a teacher, a loss with buffers) to ``device``."""
+        return self
+
+    def prepare(self, batch: Any, device: torch.device, image_size: int | None,
+                generator: torch.Generator | None) -> Batch:
+        """A loader batch -> a :class:`Batch` on ``device``.
+
+        Args:
+            batch: What the DataLoader yielded.
+            device: The engine's device.
+            image_size: The side the engine wants this epoch (progressive resizing), or None.
+            generator: The training RNG (on ``device``) for augmentation; None in evaluation.
+        """
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """The model's outputs for ``inputs`` (run under the engine's autocast)."""
+        return model(inputs)
+
+    def loss(self, batch: Batch, outputs: Any) -> Tensor:
+        """The scalar training loss (run under the engine's autocast)."""
+        raise NotImplementedError
+
+    def train_metrics(self) -> Metrics:
+        """A fresh accumulator for the training metrics of one epoch."""
+        return NoMetrics()
+
+    def eval_metrics(self) -> Metrics:
+        """A fresh accumulator for an evaluation; its result must hold :attr:`primary_metric`."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state saved in every checkpoint (tensors and plain Python values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+    def format_metric(self, name: str, value: float) -> str:
+        """How the engine's progress line shows a metric."""
+        return f"{name} {value:.4g}"
+
+    def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
+        """Figures of a run: ``history`` is ``metrics.jsonl``'s records, ``final`` the last
+        evaluation's metrics (None without evaluation data). Returns the files written."""
+        return []
+
+
+def resize_images(x: Tensor, size: int | None) -> Tensor:
+    """Bilinear (antialiased) resize of a batch to ``size`` x ``size`` (no-op when it has that size)."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    # (B, C, H, W) -> (B, C, size, size)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype``; a no-op context for None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, task: Task, loader: Any, device: torch.device, image_size: int | None = None,
+                  amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The task's evaluation metrics of ``model`` (in eval mode) over ``loader``.
+
+    Args:
+        model: The model (unwrapped from DDP).
+        task: Prepares the batches and accumulates the metrics.
+        loader: Any iterable of loader batches.
+        device: Where to run.
+        image_size: The evaluation size handed to :meth:`Task.prepare`.
+        amp_dtype: Autocast dtype (None: fp32).
+    """
+    was = model.training
+    model.eval()
+    metrics = task.eval_metrics()
+    try:
+        for raw in loader:
+            batch = task.prepare(raw, device, image_size, None)
+            with autocast(device, amp_dtype):
+                outputs = task.forward(model, batch.inputs)
+            metrics.update(batch, outputs)
+    finally:
+        model.train(was)
+    return metrics.compute()
+
+
+__all__ = ["Batch", "Metrics", "NoMetrics", "Task", "autocast", "evaluate_task", "resize_images"]
