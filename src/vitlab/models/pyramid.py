@@ -21,6 +21,8 @@ them; build with ``local_norm_eps=1e-6`` to reproduce its numbers bit for bit.
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,7 +50,7 @@ LINEAR_POOL_SIZE = 7
 
 # ---------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
-class PyramidConfig:
+class PyramidConfig(abc.ABC):
     """Fields shared by :class:`PvtConfig` (v1) and :class:`PvtV2Config` (v2).
 
     Attributes:
@@ -111,6 +113,7 @@ class PyramidConfig:
         return len(self.depths)
 
     @property
+    @abc.abstractmethod
     def first_stride(self) -> int:
         """Stride of the first patch embedding (the model's output stride of stage 0)."""
         raise NotImplementedError
@@ -312,6 +315,7 @@ class PyramidBackbone(Backbone):
         self.config.check_image_size((x.shape[-2], x.shape[-1]))
         return x
 
+    @abc.abstractmethod
     def stage_blocks(self, i: int) -> nn.ModuleList:
         """The blocks of stage ``i``."""
         raise NotImplementedError
@@ -320,6 +324,7 @@ class PyramidBackbone(Backbone):
         """Prefix tokens (v1's class token) before the grid tokens in stage ``i``."""
         return 0
 
+    @abc.abstractmethod
     def block_module_name(self, stage: int, block: int) -> str:
         """Module name of block ``block`` of stage ``stage``."""
         raise NotImplementedError

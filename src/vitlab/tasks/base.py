@@ -21,6 +21,8 @@ finds them through :mod:`vitlab.tasks.registry`.
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ class Batch:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Metrics:
+class Metrics(abc.ABC):
     """An accumulator of a task's metrics over batches.
 
     ``update`` is called once per batch with the prepared batch and the model's outputs
@@ -58,9 +60,11 @@ class Metrics:
     only handed to :meth:`Task.plots`. ``n`` is the number of samples seen.
     """
 
+    @abc.abstractmethod
     def update(self, batch: Batch, outputs: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @abc.abstractmethod
     def compute(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -78,7 +82,7 @@ class NoMetrics(Metrics):
         return {"n": self.n}
 
 
-class Task:
+class Task(abc.ABC):
     """The base of every task; see the module docstring for the split of duties.
 
     Attributes:
@@ -98,6 +102,7 @@ class Task:
         """Move the task's own modules (a teacher, a loss with buffers) to ``device``."""
         return self
 
+    @abc.abstractmethod
     def prepare(self, batch: Any, device: torch.device, image_size: int | None,
                 generator: torch.Generator | None) -> Batch:
         """A loader batch -> a :class:`Batch` on ``device``.
@@ -114,6 +119,7 @@ class Task:
         """The model's outputs for ``inputs`` (run under the engine's autocast)."""
         return model(inputs)
 
+    @abc.abstractmethod
     def loss(self, batch: Batch, outputs: Any) -> Tensor:
         """The scalar training loss (run under the engine's autocast)."""
         raise NotImplementedError
@@ -122,6 +128,7 @@ class Task:
         """A fresh accumulator for the training metrics of one epoch."""
         return NoMetrics()
 
+    @abc.abstractmethod
     def eval_metrics(self) -> Metrics:
         """A fresh accumulator for an evaluation; its result must hold :attr:`primary_metric`."""
         raise NotImplementedError

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable, Sequence
 
 import torch
@@ -47,7 +49,7 @@ def _pair(size: Size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 # --------------------------------------------------------------------------- transforms
-class BatchTransform(nn.Module):
+class BatchTransform(nn.Module, metaclass=abc.ABCMeta):
     """Base class: ``t(x, generator=None)`` on a float batch (B, C, H, W) (a single (C, H, W) also works)."""
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:  # type: ignore[override]
@@ -58,6 +60,7 @@ class BatchTransform(nn.Module):
         out = super().__call__(x.unsqueeze(0) if single else x, generator=generator)
         return out.squeeze(0) if single else out
 
+    @abc.abstractmethod
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
