@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from vitlab.tasks.detection import DETRLoss, HungarianMatcher
 
-hf = pytest.importorskip("transformers.loss.loss_for_object_detection")
+
+
+def hf_loss_module():
+    """``transformers.loss.loss_for_object_detection``, or a skip of the calling test only (the rest of the file needs no transformers)."""
+    return pytest.importorskip("transformers.loss.loss_for_object_detection")
+
 
 NUM_CLASSES = 5
 
@@ -45,7 +50,7 @@ def test_matching_equals_huggingface(costs, seed):
     outputs, targets = _random_case(seed)
     ours = HungarianMatcher(*costs)(outputs[-1]["logits"], outputs[-1]["boxes"], targets)
     hf_out, hf_targets = _hf_inputs(outputs, targets)
-    ref = hf.HungarianMatcher(class_cost=costs[0], bbox_cost=costs[1], giou_cost=costs[2])(hf_out, hf_targets)
+    ref = hf_loss_module().HungarianMatcher(class_cost=costs[0], bbox_cost=costs[1], giou_cost=costs[2])(hf_out, hf_targets)
     for (qi, ti), (rq, rt) in zip(ours, ref):
         assert qi.tolist() == rq.tolist() and ti.tolist() == rt.tolist()
 
@@ -82,8 +87,8 @@ def test_loss_equals_huggingface_on_every_layer(seed):
     outputs, targets = _random_case(seed)
     ours = DETRLoss(NUM_CLASSES)(outputs, targets)
     hf_out, hf_targets = _hf_inputs(outputs, targets)
-    matcher = hf.HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
-    ref = hf.ImageLoss(matcher, num_classes=NUM_CLASSES, eos_coef=0.1, losses=["labels", "boxes"])(hf_out, hf_targets)
+    matcher = hf_loss_module().HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
+    ref = hf_loss_module().ImageLoss(matcher, num_classes=NUM_CLASSES, eos_coef=0.1, losses=["labels", "boxes"])(hf_out, hf_targets)
     names = [f"{n}{s}" for s in ("", "_0", "_1") for n in ("loss_ce", "loss_bbox", "loss_giou")]
     assert set(ours) == set(names) | {"loss"}
     for name in names:
@@ -100,8 +105,8 @@ def test_loss_options_equal_huggingface_with_the_same_options():
         outputs, targets
     )
     hf_out, hf_targets = _hf_inputs(outputs, targets)
-    ref_matcher = hf.HungarianMatcher(class_cost=2, bbox_cost=1, giou_cost=3)
-    ref = hf.ImageLoss(ref_matcher, num_classes=NUM_CLASSES, eos_coef=0.4, losses=["labels", "boxes"])(
+    ref_matcher = hf_loss_module().HungarianMatcher(class_cost=2, bbox_cost=1, giou_cost=3)
+    ref = hf_loss_module().ImageLoss(ref_matcher, num_classes=NUM_CLASSES, eos_coef=0.4, losses=["labels", "boxes"])(
         hf_out, hf_targets
     )
     for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_1", "loss_giou_0"):

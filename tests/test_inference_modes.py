@@ -20,7 +20,7 @@ from vitlab.benchmark import benchmark
 from vitlab import create_model
 from vitlab.deploy import ViTClassifier
 
-QLinear = pytest.importorskip("torch.ao.nn.quantized.dynamic").Linear
+from torch.ao.nn.quantized.dynamic import Linear as QLinear  # noqa: E402
 
 
 def tiny_vit() -> nn.Module:

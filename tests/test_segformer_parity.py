@@ -12,7 +12,12 @@ from vitlab.errors import CheckpointError
 from vitlab.tasks.segmentation.convert_segformer import load_segformer
 from vitlab.tasks.segmentation.heads import backbone_intermediates
 
-transformers = pytest.importorskip("transformers")
+
+
+def transformers_module():
+    """``transformers``, or a skip of the calling test only (the rest of the file needs no transformers)."""
+    return pytest.importorskip("transformers")
+
 
 TINY = dict(
     num_channels=3, num_encoder_blocks=4, depths=[1, 2, 1, 1], sr_ratios=[8, 4, 2, 1], hidden_sizes=[8, 16, 24, 32],
@@ -22,8 +27,8 @@ TINY = dict(
 
 def _hf_model(**overrides):
     torch.manual_seed(0)
-    cfg = transformers.SegformerConfig(**{**TINY, **overrides})
-    model = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    cfg = transformers_module().SegformerConfig(**{**TINY, **overrides})
+    model = transformers_module().SegformerForSemanticSegmentation(cfg).eval()
     with torch.no_grad():  # move every weight off its init (norms at 1/0, BN stats at 0/1)
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
