@@ -21,7 +21,12 @@ from vitlab.tasks.clip import (
 from vitlab.tasks.clip.convert import load_clip, load_hf_clip, save_clip
 from vitlab.tasks.clip.tokenizer import CLIPTokenizer
 
-transformers = pytest.importorskip("transformers")
+
+
+def transformers_module():
+    """``transformers``, or a skip of the calling test only (the vitlab-only tests need no transformers)."""
+    return pytest.importorskip("transformers")
+
 
 WORDS = ["a", "photo", "of", "the", "dog", "cat", "red", "car", "two", "dogs", "on", "grass"]
 CAPTIONS = [
@@ -72,7 +77,7 @@ def vocab_folder(tmp_path_factory):
 
 
 def _hf_tiny_clip(eos_token_id: int = 2):
-    cfg = transformers.CLIPConfig(
+    cfg = transformers_module().CLIPConfig(
         text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=12, eos_token_id=eos_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -80,7 +85,7 @@ def _hf_tiny_clip(eos_token_id: int = 2):
         projection_dim=16,
     )
     torch.manual_seed(1)
-    model = transformers.CLIPModel(cfg).eval()
+    model = transformers_module().CLIPModel(cfg).eval()
     with torch.no_grad():  # move every tensor off its trivial init (LayerNorm 1/0, zero biases)
         for name, p in model.named_parameters():
             if name != "logit_scale":
@@ -124,7 +129,7 @@ def test_hf_folder_of_another_architecture_is_one_clear_error(tmp_path):
 
 # ----------------------------------------------------------- tokenizer
 def test_tokenizer_from_vocab_and_merges_matches_hf(vocab_folder):
-    hf = transformers.CLIPTokenizer.from_pretrained(str(vocab_folder))
+    hf = transformers_module().CLIPTokenizer.from_pretrained(str(vocab_folder))
     ours = CLIPTokenizer.from_pretrained(vocab_folder, context_length=32)
     expected = hf(CAPTIONS)["input_ids"]
     got = ours(CAPTIONS)
@@ -137,7 +142,7 @@ def test_tokenizer_from_vocab_and_merges_matches_hf(vocab_folder):
 
 
 def test_tokenizer_json_of_hf_loads_with_same_ids(vocab_folder, tmp_path):
-    hf = transformers.CLIPTokenizer.from_pretrained(str(vocab_folder))
+    hf = transformers_module().CLIPTokenizer.from_pretrained(str(vocab_folder))
     hf.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
     (tmp_path / "vocab.json").unlink(missing_ok=True)  # only tokenizer.json is left to read
@@ -148,7 +153,7 @@ def test_tokenizer_json_of_hf_loads_with_same_ids(vocab_folder, tmp_path):
 
 
 def test_tokenizer_truncates_and_pads_like_clip(vocab_folder):
-    hf = transformers.CLIPTokenizer.from_pretrained(str(vocab_folder))
+    hf = transformers_module().CLIPTokenizer.from_pretrained(str(vocab_folder))
     ours = CLIPTokenizer.from_pretrained(vocab_folder, context_length=6)
     long = "a photo of the red car on the grass"
     full = ours.encode_ids(long)

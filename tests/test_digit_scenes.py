@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("sklearn")
 
 from vitlab.datasets.digit_scenes import DigitScenes  # noqa: E402
 from vitlab.datasets.digits import DigitsDataset, _load_digits  # noqa: E402
@@ -17,6 +16,7 @@ def _equal(a, b):
 
 
 def test_deterministic_per_seed_and_order_free():
+    pytest.importorskip("sklearn")
     a = DigitScenes("train", 6, clutter=3, seed=7)
     b = DigitScenes("train", 6, clutter=3, seed=7)
     later_first = [b[i] for i in reversed(range(6))][::-1]
@@ -40,6 +40,7 @@ def _rendered_ink_crops(size):
 
 @pytest.mark.parametrize("split", ["test", "val"])
 def test_scenes_hold_only_their_split_digits_by_pixel_identity(split):
+    pytest.importorskip("sklearn")
     scenes = DigitScenes(split, 12, max_digits=3, digit_size=(12, 16), max_overlap=0.0, seed=3)
     _, labels = _load_digits()
     pool = set(DigitsDataset(split).indices.tolist())  # the classification split, same seed
@@ -59,6 +60,7 @@ def test_scenes_hold_only_their_split_digits_by_pixel_identity(split):
 
 
 def test_boxes_tightly_enclose_the_ink():
+    pytest.importorskip("sklearn")
     scenes = DigitScenes("train", 20, max_digits=4, max_overlap=0.0, clutter=0, seed=1)
     for sample in scenes:
         ink = sample["image"][0] > 0
@@ -72,6 +74,7 @@ def test_boxes_tightly_enclose_the_ink():
 
 
 def test_masks_agree_with_boxes_labels_and_image():
+    pytest.importorskip("sklearn")
     scenes = DigitScenes("val", 20, max_digits=5, max_overlap=0.4, clutter=4, seed=2)
     for sample in scenes:
         masks, sem, img = sample["instance_masks"], sample["semantic_mask"], sample["image"][0]
@@ -95,6 +98,7 @@ def test_masks_agree_with_boxes_labels_and_image():
 
 
 def test_overlap_bound_holds_and_is_reached():
+    pytest.importorskip("sklearn")
     for bound in (0.0, 0.2):
         scenes = DigitScenes("train", 40, min_digits=3, max_digits=6, digit_size=(16, 28), max_overlap=bound, seed=4)
         worst, any_overlap = 0.0, False
@@ -109,6 +113,7 @@ def test_overlap_bound_holds_and_is_reached():
 
 
 def test_split_of_train_scenes_is_the_classification_train_split():
+    pytest.importorskip("sklearn")
     scenes = DigitScenes("train", 30, seed=5)
     used = torch.cat([s["digit_indices"] for s in scenes]).tolist()
     assert set(used) <= set(DigitsDataset("train").indices.tolist())
@@ -116,6 +121,7 @@ def test_split_of_train_scenes_is_the_classification_train_split():
 
 
 def test_bad_arguments_give_one_clear_error():
+    pytest.importorskip("sklearn")
     with pytest.raises(ValueError, match="unknown digit scenes split 'dev'"):
         DigitScenes("dev")
     with pytest.raises(ValueError, match="digit_size"):

@@ -13,8 +13,6 @@ from vitlab.pretrained import save_checkpoint
 
 from conftest import tiny_model
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 # One variant per family; the test models keep each family's structure at a small size
 # (tiny_overrides): window shifts and masks, spatial reduction, class attention, two branches.
@@ -32,6 +30,8 @@ FAMILY_VARIANTS = [
 
 @pytest.mark.parametrize("name", FAMILY_VARIANTS)
 def test_onnx_export_matches_pytorch(name, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     model = tiny_model(name).eval()
     res = export_model(model, tmp_path / f"{name}.onnx", dynamic_batch=True)
     assert res.path.exists() and res.format == "onnx"
@@ -39,6 +39,8 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
 
 
 def test_dynamic_batch_accepts_other_batch_sizes(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     model = tiny_model("vit_tiny_patch16_224").eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch_size=2, dynamic_batch=True)
     run = OnnxRuntimeModel(path)
@@ -50,6 +52,8 @@ def test_dynamic_batch_accepts_other_batch_sizes(tmp_path):
 
 
 def test_fixed_batch_export_checks_at_its_batch(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     model = tiny_model("swin_tiny_patch4_window7_224").eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch_size=3)
     assert check_onnx(model, path, batch_size=3) < 1e-4
@@ -65,6 +69,8 @@ def test_unknown_format_and_missing_onnxruntime(tmp_path, monkeypatch):
 
 
 def test_cli_export_prints_the_difference(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     model = tiny_model("deit_tiny_patch16_224", num_classes=7)
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
     out = tmp_path / "deit.onnx"

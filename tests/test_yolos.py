@@ -14,7 +14,12 @@ from vitlab.tasks.detection import DETRLoss, HungarianMatcher, postprocess_detec
 from vitlab.tasks.detection.convert_yolos import convert_hf_yolos, load_hf_yolos
 from vitlab.tasks.detection.yolos import YOLOS, YOLOSConfig
 
-transformers = pytest.importorskip("transformers")
+
+
+def transformers_module():
+    """``transformers``, or a skip of the calling test only (the vitlab-only tests need no transformers)."""
+    return pytest.importorskip("transformers")
+
 
 NUM_LABELS = 4
 TRAIN_SIZE = (32, 48)  # a 4x6 patch grid with patch 8
@@ -23,11 +28,11 @@ TRAIN_SIZE = (32, 48)  # a 4x6 patch grid with patch 8
 def _hf_model(mid: bool, seed: int = 0):
     """A tiny random HF YOLOS whose weights are scaled up so outputs differ clearly between images and queries."""
     torch.manual_seed(seed)
-    cfg = transformers.YolosConfig(
+    cfg = transformers_module().YolosConfig(
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=list(TRAIN_SIZE),
         patch_size=8, num_detection_tokens=6, num_labels=NUM_LABELS, use_mid_position_embeddings=mid,
     )
-    model = transformers.YolosForObjectDetection(cfg).eval()
+    model = transformers_module().YolosForObjectDetection(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name and name.endswith("weight"):
@@ -111,7 +116,7 @@ def test_postprocessing_equals_huggingface_image_processor(pair):
         ref_out = hf(pixel_values=x)
         out = ours(x)
     sizes = [(32, 48), (64, 40)]
-    ref = transformers.YolosImageProcessor().post_process_object_detection(ref_out, threshold=0.3, target_sizes=sizes)
+    ref = transformers_module().YolosImageProcessor().post_process_object_detection(ref_out, threshold=0.3, target_sizes=sizes)
     got = postprocess_detections(out["logits"], out["pred_boxes"], sizes, score_threshold=0.3)
     for r, o, (h, w) in zip(ref, got, sizes):
         order = r["scores"].argsort(descending=True, stable=True)
@@ -140,9 +145,9 @@ def test_detr_loss_gradients_reach_every_parameter(mid):
 
 
 def test_hf_vit_checkpoint_is_refused_with_one_clear_error(tmp_path):
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+    cfg = transformers_module().ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                  image_size=32, patch_size=8, num_labels=3)
-    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path)
+    transformers_module().ViTForImageClassification(cfg).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError) as e:
         load_hf_yolos(tmp_path)
     msg = str(e.value)
