@@ -133,8 +133,63 @@ class BackboneConfig(Protocol):
 #: see :func:`resolve_layer_ids`.
 GroupMatcher = dict[str, Any]
 OutputFormat = Literal["NCHW", "NLC"]
-#: What ``collect_intermediates`` returns: final features (or None) and ``(tokens or map, grid, prefix)`` per index.
-IntermediateResult = tuple[Tensor | None, list[tuple[Tensor, tuple[int, int], int]]]
+#: What ``collect_intermediates`` returns: final features (or None) and one map (B, C, h, w) per index.
+IntermediateResult = tuple[Tensor | None, list[Tensor]]
+
+
+def map_on_path(tokens: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> tuple[Tensor, Tensor]:
+    """Split tokens into a feature map and tokens rebuilt from that map, to continue the forward with.
+
+    The rebuilt tokens are ``[prefix tokens, map flattened back]``: the same values (a pure
+    reshape and concatenation), but everything computed from them downstream, the final
+    features and logits included, depends on the returned map tensor, so gradients of the
+    logits with respect to the map exist (Grad-CAM, dense tasks).
+
+    Args:
+        tokens: (B, P + h*w, C) tokens, prefix tokens first.
+        grid: The token grid (h, w).
+        num_prefix_tokens: P.
+
+    Returns:
+        ``(tokens (B, P + h*w, C) rebuilt from the map, map (B, C, h, w))``.
+    """
+    fmap = tokens_to_map(tokens, grid, num_prefix_tokens)  # (B, P + h*w, C) -> (B, C, h, w)
+    grid_tokens = fmap.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+    if num_prefix_tokens:
+        return torch.cat([tokens[:, :num_prefix_tokens], grid_tokens], dim=1), fmap  # (B, P + h*w, C)
+    return grid_tokens, fmap
+
+
+class MapTap:
+    """Collects ``collect_intermediates``' maps while the forward continues through them.
+
+    Call it on the tokens after every block (or stage) with that point's ``feature_info``
+    index; for a requested index it returns tokens rebuilt from the map (:func:`map_on_path`),
+    otherwise the tokens unchanged.
+
+    Args:
+        take: The requested ``feature_info`` indices.
+        norm: For an index, the norm to apply to the returned map's tokens (``norm=True``), or
+            None. A normed map is a side branch: the forward continues with the un-normed tokens,
+            so gradients flow through the maps only with ``norm=False``.
+    """
+
+    def __init__(self, take: Sequence[int], norm: Any = None) -> None:
+        self.take = list(take)
+        self.norm = norm
+        self.maps: dict[int, Tensor] = {}
+
+    def __call__(self, index: int, tokens: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        if index not in self.take:
+            return tokens
+        tokens, fmap = map_on_path(tokens, tuple(grid), num_prefix_tokens)
+        norm = self.norm(index) if self.norm is not None else None
+        self.maps[index] = fmap if norm is None else tokens_to_map(norm(tokens), tuple(grid), num_prefix_tokens)
+        return tokens
+
+    def result(self) -> list[Tensor]:
+        """The maps in ``take`` order."""
+        return [self.maps[i] for i in self.take]
 
 
 def resolve_layer_ids(names: Sequence[str], matcher: GroupMatcher) -> tuple[dict[str, int], int]:
@@ -228,7 +283,10 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
         Returns:
             The final features (``forward_features``' output; None when ``stop_early``) and, per
-            index in ``take``, ``(tokens (B, P + h*w, C) or a map (B, C, h, w), grid (h, w), P)``.
+            index in ``take``, its map (B, C, h, w). Each map (without ``norm``) lies on the
+            forward path: the computation after it, the final features included, takes its
+            input from the map tensor itself (see :class:`MapTap`), so the logits
+            ``forward_head(final)`` can be differentiated with respect to it.
         """
 
     @abstractmethod
@@ -332,7 +390,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             intermediates_only: Return only the list of maps (and stop after the deepest one).
 
         Returns:
-            The maps, or ``(forward_features(x), maps)`` unless ``intermediates_only``.
+            The maps, or ``(forward_features(x), maps)`` unless ``intermediates_only``. With
+            ``norm=False`` every map is on the forward path: ``forward_head(final)`` depends on
+            the ``"NCHW"`` map tensors themselves, so ``torch.autograd.grad(score, maps)`` works
+            (Grad-CAM).
+            Normed maps (``norm=True``) are side branches with no gradient from the logits.
 
         Raises:
             ValueError: An index out of range or an unknown ``output_fmt``.
@@ -342,8 +404,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         take = resolve_indices(indices, len(self.feature_info))
         final, found = self.collect_intermediates(x, take, norm, stop_early=intermediates_only)
         maps = []
-        for t, grid, prefix in found:
-            fmap = t if t.ndim == 4 else tokens_to_map(t, tuple(grid), prefix)
+        for fmap in found:
             # (B, C, h, w) -> (B, h*w, C)
             maps.append(fmap if output_fmt == "NCHW" else fmap.flatten(2).transpose(1, 2))
         if intermediates_only:

@@ -40,7 +40,7 @@ from ..components import (
 )
 from ..config import build_config
 from .base import (
-    Backbone, GroupMatcher, IntermediateResult, check_config, classifier_head, init_linears, pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, MapTap, check_config, classifier_head, init_linears, pretrained_cfg,
 )
 from .registry import register_family
 
@@ -296,13 +296,11 @@ class CaiT(Backbone):
         ``norm`` applies the final norm to each returned map's tokens.
         """
         x, grid = self.embed(x)
-        maps = []
+        tap = MapTap(take, (lambda i: self.norm) if norm else None)
         for i in range(take[-1] + 1 if stop_early else len(self.blocks)):
-            x = self.run_checkpointed(self.blocks[i], x, grid=grid)
-            if i in take:
-                maps.append((self.norm(x) if norm else x, grid, 0))
+            x = tap(i, self.run_checkpointed(self.blocks[i], x, grid=grid), grid)
         final = None if stop_early else self.norm(self.forward_cls(x, grid))
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

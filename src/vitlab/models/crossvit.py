@@ -42,7 +42,7 @@ from ..components import (
 )
 from ..config import build_config
 from .base import (
-    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, MapTap, classifier_head, config_errors, init_linears, pretrained_cfg,
     raise_config_errors,
 )
 from .registry import register_family
@@ -299,13 +299,16 @@ class MultiScaleStage(nn.Module):
         self.revert_projs = nn.ModuleList(_projection(dims[o], dims[b], norm_layer) for b, o in enumerate(other))
 
     def forward(self, xs: list[Tensor], layouts: list[dict],
-                run: Callable[[nn.Module, Tensor], Tensor] | None = None) -> list[Tensor]:
+                run: Callable[[nn.Module, Tensor], Tensor] | None = None,
+                tap: Callable[[int, Tensor], Tensor] | None = None) -> list[Tensor]:
         """Run the stage on per-branch tokens (B, 1 + N_b, C_b), class token first.
 
         Args:
             xs: Tokens of each branch.
             layouts: Per-branch ``capture_info`` base (branch, grid, prefix tokens, ...).
             run: How to call each block (the model's ``run_checkpointed``); a plain call by default.
+            tap: ``tap(branch, tokens) -> tokens`` on each branch's output before the fusion
+                (``collect_intermediates``: its patch tokens are what both branches' fusion reads).
         """
         run = run or (lambda module, x: module(x))
 
@@ -314,7 +317,7 @@ class MultiScaleStage(nn.Module):
             for blk in self.blocks[b]:
                 blk.attn.capture_info = dict(layouts[b], kind="self")
                 x = run(blk, x)
-            outs.append(x)
+            outs.append(tap(b, x) if tap is not None else x)
         fused = []
         for b in range(NUM_BRANCHES):
             o = (b + 1) % NUM_BRANCHES
@@ -450,9 +453,10 @@ class CrossViT(Backbone):
                                 patch_size=self.config.patch_size[b]))
         return xs, layouts
 
-    def run_stage(self, i: int, xs: list[Tensor], layouts: list[dict]) -> list[Tensor]:
+    def run_stage(self, i: int, xs: list[Tensor], layouts: list[dict],
+                  tap: Callable[[int, Tensor], Tensor] | None = None) -> list[Tensor]:
         """Multi-scale stage ``i`` on the per-branch tokens (blocks checkpointed when enabled)."""
-        return self.blocks[i](xs, layouts, run=self.run_checkpointed)
+        return self.blocks[i](xs, layouts, run=self.run_checkpointed, tap=tap)
 
     def forward_branches(self, x: Tensor) -> list[Tensor]:
         """Images -> ``[tokens_0, tokens_1]``: each branch's normed tokens (B, 1 + N_b, C_b), class token first."""
@@ -496,14 +500,12 @@ class CrossViT(Backbone):
         depth = len(self.blocks)
         last = max(k % depth for k in take) if stop_early else depth - 1
         xs, layouts = self.embed(x)
-        found: dict[int, tuple[Tensor, tuple[int, int], int]] = {}
+        tap = MapTap(take, (lambda k: self.norm[k // depth]) if norm else None)
         for s in range(last + 1):
-            xs = self.run_stage(s, xs, layouts)
-            for b, t in enumerate(xs):
-                if b * depth + s in take:
-                    found[b * depth + s] = (self.norm[b](t) if norm else t, layouts[b]["grid"], 1)
+            # each branch's map is taken before the fusion, whose cross-attention reads its patch tokens
+            xs = self.run_stage(s, xs, layouts, tap=lambda b, t, s=s: tap(b * depth + s, t, layouts[b]["grid"], 1))
         final = None if stop_early else self.readout([n(t) for n, t in zip(self.norm, xs)])
-        return final, [found[k] for k in take]
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import PatchEmbed, drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, tokens_to_map
-from .base import GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg
+from .base import GroupMatcher, IntermediateResult, MapTap, classifier_head, config_errors, init_linears, pretrained_cfg
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
 from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2  # noqa: F401  (re-exported: the PVT family)
 from .pyramid import SpatialReductionAttention  # noqa: F401  (re-exported)
@@ -143,8 +143,12 @@ class PyramidVisionTransformer(PyramidBackbone):
         """Stage ``i``'s position embedding for a token grid, resampled (bicubic) if the grid is new."""
         return pos_embed_for_grid(self.stage_pos_embed(i), grid, self.grid_sizes[i], self.stage_prefix(i))
 
-    def run_stages(self, x: Tensor, last: int | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
-        """Yield ``(stage index, tokens (B, P + H*W, C), grid)``; P = 1 (class token) in the last stage."""
+    def run_stages(self, x: Tensor, last: int | None = None,
+                   tap: MapTap | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
+        """Yield ``(stage index, tokens (B, P + H*W, C), grid)``; P = 1 (class token) in the last stage.
+
+        ``tap`` (``collect_intermediates``) sees each stage's output and gives the tokens to go on with.
+        """
         n = self.config.num_stages
         x = self.check_input(x, self.stage_patch_embed(0))
         last = n - 1 if last is None else last
@@ -154,6 +158,8 @@ class PyramidVisionTransformer(PyramidBackbone):
                 tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + H*W, C)
             tokens = self.pos_drop(tokens + self.position_embedding(i, grid))
             tokens = self.run_blocks(self.stage_blocks(i), tokens, grid)
+            if tap is not None:
+                tokens = tap(i, tokens, grid, self.stage_prefix(i))
             yield i, tokens, grid
             if i < n - 1:
                 x = tokens_to_map(tokens, grid)
@@ -176,12 +182,11 @@ class PyramidVisionTransformer(PyramidBackbone):
         ``norm`` applies the final LayerNorm to the last stage's map (v1 has no norm after the other stages).
         """
         n = self.config.num_stages
-        maps = []
-        for i, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None):
-            if i in take:
-                maps.append((self.norm(tokens) if norm and i == n - 1 else tokens, grid, self.stage_prefix(i)))
+        tap = MapTap(take, (lambda i: self.norm if i == n - 1 else None) if norm else None)
+        for _, tokens, _ in self.run_stages(x, last=take[-1] if stop_early else None, tap=tap):
+            pass
         final = None if stop_early else self.norm(tokens)
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def no_weight_decay(self) -> set[str]:

@@ -20,7 +20,7 @@ from ..components import (
 )
 from ..config import build_config
 from .base import (
-    INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, check_config, IntermediateResult, classifier_head,
+    INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, IntermediateResult, MapTap, check_config, classifier_head,
     init_linears, pretrained_cfg,
 )
 from .registry import register_family
@@ -250,14 +250,12 @@ class VisionTransformer(Backbone):
     def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Maps (B, C, H', W') after the chosen blocks and the final tokens (see :meth:`Backbone.forward_intermediates`)."""
         x, grid = self.embed(x)
-        maps = []
+        tap = MapTap(take, (lambda i: self.norm) if norm else None)
         last = take[-1] if stop_early else len(self.blocks) - 1
         for i in range(last + 1):
-            x = self.run_checkpointed(self.blocks[i], x)
-            if i in take:
-                maps.append((self.norm(x) if norm else x, grid, self.num_prefix_tokens))
+            x = tap(i, self.run_checkpointed(self.blocks[i], x), grid, self.num_prefix_tokens)
         final = None if stop_early else self.norm(x)
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:
