@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import vitlab.models.base as base_module
-from vitlab.components import AttentionBase, capture_attention
+from vitlab.components import AttentionBase, LearnedPosEmbed, capture_attention
 from vitlab.models import Backbone, BackboneConfig, list_models, model_config
 from vitlab.models.base import resolve_layer_ids
 
@@ -206,9 +206,11 @@ def test_no_weight_decay(name):
     names = {n for n, _ in model.named_parameters()}
     skip = model.no_weight_decay()
     assert skip <= names
-    tokens = {n for n in names if any(k in n.split(".")[-1] for k in ("pos_embed", "cls_token", "dist_token", "table"))}
+    tokens = {n for n in names if any(k in part for part in n.split(".")
+                                      for k in ("pos_embed", "cls_token", "dist_token", "table"))}
     assert tokens <= skip
-    assert not any(n.endswith(".weight") and p.ndim > 1 for n, p in model.named_parameters() if n in skip)
+    pos = {f"{m}.weight" for m, module in model.named_modules() if isinstance(module, LearnedPosEmbed)}
+    assert not any(n.endswith(".weight") and p.ndim > 1 for n, p in model.named_parameters() if n in skip - pos)
 
 
 @pytest.mark.parametrize("name", NAMES)

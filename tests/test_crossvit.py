@@ -164,7 +164,7 @@ def test_create_model_from_timm_file(case, tmp_path):
     # Another image size: each branch's position embedding is resampled on load.
     overrides.update(num_classes=10, image_size=72)
     bigger = vitlab.create_model(CASES[case], pretrained=path, **overrides).eval()
-    assert bigger.grid_sizes[1] == (3, 3) and bigger.pos_embed_1.shape[1] == 1 + 9
+    assert bigger.grid_sizes[1] == (3, 3) and bigger.pos_embed_1.weight.shape[1] == 1 + 9
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = bigger(torch.randn(1, 3, 72, 72))

@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..components import TokenLayout, checkpoint_seq, tokens_to_map
+from ..components import LearnedPosEmbed, TokenLayout, checkpoint_seq, tokens_to_map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -227,6 +227,11 @@ def resolve_layer_ids(names: Sequence[str], matcher: GroupMatcher) -> tuple[dict
     return ids, last + 1
 
 
+def _route_pos_embed_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Load pre-hook of every backbone (see :meth:`LearnedPosEmbed.route_state_dict_keys`)."""
+    LearnedPosEmbed.route_state_dict_keys(module, state_dict, prefix)
+
+
 class Backbone(nn.Module, metaclass=ABCMeta):
     """Abstract base class of every registered model: the backbone contract (DESIGN.md section 3).
 
@@ -256,6 +261,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         self.grad_checkpointing = False
         self.pretrained_cfg: dict[str, Any] = pretrained_cfg()
         self.model_name: str | None = None
+        # learned position embeddings keep timm's flat keys (``pos_embed``): route them to their module
+        self.register_load_state_dict_pre_hook(_route_pos_embed_keys)
 
     # ----------------------------------------------------------------- the family's part
     @abstractmethod
@@ -313,9 +320,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return fn(x, *args, **kwargs)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to exclude from weight decay (tokens, position embeddings, tables)."""
+        """Parameter names to exclude from weight decay: every learned position embedding
+        (:class:`~vitlab.components.LearnedPosEmbed`) and ``no_weight_decay_names`` (tokens, tables)."""
         names = {n for n, _ in self.named_parameters()}
-        return {n for n in names if n.split(".")[-1] in self.no_weight_decay_names or n in self.no_weight_decay_names}
+        skip = {n for n in names if n.split(".")[-1] in self.no_weight_decay_names or n in self.no_weight_decay_names}
+        return skip | {f"{m}.weight" for m, module in self.named_modules() if isinstance(module, LearnedPosEmbed)}
 
     def get_classifier(self) -> nn.Module:
         """The classifier: the head module, or (several heads) a ModuleDict of them by attribute."""
@@ -426,8 +435,20 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return {}
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Make a checkpoint in vitlab's key layout fit this model (e.g. resample position embeddings)."""
-        return state_dict
+        """Make a checkpoint in vitlab's key layout fit this model (the input dict is not modified).
+
+        Here: every learned position embedding made for another grid is resampled to this model's
+        (:meth:`~vitlab.components.LearnedPosEmbed.fit`, what loading does too), so a shape check
+        before loading sees the fitted tensor. Families add their own (Swin: bias tables).
+        """
+        out = None
+        for name, module in self.named_modules():
+            if isinstance(module, LearnedPosEmbed) and name in state_dict:
+                fitted = module.fit(state_dict[name])
+                if fitted is not state_dict[name]:
+                    out = dict(state_dict) if out is None else out
+                    out[name] = fitted
+        return state_dict if out is None else out
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..components import (
     AttentionLayout, Block, CrossAttention, DropPath, FeatureLayout, PatchEmbed, Segment, TokenGrid, TokenLayout,
-    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
+    LearnedPosEmbed, drop_path_rates, to_2tuple,
 )
 from ..config import build_config
 from .base import (
@@ -360,7 +360,7 @@ class CrossViT(Backbone):
 
     family = "crossvit"
     config_class = CrossViTConfig
-    no_weight_decay_names = tuple(f"{n}_{b}" for n in ("cls_token", "pos_embed") for b in range(NUM_BRANCHES))
+    no_weight_decay_names = tuple(f"cls_token_{b}" for b in range(NUM_BRANCHES))  # and the position embeddings
 
     def __init__(self, config: CrossViTConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -377,7 +377,7 @@ class CrossViT(Backbone):
         self.grid_sizes = [pe.grid_size(size) for pe, size in zip(self.patch_embed, self.image_sizes)]
         for b, (d, grid) in enumerate(zip(c.dim, self.grid_sizes)):
             setattr(self, f"cls_token_{b}", nn.Parameter(torch.zeros(1, 1, d)))
-            setattr(self, f"pos_embed_{b}", nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], d)))
+            setattr(self, f"pos_embed_{b}", LearnedPosEmbed(grid, d, num_prefix_tokens=1))
         self.pos_drop = nn.Dropout(c.dropout)
 
         # Stochastic depth: timm's rule, one rate per (deepest branch + fusion) block of each stage.
@@ -404,7 +404,7 @@ class CrossViT(Backbone):
         """timm's scheme: truncated normal (std 0.02) for tokens, position embeddings and linears."""
         for b in range(NUM_BRANCHES):
             nn.init.trunc_normal_(getattr(self, f"cls_token_{b}"), std=0.02)
-            nn.init.trunc_normal_(getattr(self, f"pos_embed_{b}"), std=0.02)
+            getattr(self, f"pos_embed_{b}").init_weights(std=0.02)
         init_linears(self)
 
     def new_classifier(self, name: str, num_classes: int) -> nn.ModuleList:
@@ -431,7 +431,7 @@ class CrossViT(Backbone):
 
     def position_embedding(self, branch: int, grid: tuple[int, int]) -> Tensor:
         """Branch ``branch``'s position embedding for a token grid, resampled (bicubic) if new."""
-        return pos_embed_for_grid(getattr(self, f"pos_embed_{branch}"), grid, self.grid_sizes[branch], 1)
+        return getattr(self, f"pos_embed_{branch}")(grid)
 
     def embed(self, x: Tensor) -> tuple[list[Tensor], list[dict]]:
         """Images (B, C, H, W) -> per-branch tokens (B, 1 + N_b, C_b) and their layouts.
@@ -554,13 +554,6 @@ class CrossViT(Backbone):
             image_size=(10 * p, 8 * p), dim=(16, 32), heads=(2, 2),
             depth=tuple((1, 1, min(stage[2], 1)) for stage in config.depth[:2]),
         )
-
-    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Resample each branch's position embedding (bicubic) to this model's grid."""
-        for b in range(NUM_BRANCHES):
-            key = f"pos_embed_{b}"
-            state_dict = resample_checkpoint_pos_embed(state_dict, key, getattr(self, key), self.grid_sizes[b], 1)
-        return state_dict
 
 
 def _variant(dim: tuple[int, int], blocks: int, heads: int, mlp: float, **extra) -> dict:
