@@ -270,7 +270,7 @@ def test_wrong_architecture_checkpoint_is_reported(tmp_path):
 def test_contract_layer_ids_no_weight_decay_feature_info():
     model = CaiT(CaiTConfig(image_size=32, patch_size=8, dim=16, depth=3, heads=2, depth_token_only=2,
                             num_classes=5))
-    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    assert model.no_weight_decay() == {"pos_embed.weight", "cls_token"}
     assert model.num_layer_ids == 3 + 2 + 2
     assert model.layer_id("pos_embed") == model.layer_id("cls_token") == model.layer_id("patch_embed.proj.weight") == 0
     assert model.layer_id("blocks.2.attn.proj_l.weight") == 3
