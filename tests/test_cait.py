@@ -272,7 +272,7 @@ def test_contract_layer_ids_no_weight_decay_feature_info():
                             num_classes=5))
     assert model.no_weight_decay() == {"pos_embed.weight", "cls_token"}
     assert model.num_layer_ids == 3 + 2 + 2
-    assert model.layer_id("pos_embed") == model.layer_id("cls_token") == model.layer_id("patch_embed.proj.weight") == 0
+    assert model.layer_id("pos_embed.weight") == model.layer_id("cls_token") == model.layer_id("patch_embed.proj.weight") == 0
     assert model.layer_id("blocks.2.attn.proj_l.weight") == 3
     assert model.layer_id("blocks_token_only.0.attn.kv.weight") == 4
     assert model.layer_id("blocks_token_only.1.ls2.gamma") == 5

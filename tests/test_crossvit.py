@@ -280,7 +280,7 @@ def test_contract_details():
         model = build_model("crossvit_9_240", drop_path=0.1)
     assert model.no_weight_decay() == {"cls_token_0", "cls_token_1", "pos_embed_0.weight", "pos_embed_1.weight"}
     assert model.num_layer_ids == 5
-    assert model.layer_id("patch_embed.1.proj.weight") == model.layer_id("pos_embed_1") == 0
+    assert model.layer_id("patch_embed.1.proj.weight") == model.layer_id("pos_embed_1.weight") == 0
     assert model.layer_id("blocks.2.fusion.0.0.attn.q.weight") == 3
     assert model.layer_id("head.1.weight") == model.layer_id("norm.0.bias") == 4
     # timm's stochastic depth: linspace over (deepest branch + fusion) blocks per stage; the

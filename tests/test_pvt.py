@@ -423,9 +423,9 @@ def test_layer_ids_follow_depth():
     assert model.layer_id("stages.2.norm.weight") == model.layer_id("stages.2.blocks.1.mlp.fc1.weight") == 5
     assert model.layer_id("head.weight") == 7
     v1 = build_model("pvt_tiny", dims=(4, 8, 20, 32), depths=(2, 1, 2, 1), image_size=64)
-    assert v1.layer_id("pos_embed1") == v1.layer_id("patch_embed1.proj.weight") == 0
+    assert v1.layer_id("pos_embed1.weight") == v1.layer_id("patch_embed1.proj.weight") == 0
     assert v1.layer_id("patch_embed2.norm.bias") == v1.layer_id("block2.0.attn.kv.weight") == 3
-    assert v1.layer_id("cls_token") == v1.layer_id("pos_embed4") == v1.layer_id("block4.0.norm1.weight") == 6
+    assert v1.layer_id("cls_token") == v1.layer_id("pos_embed4.weight") == v1.layer_id("block4.0.norm1.weight") == 6
     assert v1.layer_id("norm.weight") == v1.layer_id("head.bias") == 7
 
 
