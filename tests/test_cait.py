@@ -253,7 +253,7 @@ def test_create_model_from_timm_file_other_size_and_classes(timm_case, tmp_path)
         model = create_model("cait_xxs24_224", pretrained=path, **values)
     assert model.grid_size == (6, 6)
     # timm's resampler (its CaiT filter does not resample): bicubic, antialias, no prefix rows.
-    torch.testing.assert_close(model.pos_embed.detach(), resample_reference()["cait.pos_embed.6x6"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.pos_embed.weight.detach(), resample_reference()["cait.pos_embed.6x6"], atol=1e-6, rtol=0)
     torch.testing.assert_close(model.blocks[1].attn.proj_l.weight.detach(), sd["blocks.1.attn.proj_l.weight"])
     assert model.eval()(torch.randn(1, 3, 48, 48)).shape == (1, 3)
 
@@ -270,16 +270,16 @@ def test_wrong_architecture_checkpoint_is_reported(tmp_path):
 def test_contract_layer_ids_no_weight_decay_feature_info():
     model = CaiT(CaiTConfig(image_size=32, patch_size=8, dim=16, depth=3, heads=2, depth_token_only=2,
                             num_classes=5))
-    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    assert model.no_weight_decay() == {"pos_embed.weight", "cls_token"}
     assert model.num_layer_ids == 3 + 2 + 2
-    assert model.layer_id("pos_embed") == model.layer_id("cls_token") == model.layer_id("patch_embed.proj.weight") == 0
+    assert model.layer_id("pos_embed.weight") == model.layer_id("cls_token") == model.layer_id("patch_embed.proj.weight") == 0
     assert model.layer_id("blocks.2.attn.proj_l.weight") == 3
     assert model.layer_id("blocks_token_only.0.attn.kv.weight") == 4
     assert model.layer_id("blocks_token_only.1.ls2.gamma") == 5
     assert model.layer_id("norm.weight") == model.layer_id("head.bias") == 6
     assert [f["module"] for f in model.feature_info] == ["blocks.0", "blocks.1", "blocks.2"]
     assert all(f["reduction"] == 8 and f["num_chs"] == 16 for f in model.feature_info)
-    assert model.pos_embed.shape == (1, 16, 16)  # patch tokens only, no class-token row
+    assert model.pos_embed.weight.shape == (1, 16, 16)  # patch tokens only, no class-token row
 
 
 def test_grad_checkpointing_is_used_in_both_stages(monkeypatch):

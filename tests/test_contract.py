@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import vitlab.models.base as base_module
-from vitlab.components import AttentionBase, capture_attention
+from vitlab.components import AttentionBase, LearnedPosEmbed, capture_attention
 from vitlab.models import Backbone, BackboneConfig, list_models, model_config
 from vitlab.models.base import resolve_layer_ids
 
@@ -206,9 +206,11 @@ def test_no_weight_decay(name):
     names = {n for n, _ in model.named_parameters()}
     skip = model.no_weight_decay()
     assert skip <= names
-    tokens = {n for n in names if any(k in n.split(".")[-1] for k in ("pos_embed", "cls_token", "dist_token", "table"))}
+    tokens = {n for n in names if any(k in part for part in n.split(".")
+                                      for k in ("pos_embed", "cls_token", "dist_token", "table"))}
     assert tokens <= skip
-    assert not any(n.endswith(".weight") and p.ndim > 1 for n, p in model.named_parameters() if n in skip)
+    pos = {f"{m}.weight" for m, module in model.named_modules() if isinstance(module, LearnedPosEmbed)}
+    assert not any(n.endswith(".weight") and p.ndim > 1 for n, p in model.named_parameters() if n in skip - pos)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -373,3 +375,25 @@ def test_config_validation_names_every_problem(name):
                                          r"positive, got 0|^invalid " + cls + r": .*in_channels must be positive, got 0.*"
                                          r"num_classes must be >= 0, got -1"):
         model_config(name, num_classes=-1, in_channels=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_intermediate_maps_are_on_the_forward_path(name):
+    """``forward_intermediates`` keeps every map on the forward path: ``forward_head(final)`` is the
+    plain forward bit for bit, and its gradient with respect to every map that reaches the head
+    exists and is non-zero (what Grad-CAM and dense tasks differentiate through)."""
+    model = tiny(name)
+    x = images(model)
+    plain_features = model.forward_features(x)  # grad enabled in both (SDPA may pick another kernel without)
+    plain_logits = model.forward_head(plain_features)
+    final, maps = model.forward_intermediates(x)
+    logits = model.forward_head(final)
+    torch.testing.assert_close(final, plain_features, atol=0, rtol=0)
+    torch.testing.assert_close(logits, plain_logits, atol=0, rtol=0)
+    features = model.token_layout(image_size(model)).features
+    reach = [i for i, f in enumerate(features) if f.reaches_head]
+    assert reach
+    grads = torch.autograd.grad(logits.sum(), [maps[i] for i in reach], allow_unused=True)
+    for i, g in zip(reach, grads):
+        assert g is not None, f"{features[i].label}: the logits do not depend on the returned map"
+        assert g.abs().sum() > 0, features[i].label

@@ -164,7 +164,7 @@ def test_create_model_from_timm_file(case, tmp_path):
     # Another image size: each branch's position embedding is resampled on load.
     overrides.update(num_classes=10, image_size=72)
     bigger = vitlab.create_model(CASES[case], pretrained=path, **overrides).eval()
-    assert bigger.grid_sizes[1] == (3, 3) and bigger.pos_embed_1.shape[1] == 1 + 9
+    assert bigger.grid_sizes[1] == (3, 3) and bigger.pos_embed_1.weight.shape[1] == 1 + 9
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = bigger(torch.randn(1, 3, 72, 72))
@@ -278,9 +278,9 @@ def test_other_input_size_resizes_each_branch():
 def test_contract_details():
     with torch.device("meta"):
         model = build_model("crossvit_9_240", drop_path=0.1)
-    assert model.no_weight_decay() == {"cls_token_0", "cls_token_1", "pos_embed_0", "pos_embed_1"}
+    assert model.no_weight_decay() == {"cls_token_0", "cls_token_1", "pos_embed_0.weight", "pos_embed_1.weight"}
     assert model.num_layer_ids == 5
-    assert model.layer_id("patch_embed.1.proj.weight") == model.layer_id("pos_embed_1") == 0
+    assert model.layer_id("patch_embed.1.proj.weight") == model.layer_id("pos_embed_1.weight") == 0
     assert model.layer_id("blocks.2.fusion.0.0.attn.q.weight") == 3
     assert model.layer_id("head.1.weight") == model.layer_id("norm.0.bias") == 4
     # timm's stochastic depth: linspace over (deepest branch + fusion) blocks per stage; the

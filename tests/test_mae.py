@@ -93,11 +93,11 @@ def test_encoder_sees_exactly_the_visible_patch_embeddings():
     assert tokens.shape == (2, 1 + 8, 32)  # class token + the 8 visible patches
     w, b = enc.patch_embed.proj.weight, enc.patch_embed.proj.bias
     # (B, D, 4, 4) -> (B, 16, D), raster order, plus the position embedding
-    emb = F.conv2d(x, w, b, stride=8).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:]
+    emb = F.conv2d(x, w, b, stride=8).flatten(2).transpose(1, 2) + enc.pos_embed.weight[:, 1:]
     for i in range(2):
         visible = emb[i][~mask[i]]  # raster order, as forward_features(mask=...) keeps them
         torch.testing.assert_close(tokens[i, 1:], visible, rtol=0, atol=1e-6)
-        torch.testing.assert_close(tokens[i, 0], enc.cls_token[0, 0] + enc.pos_embed[0, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(tokens[i, 0], enc.cls_token[0, 0] + enc.pos_embed.weight[0, 0], rtol=0, atol=1e-6)
 
 
 def test_gradients_reach_every_trainable_parameter():

@@ -314,8 +314,8 @@ def test_pvt_v1_counts_match_the_paper(name):
 def test_v1_class_token_and_position_embeddings():
     model = PyramidVisionTransformer(PvtConfig(**PyramidVisionTransformer.tiny_overrides(PvtConfig()))).eval()
     assert model.grid_sizes == [(16, 12), (8, 6), (4, 3), (2, 2)]
-    assert model.pos_embed4.shape[1] == 1 + 4 and model.pos_embed1.shape[1] == 16 * 12
-    assert model.no_weight_decay() == {"pos_embed1", "pos_embed2", "pos_embed3", "pos_embed4", "cls_token"}
+    assert model.pos_embed4.weight.shape[1] == 1 + 4 and model.pos_embed1.weight.shape[1] == 16 * 12
+    assert model.no_weight_decay() == {"pos_embed1.weight", "pos_embed2.weight", "pos_embed3.weight", "pos_embed4.weight", "cls_token"}
     x = torch.randn(1, 3, 64, 48)
     # The class token (index 0) is what the head reads: changing it changes the logits.
     with torch.no_grad():
@@ -326,7 +326,7 @@ def test_v1_class_token_and_position_embeddings():
     # (bicubic, antialias; reference values in timm_resample.safetensors), the class row kept.
     ref = resample_reference()
     with torch.no_grad():
-        model.pos_embed4.copy_(ref["pvt_v1.pos_embed4"])
+        model.pos_embed4.weight.copy_(ref["pvt_v1.pos_embed4"])
     pe = model.position_embedding(3, (9, 14))
     assert pe.shape == (1, 1 + 9 * 14, 32)
     torch.testing.assert_close(pe.detach(), ref["pvt_v1.pos_embed4.9x14"], atol=1e-6, rtol=0)
@@ -342,7 +342,7 @@ def test_v1_checkpoint_of_another_size_is_resampled():
     load_state_dict_checked(big, sd)
     for i, side in enumerate((24, 12, 6, 3), start=1):
         expected = ref[f"pvt_v1.pos_embed{i}.{side}x{side}"]
-        torch.testing.assert_close(getattr(big, f"pos_embed{i}").detach(), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(getattr(big, f"pos_embed{i}").weight.detach(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(big.cls_token, small.cls_token)
 
 
@@ -423,9 +423,9 @@ def test_layer_ids_follow_depth():
     assert model.layer_id("stages.2.norm.weight") == model.layer_id("stages.2.blocks.1.mlp.fc1.weight") == 5
     assert model.layer_id("head.weight") == 7
     v1 = build_model("pvt_tiny", dims=(4, 8, 20, 32), depths=(2, 1, 2, 1), image_size=64)
-    assert v1.layer_id("pos_embed1") == v1.layer_id("patch_embed1.proj.weight") == 0
+    assert v1.layer_id("pos_embed1.weight") == v1.layer_id("patch_embed1.proj.weight") == 0
     assert v1.layer_id("patch_embed2.norm.bias") == v1.layer_id("block2.0.attn.kv.weight") == 3
-    assert v1.layer_id("cls_token") == v1.layer_id("pos_embed4") == v1.layer_id("block4.0.norm1.weight") == 6
+    assert v1.layer_id("cls_token") == v1.layer_id("pos_embed4.weight") == v1.layer_id("block4.0.norm1.weight") == 6
     assert v1.layer_id("norm.weight") == v1.layer_id("head.bias") == 7
 
 

@@ -62,7 +62,7 @@ def test_weight_decay_groups_and_layer_decay():
     groups = param_groups(model, weight_decay=0.05)
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
-    assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias", "norm.weight"} <= no_decay
+    assert {"pos_embed.weight", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias", "norm.weight"} <= no_decay
     assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "head.weight", "patch_embed.proj.weight"} <= decay
     assert decay.isdisjoint(no_decay) and len(decay | no_decay) == len(list(model.parameters()))
     layered = param_groups(model, weight_decay=0.05, layer_decay=0.5)

@@ -139,10 +139,10 @@ def test_timm_fixture_through_file_and_create_model(tmp_path):
     torch.testing.assert_close(model(t["input"]), t["output"], atol=1e-5, rtol=0)
     # A different grid: the position embedding is resampled, the model still runs and differs slightly.
     bigger = vitlab.create_model("vit_tiny_patch16_224", pretrained=path, num_classes=10, **{**overrides, "image_size": 48})
-    assert bigger.pos_embed.shape == (1, 1 + 36, 24)
+    assert bigger.pos_embed.weight.shape == (1, 1 + 36, 24)
     # timm's filter would give exactly these grid rows (bicubic, antialias), class row kept.
-    torch.testing.assert_close(bigger.pos_embed.detach(), resample_reference()["vit.pos_embed.6x6"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(bigger.pos_embed[:, :1], sd["pos_embed"][:, :1])
+    torch.testing.assert_close(bigger.pos_embed.weight.detach(), resample_reference()["vit.pos_embed.6x6"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(bigger.pos_embed.weight[:, :1], sd["pos_embed"][:, :1])
 
 
 @pytest.mark.parametrize("grid", [(6, 6), (6, 5), (3, 2)], ids=["6x6", "6x5", "3x2"])
@@ -155,6 +155,6 @@ def test_timm_checkpoint_on_another_grid_resamples_like_timm(case, grid):
     model = cls(_vit_config({**kw, "img_size": (8 * grid[0], 8 * grid[1])}))
     load_state_dict_checked(model, convert_state_dict(sd, model)[0])
     expected = resample_reference()[f"{case}.pos_embed.{grid[0]}x{grid[1]}"]
-    assert model.pos_embed.shape == expected.shape
+    assert model.pos_embed.weight.shape == expected.shape
     assert expected.std() > 0.1  # a zeroed or constant grid could not match by chance
-    torch.testing.assert_close(model.pos_embed.detach(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.pos_embed.weight.detach(), expected, atol=1e-6, rtol=0)

@@ -14,13 +14,12 @@ from .attention import (
     window_reverse,
 )
 from .embeddings import (
+    LearnedPosEmbed,
     LinearPatchEmbed,
     PatchEmbed,
     RelativePositionBias,
     interpolate_pos_embed,
-    pos_embed_for_grid,
     relative_position_index,
-    resample_checkpoint_pos_embed,
     resample_relative_position_table,
     sincos_2d_pos_embed,
     to_2tuple,
@@ -33,7 +32,7 @@ __all__ = [
     "capture_attention", "explicit_attention", "shifted_window_mask", "window_partition", "window_reverse",
     "LinearPatchEmbed", "PatchEmbed", "RelativePositionBias", "interpolate_pos_embed", "relative_position_index",
     "resample_relative_position_table", "sincos_2d_pos_embed", "to_2tuple",
-    "pos_embed_for_grid", "resample_checkpoint_pos_embed",
+    "LearnedPosEmbed",
     "ACT_LAYERS", "QuickGELU", "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path", "drop_path_rates", "tokens_to_map",
     "AttentionLayout", "FeatureLayout", "Segment", "SegmentKey", "TokenGrid", "TokenLayout", "square_cell",
 ]

@@ -4,8 +4,8 @@ Patch embeddings: :class:`PatchEmbed` (convolution with kernel = stride = patch,
 overlapping with stride < kernel) and :class:`LinearPatchEmbed` (the paper's linear map of
 flattened patches; same output as the conv form on the same weights).
 
-Position encodings: learned (a parameter of the model, resampled by
-:func:`interpolate_pos_embed`), fixed 2-D sin-cos (:func:`sincos_2d_pos_embed`) and relative
+Position encodings: learned (:class:`LearnedPosEmbed`, resampled by
+:func:`interpolate_pos_embed` on forward and on load), fixed 2-D sin-cos (:func:`sincos_2d_pos_embed`) and relative
 position bias (:class:`RelativePositionBias`, resampled by :func:`resample_relative_position_table`
 the way timm's Swin checkpoint filter does it).
 """
@@ -213,38 +213,107 @@ def interpolate_pos_embed(
     return torch.cat([prefix, g], dim=1)
 
 
-def pos_embed_for_grid(
-    pos_embed: Tensor, grid: tuple[int, int], stored_grid: tuple[int, int], num_prefix_tokens: int
-) -> Tensor:
-    """A learned position embedding (1, P + gh * gw, C) for a token grid, resampled (bicubic) if new.
+class LearnedPosEmbed(nn.Module):
+    """A learned position embedding (1, P + gh * gw, C) that resamples on forward and on load.
 
-    Every family with a learned position embedding calls this on forward, so any input size works.
+    The first ``num_prefix_tokens`` rows (class / distillation tokens) are kept as they are; the
+    grid rows are laid out for ``grid`` and resampled bicubically (:func:`interpolate_pos_embed`)
+    for any other token grid, on forward and when a checkpoint made for another (square) grid
+    is loaded.
+
+    The state-dict key layout is timm's: the tensor is saved and loaded under the module's own
+    name (``pos_embed``, ``pos_embed1``, ``pos_embed_0``), not ``pos_embed.weight``, so timm and
+    official checkpoints load unconverted. The parameter itself is ``weight``
+    (``named_parameters()`` gives ``pos_embed.weight``). torch hands a child module only the keys
+    under ``name.``, so the model holding this module routes the key to it with
+    :meth:`route_state_dict_keys` in a load pre-hook (every :class:`~vitlab.models.Backbone` does).
+
+    Args:
+        grid: The token grid (gh, gw) the stored rows are laid out for.
+        dim: Embedding width C.
+        num_prefix_tokens: P, the rows before the grid rows.
+
+    The parameter starts at zero; the model initialises it (``init_weights``) where its init
+    scheme says, so the random-number order of every family's init stays as it was.
     """
-    if tuple(grid) == tuple(stored_grid):
-        return pos_embed
-    return interpolate_pos_embed(pos_embed, grid, num_prefix_tokens, old_grid=tuple(stored_grid))
 
+    def __init__(self, grid: int | tuple[int, int], dim: int, num_prefix_tokens: int = 0) -> None:
+        super().__init__()
+        self.grid = to_2tuple(grid)
+        self.dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.weight = nn.Parameter(torch.zeros(1, num_prefix_tokens + self.grid[0] * self.grid[1], dim))
 
-def resample_checkpoint_pos_embed(
-    state_dict: dict[str, Tensor], key: str, own: Tensor, grid: tuple[int, int], num_prefix_tokens: int
-) -> dict[str, Tensor]:
-    """Fit a checkpoint's position embedding ``state_dict[key]`` to a model's ``own`` one on load.
+    def init_weights(self, std: float = 0.02) -> None:
+        """Truncated normal init (timm's, std 0.02)."""
+        nn.init.trunc_normal_(self.weight, std=std)
 
-    A checkpoint embedding on another (square) grid with the same width and prefix tokens is
-    resampled bicubically to ``grid``; anything else (absent, equal, another width, not a
-    square grid) is left as it is, for the loader's shape-mismatch report. The input dict is
-    not modified.
-    """
-    pe = state_dict.get(key)
-    if pe is None or pe.shape == own.shape or pe.ndim != 3 or pe.shape[-1] != own.shape[-1]:
-        return state_dict
-    if pe.shape[1] - num_prefix_tokens <= 0:
-        return state_dict
-    try:
-        resampled = interpolate_pos_embed(pe, grid, num_prefix_tokens)
-    except ValueError:
-        return state_dict  # not a square grid with these prefix tokens
-    return {**state_dict, key: resampled}
+    def forward(self, grid: tuple[int, int] | None = None) -> Tensor:
+        """The embedding (1, P + h * w, C) for a token grid (h, w), resampled (bicubic) if it is new."""
+        grid = self.grid if grid is None else to_2tuple(grid)
+        if grid == self.grid:
+            return self.weight
+        return interpolate_pos_embed(self.weight, grid, self.num_prefix_tokens, old_grid=self.grid)
+
+    def fit(self, tensor: Tensor) -> Tensor:
+        """A checkpoint's embedding resampled to this module's grid where that is what it needs.
+
+        An embedding on another square grid with the same width and prefix rows is resampled
+        bicubically; anything else (equal shape, another width, not a square grid) is returned
+        as it is, for the loader's shape-mismatch report.
+        """
+        own = self.weight.shape
+        if tensor.shape == own or tensor.ndim != 3 or tensor.shape[-1] != own[-1]:
+            return tensor
+        if tensor.shape[1] - self.num_prefix_tokens <= 0:
+            return tensor
+        try:
+            return interpolate_pos_embed(tensor, self.grid, self.num_prefix_tokens)
+        except ValueError:
+            return tensor  # not a square grid with these prefix tokens
+
+    @staticmethod
+    def route_state_dict_keys(model: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Load pre-hook of a model holding these modules: ``name`` -> ``name.weight``, in place.
+
+        ``load_state_dict`` gives a child module only the keys that start with its name and a
+        dot, so the flat key ``pos_embed`` would never reach it; the holder renames it first.
+        """
+        for name, module in model.named_modules():
+            if isinstance(module, LearnedPosEmbed) and name:
+                key = prefix + name
+                if key in state_dict and key + ".weight" not in state_dict:
+                    state_dict[key + ".weight"] = state_dict.pop(key)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix[:-1]] = self.weight if keep_vars else self.weight.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key, inner = prefix[:-1], prefix + "weight"
+        value = state_dict.get(inner, state_dict.get(key))
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != inner)
+        if value is None:
+            if strict:
+                missing_keys.append(key)
+            return
+        if not torch.overrides.is_tensor_like(value):
+            error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                              f"object from checkpoint but received {type(value)}")
+            return
+        value = self.fit(value)
+        if value.shape != self.weight.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
+                              f"checkpoint, the shape in current model is {tuple(self.weight.shape)}.")
+            return
+        if local_metadata.get("assign_to_params_buffers", False):
+            self.weight = nn.Parameter(value.to(self.weight.dtype), requires_grad=self.weight.requires_grad)
+        else:
+            with torch.no_grad():
+                self.weight.copy_(value)
 
 
 def relative_position_index(window: tuple[int, int]) -> Tensor:

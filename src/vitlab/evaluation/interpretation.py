@@ -396,22 +396,16 @@ def default_cam_layers(model: nn.Module, points: Sequence[FeaturePoint]) -> list
     return sorted(deepest.values())
 
 
-def _token_map(out: Tensor, point: FeaturePoint, grid_kw: tuple[int, int] | None) -> tuple[Tensor, TokenGrid]:
-    """A feature point's output -> (B, C, h, w) map and its grid."""
-    if point.prefix is None:
-        return out, TokenGrid(tuple(out.shape[-2:]), point.cell)
-    grid = point.grid or TokenGrid(tuple(grid_kw), point.cell)
-    b, _, c = out.shape
-    # (B, P + h*w, C) -> (B, h*w, C) -> (B, C, h, w)
-    return out[:, point.prefix :].transpose(1, 2).reshape(b, c, *grid.shape), grid
-
-
 def grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: int | Sequence[int] | None = None,
              interpolation: str = "bilinear") -> Explanation:
     """Grad-CAM on the tokens of any block (or stage), on the real token grid.
 
-    ``cam = relu(sum_c mean_hw(dS/dF_c) * F_c)`` with F the feature point's output reshaped
-    to its token grid (prefix tokens dropped). Several layers: their image maps summed.
+    ``cam = relu(sum_c mean_hw(dS/dF_c) * F_c)`` with F the feature point's map (its tokens
+    on their token grid, prefix tokens dropped). Several layers: their image maps summed.
+
+    No hooks: the maps come from ``model.forward_intermediates`` (which keeps them on the
+    forward path), the score from ``model.forward_head`` of its final features, and the
+    gradients from ``torch.autograd.grad(score, maps)``.
 
     Args:
         model: Any vitlab model (CNNs included).
@@ -421,6 +415,9 @@ def grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: int | Se
             whose patch tokens reach the classifier (block L-1 of a class-token ViT: block
             L's patch tokens never reach its head).
         interpolation: Token grid to pixels.
+
+    Raises:
+        ValueError: A layer out of range, or one whose patch tokens never reach the classifier.
     """
     image_size = tuple(x.shape[-2:])
     points = feature_points(model, image_size)
@@ -433,27 +430,18 @@ def grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: int | Se
                 f"Grad-CAM on {points[j].label} is zero: its patch tokens never reach the classifier, which reads "
                 f"the class token; choose a layer in {ok[0]}..{ok[-1]}"
             )
-    captured: dict[int, tuple[Tensor, Any]] = {}
-
-    def hook_for(j: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            captured[j] = (output, kwargs.get("grid"))
-        return hook
-
-    handles = [points[j].module.register_forward_hook(hook_for(j), with_kwargs=True) for j in chosen]
-    try:
-        with torch.enable_grad(), eval_mode(model):
-            logits = _logits(model, x)
-            targets = resolve_targets(logits, target)
-            feats = [captured[j][0] for j in chosen]
-            grads = torch.autograd.grad(_score(logits, targets), feats, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+    indices = sorted(set(chosen))
+    with torch.enable_grad(), eval_mode(model):
+        final, feats = model.forward_intermediates(x, indices=indices)  # maps (B, C, h, w) on the forward path
+        out = model.forward_head(final)
+        logits = torch.stack(list(out)).mean(0) if isinstance(out, (tuple, list)) else out
+        targets = resolve_targets(logits, target)
+        grads = torch.autograd.grad(_score(logits, targets), feats)
+    by_index = {i: (f.detach(), g) for i, f, g in zip(indices, feats, grads)}
     maps, tokens = [], {}
-    for j, f, g in zip(chosen, feats, grads):
-        fmap, grid = _token_map(f.detach(), points[j], captured[j][1])
-        gmap, _ = _token_map(g if g is not None else torch.zeros_like(f), points[j], captured[j][1])
+    for j in chosen:
+        fmap, gmap = by_index[j]
+        grid = TokenGrid(tuple(fmap.shape[-2:]), points[j].cell)
         weights = gmap.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
         cam = (weights * fmap).sum(dim=1).clamp(min=0)  # (B, h, w)
         tokens[points[j].label] = cam

@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..components import TokenLayout, checkpoint_seq, tokens_to_map
+from ..components import LearnedPosEmbed, TokenLayout, checkpoint_seq, tokens_to_map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,8 +133,63 @@ class BackboneConfig(Protocol):
 #: see :func:`resolve_layer_ids`.
 GroupMatcher = dict[str, Any]
 OutputFormat = Literal["NCHW", "NLC"]
-#: What ``collect_intermediates`` returns: final features (or None) and ``(tokens or map, grid, prefix)`` per index.
-IntermediateResult = tuple[Tensor | None, list[tuple[Tensor, tuple[int, int], int]]]
+#: What ``collect_intermediates`` returns: final features (or None) and one map (B, C, h, w) per index.
+IntermediateResult = tuple[Tensor | None, list[Tensor]]
+
+
+def map_on_path(tokens: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> tuple[Tensor, Tensor]:
+    """Split tokens into a feature map and tokens rebuilt from that map, to continue the forward with.
+
+    The rebuilt tokens are ``[prefix tokens, map flattened back]``: the same values (a pure
+    reshape and concatenation), but everything computed from them downstream, the final
+    features and logits included, depends on the returned map tensor, so gradients of the
+    logits with respect to the map exist (Grad-CAM, dense tasks).
+
+    Args:
+        tokens: (B, P + h*w, C) tokens, prefix tokens first.
+        grid: The token grid (h, w).
+        num_prefix_tokens: P.
+
+    Returns:
+        ``(tokens (B, P + h*w, C) rebuilt from the map, map (B, C, h, w))``.
+    """
+    fmap = tokens_to_map(tokens, grid, num_prefix_tokens)  # (B, P + h*w, C) -> (B, C, h, w)
+    grid_tokens = fmap.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+    if num_prefix_tokens:
+        return torch.cat([tokens[:, :num_prefix_tokens], grid_tokens], dim=1), fmap  # (B, P + h*w, C)
+    return grid_tokens, fmap
+
+
+class MapTap:
+    """Collects ``collect_intermediates``' maps while the forward continues through them.
+
+    Call it on the tokens after every block (or stage) with that point's ``feature_info``
+    index; for a requested index it returns tokens rebuilt from the map (:func:`map_on_path`),
+    otherwise the tokens unchanged.
+
+    Args:
+        take: The requested ``feature_info`` indices.
+        norm: For an index, the norm to apply to the returned map's tokens (``norm=True``), or
+            None. A normed map is a side branch: the forward continues with the un-normed tokens,
+            so gradients flow through the maps only with ``norm=False``.
+    """
+
+    def __init__(self, take: Sequence[int], norm: Any = None) -> None:
+        self.take = list(take)
+        self.norm = norm
+        self.maps: dict[int, Tensor] = {}
+
+    def __call__(self, index: int, tokens: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        if index not in self.take:
+            return tokens
+        tokens, fmap = map_on_path(tokens, tuple(grid), num_prefix_tokens)
+        norm = self.norm(index) if self.norm is not None else None
+        self.maps[index] = fmap if norm is None else tokens_to_map(norm(tokens), tuple(grid), num_prefix_tokens)
+        return tokens
+
+    def result(self) -> list[Tensor]:
+        """The maps in ``take`` order."""
+        return [self.maps[i] for i in self.take]
 
 
 def resolve_layer_ids(names: Sequence[str], matcher: GroupMatcher) -> tuple[dict[str, int], int]:
@@ -172,6 +227,11 @@ def resolve_layer_ids(names: Sequence[str], matcher: GroupMatcher) -> tuple[dict
     return ids, last + 1
 
 
+def _route_pos_embed_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Load pre-hook of every backbone (see :meth:`LearnedPosEmbed.route_state_dict_keys`)."""
+    LearnedPosEmbed.route_state_dict_keys(module, state_dict, prefix)
+
+
 class Backbone(nn.Module, metaclass=ABCMeta):
     """Abstract base class of every registered model: the backbone contract (DESIGN.md section 3).
 
@@ -201,6 +261,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         self.grad_checkpointing = False
         self.pretrained_cfg: dict[str, Any] = pretrained_cfg()
         self.model_name: str | None = None
+        # learned position embeddings keep timm's flat keys (``pos_embed``): route them to their module
+        self.register_load_state_dict_pre_hook(_route_pos_embed_keys)
 
     # ----------------------------------------------------------------- the family's part
     @abstractmethod
@@ -228,7 +290,10 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
         Returns:
             The final features (``forward_features``' output; None when ``stop_early``) and, per
-            index in ``take``, ``(tokens (B, P + h*w, C) or a map (B, C, h, w), grid (h, w), P)``.
+            index in ``take``, its map (B, C, h, w). Each map (without ``norm``) lies on the
+            forward path: the computation after it, the final features included, takes its
+            input from the map tensor itself (see :class:`MapTap`), so the logits
+            ``forward_head(final)`` can be differentiated with respect to it.
         """
 
     @abstractmethod
@@ -255,9 +320,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return fn(x, *args, **kwargs)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to exclude from weight decay (tokens, position embeddings, tables)."""
+        """Parameter names to exclude from weight decay: every learned position embedding
+        (:class:`~vitlab.components.LearnedPosEmbed`) and ``no_weight_decay_names`` (tokens, tables)."""
         names = {n for n, _ in self.named_parameters()}
-        return {n for n in names if n.split(".")[-1] in self.no_weight_decay_names or n in self.no_weight_decay_names}
+        skip = {n for n in names if n.split(".")[-1] in self.no_weight_decay_names or n in self.no_weight_decay_names}
+        return skip | {f"{m}.weight" for m, module in self.named_modules() if isinstance(module, LearnedPosEmbed)}
 
     def get_classifier(self) -> nn.Module:
         """The classifier: the head module, or (several heads) a ModuleDict of them by attribute."""
@@ -332,7 +399,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             intermediates_only: Return only the list of maps (and stop after the deepest one).
 
         Returns:
-            The maps, or ``(forward_features(x), maps)`` unless ``intermediates_only``.
+            The maps, or ``(forward_features(x), maps)`` unless ``intermediates_only``. With
+            ``norm=False`` every map is on the forward path: ``forward_head(final)`` depends on
+            the ``"NCHW"`` map tensors themselves, so ``torch.autograd.grad(score, maps)`` works
+            (Grad-CAM).
+            Normed maps (``norm=True``) are side branches with no gradient from the logits.
 
         Raises:
             ValueError: An index out of range or an unknown ``output_fmt``.
@@ -342,8 +413,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         take = resolve_indices(indices, len(self.feature_info))
         final, found = self.collect_intermediates(x, take, norm, stop_early=intermediates_only)
         maps = []
-        for t, grid, prefix in found:
-            fmap = t if t.ndim == 4 else tokens_to_map(t, tuple(grid), prefix)
+        for fmap in found:
             # (B, C, h, w) -> (B, h*w, C)
             maps.append(fmap if output_fmt == "NCHW" else fmap.flatten(2).transpose(1, 2))
         if intermediates_only:
@@ -365,8 +435,20 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return {}
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Make a checkpoint in vitlab's key layout fit this model (e.g. resample position embeddings)."""
-        return state_dict
+        """Make a checkpoint in vitlab's key layout fit this model (the input dict is not modified).
+
+        Here: every learned position embedding made for another grid is resampled to this model's
+        (:meth:`~vitlab.components.LearnedPosEmbed.fit`, what loading does too), so a shape check
+        before loading sees the fitted tensor. Families add their own (Swin: bias tables).
+        """
+        out = None
+        for name, module in self.named_modules():
+            if isinstance(module, LearnedPosEmbed) and name in state_dict:
+                fitted = module.fit(state_dict[name])
+                if fitted is not state_dict[name]:
+                    out = dict(state_dict) if out is None else out
+                    out[name] = fitted
+        return state_dict if out is None else out
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

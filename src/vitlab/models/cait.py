@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from ..components import (
     Attention, Block, CrossAttention, DropPath, LayerScale, Mlp, AttentionLayout, FeatureLayout, PatchEmbed,
-    Segment, TokenGrid, TokenLayout, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
+    LearnedPosEmbed, Segment, TokenGrid, TokenLayout, to_2tuple,
 )
 from ..config import build_config
 from .base import (
-    Backbone, GroupMatcher, IntermediateResult, check_config, classifier_head, init_linears, pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, MapTap, check_config, classifier_head, init_linears, pretrained_cfg,
 )
 from .registry import register_family
 
@@ -228,7 +228,7 @@ class CaiT(Backbone):
         self.grid_size = self.patch_embed.grid_size(c.image_size)
         self.num_features = c.dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], c.dim))  # patches only
+        self.pos_embed = LearnedPosEmbed(self.grid_size, c.dim)  # patches only
         self.pos_drop = nn.Dropout(c.dropout)
         norm = partial(nn.LayerNorm, eps=c.norm_eps)
         self.blocks = nn.ModuleList(
@@ -255,14 +255,14 @@ class CaiT(Backbone):
     # ----------------------------------------------------------------- init
     def init_weights(self) -> None:
         """timm's scheme: truncated normal (std 0.02) for linears, tokens and position embedding."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.pos_embed.init_weights(std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         init_linears(self)
 
     # ------------------------------------------------------------- features
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """The patch position embedding for a token grid, resampled (bicubic) if the grid is new."""
-        return pos_embed_for_grid(self.pos_embed, grid, self.grid_size, 0)
+        return self.pos_embed(grid)
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> patch tokens with position embedding (B, N, C), and the grid."""
@@ -296,13 +296,11 @@ class CaiT(Backbone):
         ``norm`` applies the final norm to each returned map's tokens.
         """
         x, grid = self.embed(x)
-        maps = []
+        tap = MapTap(take, (lambda i: self.norm) if norm else None)
         for i in range(take[-1] + 1 if stop_early else len(self.blocks)):
-            x = self.run_checkpointed(self.blocks[i], x, grid=grid)
-            if i in take:
-                maps.append((self.norm(x) if norm else x, grid, 0))
+            x = tap(i, self.run_checkpointed(self.blocks[i], x, grid=grid), grid)
         final = None if stop_early else self.norm(self.forward_cls(x, grid))
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:
@@ -332,10 +330,6 @@ class CaiT(Backbone):
         heads = max(2, min(config.heads, 4))
         p = config.patch_size
         return dict(dim=8 * heads, heads=heads, depth=2, mlp_dim=None, image_size=(4 * p, 3 * p))
-
-    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Resample a checkpoint's (square-grid) patch position embedding to this model's grid."""
-        return resample_checkpoint_pos_embed(state_dict, "pos_embed", self.pos_embed, self.grid_size, 0)
 
 
 def _variant(image_size: int, dim: int, depth: int, heads: int, init_values: float, tag: str):

@@ -121,7 +121,7 @@ class ConvNet(Backbone):
         for i in range(last + 1):
             x = self.run_checkpointed(self.blocks[i], x)
             if i in ends:
-                maps.append((x, x.shape[-2:], 0))
+                maps.append(x)  # the map the next block reads: on the forward path as it is
         return None if stop_early else x, maps
 
     def group_matcher(self) -> GroupMatcher:

@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from ..components import (
     AttentionLayout, Block, CrossAttention, DropPath, FeatureLayout, PatchEmbed, Segment, TokenGrid, TokenLayout,
-    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, to_2tuple,
+    LearnedPosEmbed, drop_path_rates, to_2tuple,
 )
 from ..config import build_config
 from .base import (
-    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, MapTap, classifier_head, config_errors, init_linears, pretrained_cfg,
     raise_config_errors,
 )
 from .registry import register_family
@@ -299,13 +299,16 @@ class MultiScaleStage(nn.Module):
         self.revert_projs = nn.ModuleList(_projection(dims[o], dims[b], norm_layer) for b, o in enumerate(other))
 
     def forward(self, xs: list[Tensor], layouts: list[dict],
-                run: Callable[[nn.Module, Tensor], Tensor] | None = None) -> list[Tensor]:
+                run: Callable[[nn.Module, Tensor], Tensor] | None = None,
+                tap: Callable[[int, Tensor], Tensor] | None = None) -> list[Tensor]:
         """Run the stage on per-branch tokens (B, 1 + N_b, C_b), class token first.
 
         Args:
             xs: Tokens of each branch.
             layouts: Per-branch ``capture_info`` base (branch, grid, prefix tokens, ...).
             run: How to call each block (the model's ``run_checkpointed``); a plain call by default.
+            tap: ``tap(branch, tokens) -> tokens`` on each branch's output before the fusion
+                (``collect_intermediates``: its patch tokens are what both branches' fusion reads).
         """
         run = run or (lambda module, x: module(x))
 
@@ -314,7 +317,7 @@ class MultiScaleStage(nn.Module):
             for blk in self.blocks[b]:
                 blk.attn.capture_info = dict(layouts[b], kind="self")
                 x = run(blk, x)
-            outs.append(x)
+            outs.append(tap(b, x) if tap is not None else x)
         fused = []
         for b in range(NUM_BRANCHES):
             o = (b + 1) % NUM_BRANCHES
@@ -357,7 +360,7 @@ class CrossViT(Backbone):
 
     family = "crossvit"
     config_class = CrossViTConfig
-    no_weight_decay_names = tuple(f"{n}_{b}" for n in ("cls_token", "pos_embed") for b in range(NUM_BRANCHES))
+    no_weight_decay_names = tuple(f"cls_token_{b}" for b in range(NUM_BRANCHES))  # and the position embeddings
 
     def __init__(self, config: CrossViTConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -374,7 +377,7 @@ class CrossViT(Backbone):
         self.grid_sizes = [pe.grid_size(size) for pe, size in zip(self.patch_embed, self.image_sizes)]
         for b, (d, grid) in enumerate(zip(c.dim, self.grid_sizes)):
             setattr(self, f"cls_token_{b}", nn.Parameter(torch.zeros(1, 1, d)))
-            setattr(self, f"pos_embed_{b}", nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], d)))
+            setattr(self, f"pos_embed_{b}", LearnedPosEmbed(grid, d, num_prefix_tokens=1))
         self.pos_drop = nn.Dropout(c.dropout)
 
         # Stochastic depth: timm's rule, one rate per (deepest branch + fusion) block of each stage.
@@ -401,7 +404,7 @@ class CrossViT(Backbone):
         """timm's scheme: truncated normal (std 0.02) for tokens, position embeddings and linears."""
         for b in range(NUM_BRANCHES):
             nn.init.trunc_normal_(getattr(self, f"cls_token_{b}"), std=0.02)
-            nn.init.trunc_normal_(getattr(self, f"pos_embed_{b}"), std=0.02)
+            getattr(self, f"pos_embed_{b}").init_weights(std=0.02)
         init_linears(self)
 
     def new_classifier(self, name: str, num_classes: int) -> nn.ModuleList:
@@ -428,7 +431,7 @@ class CrossViT(Backbone):
 
     def position_embedding(self, branch: int, grid: tuple[int, int]) -> Tensor:
         """Branch ``branch``'s position embedding for a token grid, resampled (bicubic) if new."""
-        return pos_embed_for_grid(getattr(self, f"pos_embed_{branch}"), grid, self.grid_sizes[branch], 1)
+        return getattr(self, f"pos_embed_{branch}")(grid)
 
     def embed(self, x: Tensor) -> tuple[list[Tensor], list[dict]]:
         """Images (B, C, H, W) -> per-branch tokens (B, 1 + N_b, C_b) and their layouts.
@@ -450,9 +453,10 @@ class CrossViT(Backbone):
                                 patch_size=self.config.patch_size[b]))
         return xs, layouts
 
-    def run_stage(self, i: int, xs: list[Tensor], layouts: list[dict]) -> list[Tensor]:
+    def run_stage(self, i: int, xs: list[Tensor], layouts: list[dict],
+                  tap: Callable[[int, Tensor], Tensor] | None = None) -> list[Tensor]:
         """Multi-scale stage ``i`` on the per-branch tokens (blocks checkpointed when enabled)."""
-        return self.blocks[i](xs, layouts, run=self.run_checkpointed)
+        return self.blocks[i](xs, layouts, run=self.run_checkpointed, tap=tap)
 
     def forward_branches(self, x: Tensor) -> list[Tensor]:
         """Images -> ``[tokens_0, tokens_1]``: each branch's normed tokens (B, 1 + N_b, C_b), class token first."""
@@ -496,14 +500,12 @@ class CrossViT(Backbone):
         depth = len(self.blocks)
         last = max(k % depth for k in take) if stop_early else depth - 1
         xs, layouts = self.embed(x)
-        found: dict[int, tuple[Tensor, tuple[int, int], int]] = {}
+        tap = MapTap(take, (lambda k: self.norm[k // depth]) if norm else None)
         for s in range(last + 1):
-            xs = self.run_stage(s, xs, layouts)
-            for b, t in enumerate(xs):
-                if b * depth + s in take:
-                    found[b * depth + s] = (self.norm[b](t) if norm else t, layouts[b]["grid"], 1)
+            # each branch's map is taken before the fusion, whose cross-attention reads its patch tokens
+            xs = self.run_stage(s, xs, layouts, tap=lambda b, t, s=s: tap(b * depth + s, t, layouts[b]["grid"], 1))
         final = None if stop_early else self.readout([n(t) for n, t in zip(self.norm, xs)])
-        return final, [found[k] for k in take]
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:
@@ -552,13 +554,6 @@ class CrossViT(Backbone):
             image_size=(10 * p, 8 * p), dim=(16, 32), heads=(2, 2),
             depth=tuple((1, 1, min(stage[2], 1)) for stage in config.depth[:2]),
         )
-
-    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Resample each branch's position embedding (bicubic) to this model's grid."""
-        for b in range(NUM_BRANCHES):
-            key = f"pos_embed_{b}"
-            state_dict = resample_checkpoint_pos_embed(state_dict, key, getattr(self, key), self.grid_sizes[b], 1)
-        return state_dict
 
 
 def _variant(dim: tuple[int, int], blocks: int, heads: int, mlp: float, **extra) -> dict:

@@ -19,8 +19,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..components import PatchEmbed, drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, tokens_to_map
-from .base import GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg
+from ..components import LearnedPosEmbed, PatchEmbed, drop_path_rates, tokens_to_map
+from .base import GroupMatcher, IntermediateResult, MapTap, classifier_head, config_errors, init_linears, pretrained_cfg
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
 from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2  # noqa: F401  (re-exported: the PVT family)
 from .pyramid import SpatialReductionAttention  # noqa: F401  (re-exported)
@@ -79,6 +79,7 @@ class PyramidVisionTransformer(PyramidBackbone):
     family = "pvt"
     config_class = PvtConfig
     num_prefix_tokens = 1
+    no_weight_decay_names = ("cls_token",)  # and the position embeddings
 
     def __init__(self, config: PvtConfig | None = None, **overrides) -> None:
         super().__init__(config, overrides)
@@ -93,7 +94,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             prefix = self.num_prefix_tokens if i == n - 1 else 0
             gh, gw = self.grid_sizes[i]
             setattr(self, f"patch_embed{i + 1}", embed)
-            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, prefix + gh * gw, c.dims[i])))
+            setattr(self, f"pos_embed{i + 1}", LearnedPosEmbed((gh, gw), c.dims[i], num_prefix_tokens=prefix))
             setattr(self, f"block{i + 1}", nn.ModuleList(sra_block(c, i, r, prefix=prefix) for r in rates[i]))
         self.pos_drop = nn.Dropout(c.dropout)
         self.norm = nn.LayerNorm(c.dims[-1], eps=c.norm_eps)
@@ -111,7 +112,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         and the class token; convolutions keep PyTorch's default."""
         init_linears(self)
         for i in range(self.config.num_stages):
-            nn.init.trunc_normal_(self.stage_pos_embed(i), std=0.02)
+            self.stage_pos_embed(i).init_weights(std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     # ------------------------------------------------------------- stage parts
@@ -127,7 +128,7 @@ class PyramidVisionTransformer(PyramidBackbone):
     def stage_patch_embed(self, i: int) -> PatchEmbed:
         return getattr(self, f"patch_embed{i + 1}")
 
-    def stage_pos_embed(self, i: int) -> nn.Parameter:
+    def stage_pos_embed(self, i: int) -> LearnedPosEmbed:
         return getattr(self, f"pos_embed{i + 1}")
 
     def stage_blocks(self, i: int) -> nn.ModuleList:
@@ -141,10 +142,14 @@ class PyramidVisionTransformer(PyramidBackbone):
 
     def position_embedding(self, i: int, grid: tuple[int, int]) -> Tensor:
         """Stage ``i``'s position embedding for a token grid, resampled (bicubic) if the grid is new."""
-        return pos_embed_for_grid(self.stage_pos_embed(i), grid, self.grid_sizes[i], self.stage_prefix(i))
+        return self.stage_pos_embed(i)(grid)
 
-    def run_stages(self, x: Tensor, last: int | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
-        """Yield ``(stage index, tokens (B, P + H*W, C), grid)``; P = 1 (class token) in the last stage."""
+    def run_stages(self, x: Tensor, last: int | None = None,
+                   tap: MapTap | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
+        """Yield ``(stage index, tokens (B, P + H*W, C), grid)``; P = 1 (class token) in the last stage.
+
+        ``tap`` (``collect_intermediates``) sees each stage's output and gives the tokens to go on with.
+        """
         n = self.config.num_stages
         x = self.check_input(x, self.stage_patch_embed(0))
         last = n - 1 if last is None else last
@@ -154,6 +159,8 @@ class PyramidVisionTransformer(PyramidBackbone):
                 tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + H*W, C)
             tokens = self.pos_drop(tokens + self.position_embedding(i, grid))
             tokens = self.run_blocks(self.stage_blocks(i), tokens, grid)
+            if tap is not None:
+                tokens = tap(i, tokens, grid, self.stage_prefix(i))
             yield i, tokens, grid
             if i < n - 1:
                 x = tokens_to_map(tokens, grid)
@@ -176,18 +183,13 @@ class PyramidVisionTransformer(PyramidBackbone):
         ``norm`` applies the final LayerNorm to the last stage's map (v1 has no norm after the other stages).
         """
         n = self.config.num_stages
-        maps = []
-        for i, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None):
-            if i in take:
-                maps.append((self.norm(tokens) if norm and i == n - 1 else tokens, grid, self.stage_prefix(i)))
+        tap = MapTap(take, (lambda i: self.norm if i == n - 1 else None) if norm else None)
+        for _, tokens, _ in self.run_stages(x, last=take[-1] if stop_early else None, tap=tap):
+            pass
         final = None if stop_early else self.norm(tokens)
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
-    def no_weight_decay(self) -> set[str]:
-        """The position embeddings and the class token."""
-        return {n for n, _ in self.named_parameters() if n.startswith("pos_embed") or n == "cls_token"}
-
     def group_matcher(self) -> GroupMatcher:
         """Stem: the first stage's embeddings; a block per group, a later stage's embeddings (and,
         in the last stage, the class token) with the stage's first block."""
@@ -202,13 +204,6 @@ class PyramidVisionTransformer(PyramidBackbone):
         p = config.patch_size
         return dict(dims=tuple(4 * h for h in config.heads), depths=tuple(min(d, 2) for d in config.depths),
                     image_size=(16 * p, 12 * p))
-
-    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Resample a checkpoint's per-stage position embeddings (bicubic) to this model's grids."""
-        for i in range(self.config.num_stages):
-            state_dict = resample_checkpoint_pos_embed(
-                state_dict, f"pos_embed{i + 1}", self.stage_pos_embed(i), self.grid_sizes[i], self.stage_prefix(i))
-        return state_dict
 
 
 # PVT v1: the official pvt_tiny..pvt_large (whai362/PVT classification/pvt.py); weights as

@@ -151,7 +151,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         maps = []
         for i, fmap in self.run_stages(x, last=take[-1] if stop_early else None):
             if i in take:
-                maps.append((fmap, fmap.shape[-2:], 0))
+                maps.append(fmap)  # the map the next stage embeds: on the forward path as it is
         return None if stop_early else fmap, maps
 
     # ------------------------------------------------------------- contract

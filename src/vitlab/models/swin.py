@@ -50,7 +50,7 @@ from ..components import (
 )
 from ..config import build_config
 from .base import (
-    Backbone, GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg,
+    Backbone, GroupMatcher, IntermediateResult, MapTap, classifier_head, config_errors, init_linears, pretrained_cfg,
     raise_config_errors,
 )
 from .registry import register_family
@@ -283,8 +283,12 @@ class SwinTransformer(Backbone):
         init_linears(self)
 
     # ------------------------------------------------------------- features
-    def run_stages(self, x: Tensor, last: int | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
-        """Image (B, C, H, W) -> yields ``(stage index, tokens (B, h*w, C_i), grid (h, w))`` per stage."""
+    def run_stages(self, x: Tensor, last: int | None = None,
+                   tap: MapTap | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
+        """Image (B, C, H, W) -> yields ``(stage index, tokens (B, h*w, C_i), grid (h, w))`` per stage.
+
+        ``tap`` (``collect_intermediates``) sees each stage's output and gives the tokens to go on with.
+        """
         x, grid = self.patch_embed(x)  # (B, N, C)
         last = len(self.layers) - 1 if last is None else last
         for i, stage in enumerate(self.layers[: last + 1]):
@@ -292,6 +296,8 @@ class SwinTransformer(Backbone):
                 x, grid = stage.downsample(x, grid)
             for block in stage.blocks:
                 x = self.run_checkpointed(block, x, grid=grid)
+            if tap is not None:
+                x = tap(i, x, grid)
             yield i, x, grid
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -313,12 +319,11 @@ class SwinTransformer(Backbone):
         ``norm`` applies the final norm to the last stage's map (the only one it is sized for).
         """
         n = len(self.layers)
-        maps = []
-        for i, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None):
-            if i in take:
-                maps.append((self.norm(tokens) if norm and i == n - 1 else tokens, grid, 0))
+        tap = MapTap(take, (lambda i: self.norm if i == n - 1 else None) if norm else None)
+        for _, tokens, grid in self.run_stages(x, last=take[-1] if stop_early else None, tap=tap):
+            pass
         final = None if stop_early else tokens_to_map(self.norm(tokens), grid)
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:

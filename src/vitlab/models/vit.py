@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from ..components import (
     ACT_LAYERS, AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid, TokenLayout,
-    drop_path_rates, pos_embed_for_grid, resample_checkpoint_pos_embed, sincos_2d_pos_embed, to_2tuple,
+    LearnedPosEmbed, drop_path_rates, sincos_2d_pos_embed, to_2tuple,
 )
 from ..config import build_config
 from .base import (
-    INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, check_config, IntermediateResult, classifier_head,
+    INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, IntermediateResult, MapTap, check_config, classifier_head,
     init_linears, pretrained_cfg,
 )
 from .registry import register_family
@@ -135,9 +135,9 @@ class VisionTransformer(Backbone):
         self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens
         self.num_features = c.representation_size or c.dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
-        n_pos = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.pos_embed: LearnedPosEmbed | Tensor | None
         if c.pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, c.dim))
+            self.pos_embed = LearnedPosEmbed(self.grid_size, c.dim, self.num_prefix_tokens)
         elif c.pos_embed == "sincos":
             fixed = torch.cat([torch.zeros(self.num_prefix_tokens, c.dim), sincos_2d_pos_embed(c.dim, self.grid_size)])
             self.register_buffer("pos_embed", fixed.unsqueeze(0), persistent=False)
@@ -171,8 +171,8 @@ class VisionTransformer(Backbone):
     # ----------------------------------------------------------------- init
     def init_weights(self) -> None:
         """timm's default scheme: truncated normal (std 0.02) for linears and position embedding."""
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if isinstance(self.pos_embed, LearnedPosEmbed):
+            self.pos_embed.init_weights(std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         init_linears(self)
@@ -193,7 +193,7 @@ class VisionTransformer(Backbone):
         if self.config.pos_embed == "sincos" and tuple(grid) != tuple(self.grid_size):
             pe = sincos_2d_pos_embed(self.config.dim, grid).to(self.pos_embed)
             return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], pe.unsqueeze(0)], dim=1)
-        return pos_embed_for_grid(self.pos_embed, grid, self.grid_size, self.num_prefix_tokens)
+        return self.pos_embed(grid)
 
     def embed(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> tokens with prefix and position embedding (B, P + N, C), grid.
@@ -250,14 +250,12 @@ class VisionTransformer(Backbone):
     def collect_intermediates(self, x: Tensor, take: list[int], norm: bool, stop_early: bool) -> IntermediateResult:
         """Maps (B, C, H', W') after the chosen blocks and the final tokens (see :meth:`Backbone.forward_intermediates`)."""
         x, grid = self.embed(x)
-        maps = []
+        tap = MapTap(take, (lambda i: self.norm) if norm else None)
         last = take[-1] if stop_early else len(self.blocks) - 1
         for i in range(last + 1):
-            x = self.run_checkpointed(self.blocks[i], x)
-            if i in take:
-                maps.append((self.norm(x) if norm else x, grid, self.num_prefix_tokens))
+            x = tap(i, self.run_checkpointed(self.blocks[i], x), grid, self.num_prefix_tokens)
         final = None if stop_early else self.norm(x)
-        return final, maps
+        return final, tap.result()
 
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:
@@ -288,12 +286,6 @@ class VisionTransformer(Backbone):
         p = config.patch_size
         return dict(dim=8 * heads, heads=heads, depth=2, mlp_dim=16 * heads, image_size=(4 * p, 3 * p),
                     representation_size=8 if config.representation_size else None)
-
-    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Resample a checkpoint's position embedding (bicubic) to this model's grid."""
-        if not isinstance(self.pos_embed, nn.Parameter):
-            return state_dict
-        return resample_checkpoint_pos_embed(state_dict, "pos_embed", self.pos_embed, self.grid_size, self.num_prefix_tokens)
 
 
 _IN = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)

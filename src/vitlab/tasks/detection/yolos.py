@@ -127,7 +127,7 @@ class YOLOS(nn.Module):
         vit = self.backbone
         patches, grid = vit.patch_embed(x)  # (B, N, C)
         b = patches.shape[0]
-        first = torch.cat([vit.pos_embed, self.det_pos_embed], dim=1)[0:1]  # (1, 1 + gh * gw + Q, C)
+        first = torch.cat([vit.pos_embed.weight, self.det_pos_embed], dim=1)[0:1]  # (1, 1 + gh * gw + Q, C)
         pos = self._resample(first, grid)  # (1, 1 + N + Q, C)
         tokens = torch.cat([vit.cls_token.expand(b, -1, -1), patches, self.det_token.expand(b, -1, -1)], dim=1)
         x = vit.norm_pre(vit.pos_drop(tokens + pos))  # (B, 1 + N + Q, C)
