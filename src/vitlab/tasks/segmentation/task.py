@@ -43,6 +43,21 @@ SCENES_MEAN, SCENES_STD = (0.075,), (0.21,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SCENE_DATASETS = ("digit_scenes", "digits")
 
+#: What ``vitlab train --task segmentation`` runs without ``--config`` (configs/segmentation.yaml
+#: holds the same values; a test keeps the two equal): digit scenes of 64x64 (background + 10
+#: digit classes), chosen with benchmarks/segmentation.py.
+SEGMENTATION_RECIPE: dict[str, Any] = {
+    "recipe": "segmentation",
+    "task": "segmentation",
+    "model": {"name": "pvt_v2_b0", "overrides": {}},
+    "data": {"dataset": "digit_scenes", "batch_size": 32, "eval_batch_size": 64},
+    "segmentation": {"head": "mlp", "upsample": "bilinear", "channels": 64, "train_scenes": 2000, "val_scenes": 200,
+                     "test_scenes": 500, "canvas_size": 64, "crop_scale": [0.5, 1.0]},
+    "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1, "min_lr": 1e-5, "clip_grad": 1.0},
+    "epochs": 20,
+    "seed": 0,
+}
+
 
 @dataclass
 class SegmentationSection:
@@ -119,20 +134,28 @@ class SegmentationSection:
 
 # --------------------------------------------------------------------------- data
 class SceneMasks(Dataset):
-    """Digit scenes as (image (1, H, W), semantic mask (H, W)) pairs: 0 background, d + 1 digit d."""
+    """Digit scenes as (image (1, H, W), semantic mask (H, W)) pairs: 0 background, d + 1 digit d.
+
+    Scenes are drawn once and kept (a scene depends only on its index, so this changes no
+    value; it saves redrawing them every epoch).
+    """
 
     classes = ["background"] + [str(d) for d in range(10)]
 
     def __init__(self, scenes: Any) -> None:
         self.scenes = scenes
         self.num_classes = len(self.classes)
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        s = self.scenes[index]
-        return s["image"], s["semantic_mask"]
+        if index not in self._cache:
+            s = self.scenes[index]
+            self._cache[index] = (s["image"], s["semantic_mask"].to(torch.uint8))
+        x, m = self._cache[index]
+        return x, m.long()
 
 
 class FolderMasks(Dataset):
@@ -337,12 +360,11 @@ class SegmentationTask(Task):
         return images, masks, pred
 
     def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
-        from ..plots import plot_curves
-        from .visualize import save_overlay_grid
+        from .visualize import plot_segmentation_curves, save_overlay_grid
 
         files = []
         if history:
-            files.append(plot_curves(history, Path(out_dir) / "curves.png"))
+            files.append(plot_segmentation_curves(history, Path(out_dir) / "curves.png"))
         drawn = self.predict_overlays(self.model) if self.model is not None else None
         if drawn is not None:
             images, masks, pred = drawn

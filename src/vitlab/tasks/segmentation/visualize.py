@@ -115,4 +115,29 @@ def save_overlay_grid(images: Sequence[Tensor], targets: Sequence[Tensor], preds
     return path
 
 
-__all__ = ["colorize", "overlay", "save_mask_png", "save_overlay_grid", "to_rgb", "voc_palette"]
+def plot_segmentation_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Loss (train, val) and mIoU / pixel accuracy (val, EMA val) per epoch from ``metrics.jsonl`` records."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, keys in ((ax1, ("train_loss", "val_loss")),
+                     (ax2, ("val_mIoU", "ema_val_mIoU", "val_pixel_accuracy", "train_pixel_accuracy"))):
+        for key in keys:
+            vals = [h.get(key) for h in history]
+            if any(v is not None for v in vals):
+                ax.plot(epochs, vals, marker=".", label=key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    ax1.set_ylabel("loss")
+    ax2.set_ylabel("mIoU / accuracy")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["colorize", "overlay", "plot_segmentation_curves", "save_mask_png", "save_overlay_grid", "to_rgb",
+           "voc_palette"]
