@@ -1,6 +1,6 @@
 """Semantic segmentation with vitlab: train on digit scenes, evaluate (per-class IoU), draw.
 
-    python examples/segmentation.py [--epochs 20] [--output-dir runs/example_segmentation]
+    python examples/segmentation.py [--epochs 20] [--output-dir runs/example_segmentation] [KEY=VALUE ...]
 
 Uses the Python API end to end: the built-in segmentation recipe (PVT v2 b0 + SegFormer's
 all-MLP head on 64x64 scenes of scikit-learn digits; background + 10 digit classes), the
@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="backbone (default: the recipe's pvt_v2_b0)")
     p.add_argument("--head", default=None, help="setr_naive | setr_pup | setr_mla | mlp | fpn (default: the recipe's)")
     p.add_argument("--output-dir", default="runs/example_segmentation")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides (segmentation.test_scenes=100)")
     args = p.parse_args()
 
     overrides = [f"epochs={args.epochs}", f"output_dir={args.output_dir}", f"segmentation.train_scenes={args.scenes}"]
@@ -45,7 +46,7 @@ def main() -> None:
             overrides.append(f"model.overrides={VIT_PATCH4}")
     if args.head:
         overrides.append(f"segmentation.head={args.head}")
-    cfg = load_config(None, overrides, base=SEGMENTATION_RECIPE)
+    cfg = load_config(None, overrides + list(args.overrides), base=SEGMENTATION_RECIPE)
     results = build_trainer(cfg).fit()
     print(f"test mIoU {results['test_mIoU']:.4f}  pixel accuracy {results['test_pixel_accuracy']:.4f}")
 

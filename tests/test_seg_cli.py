@@ -126,3 +126,40 @@ def test_predict_segmentation_needs_a_checkpoint(tmp_path, capsys):
     path, _ = _scene_png(tmp_path, 32, 32)
     assert cli(["predict", "--task", "segmentation", "--model", "vit_tiny_patch16_224", str(path)]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_segmentation_example_trains_evaluates_and_draws(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "examples" / "segmentation.py"), "--epochs", "1", "--scenes", "16",
+                          "--output-dir", str(tmp_path), "segmentation.val_scenes=8", "segmentation.test_scenes=16",
+                          "model.overrides={dims: [16, 32, 32, 32], depths: [1, 1, 1, 1], heads: [1, 1, 2, 2]}"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    # the table printed from the saved checkpoint is the run's own test evaluation
+    assert re.search(rf"^mIoU\s+{results['test_mIoU']:.4f}$", res.stdout, re.M)
+    for name in ("predictions.png", "scene0_mask.png", "scene0_overlay.png", "overlays.png", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_prints_the_table(tmp_path):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("seg_bench", root / "benchmarks" / "segmentation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--quick", "--threads", "1", "--only", "vit_setr_mla", "pvt_v2_mlp_attn",
+                       "--output-dir", str(tmp_path), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["vit_setr_mla", "pvt_v2_mlp_attn"]
+    for r in rows:  # each row is that run's own results.json
+        res = json.loads((tmp_path / r["name"] / "results.json").read_text())
+        assert r["test_mIoU"] == res["test_mIoU"] and r["epochs"] == res["epochs"] == 1
