@@ -1,6 +1,6 @@
 """Semantic segmentation with vitlab: train on digit scenes, evaluate (per-class IoU), draw.
 
-    python examples/segmentation.py [--epochs 20] [--output-dir runs/example_segmentation] [KEY=VALUE ...]
+    python examples/segmentation.py [--epochs 30] [--output-dir runs/example_segmentation] [KEY=VALUE ...]
 
 Uses the Python API end to end: the built-in segmentation recipe (PVT v2 b0 + SegFormer's
 all-MLP head on 64x64 scenes of scikit-learn digits; background + 10 digit classes), the
@@ -31,7 +31,7 @@ VIT_PATCH4 = "{patch_size: 4, dim: 128, depth: 6, heads: 4, mlp_dim: 256}"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--scenes", type=int, default=2000, help="training scenes")
     p.add_argument("--model", default=None, help="backbone (default: the recipe's pvt_v2_b0)")
     p.add_argument("--head", default=None, help="setr_naive | setr_pup | setr_mla | mlp | fpn (default: the recipe's)")

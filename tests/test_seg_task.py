@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
 pytest.importorskip("kornia")
 
@@ -245,3 +247,39 @@ def test_checkpoint_save_load_roundtrip_keeps_logits(tmp_path):
     loaded, labels = load_segmenter(tmp_path / "m.safetensors")
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(loaded(x), model(x))
+
+
+def _write_folder(root: Path) -> None:
+    """3 classes; train: two 32x32 pairs and one 40x48 pair; val: one 32x32 pair."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    for split, sizes in (("train", [(32, 32), (32, 32), (40, 48)]), ("val", [(32, 32)])):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            mask = np.zeros((h, w), np.uint8)
+            mask[: h // 2, : w // 2] = 2  # classes 0 and 2 side by side: a bilinear resize would invent 1
+            mask[-2:, -2:] = 255
+            Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(mask, mode="L").save(root / "masks" / split / f"{i}.png")
+
+
+def test_folder_recipe_reads_classes_and_masks(tmp_path):
+    _write_folder(tmp_path / "data")
+    cfg = load_config(ROOT / "configs" / "segmentation_folder.yaml",
+                      [f"data.dataset={tmp_path / 'data'}", "data.image_size=32", "data.batch_size=2", "epochs=1",
+                       f"output_dir={tmp_path / 'run'}", "progress=false", "segmentation.channels=8",
+                       "model.overrides={dims: [8, 16, 16, 16], heads: [1, 1, 1, 1], depths: [1, 1, 1, 1]}"])
+    setup = get_task("segmentation").from_config(cfg)
+    assert setup.task.labels == ["sky", "road", "car"] and setup.model.config.num_classes == 3
+    assert setup.model.config.in_channels == 3 and setup.test_data is None
+    with Image.open(tmp_path / "data" / "masks" / "train" / "0.png") as im:
+        stored = torch.from_numpy(np.array(im)).long()
+    x, m = setup.train_data[0]
+    assert x.shape == (3, 32, 32) and torch.equal(m, stored)  # same size: untouched
+    x, m = setup.train_data[2]  # 40x48 -> 32x32: nearest for the mask
+    assert x.shape == (3, 32, 32) and m.shape == (32, 32)
+    assert set(m.unique().tolist()) == {0, 2, 255}
+    res = Trainer(setup.model, cfg, setup.train_data, setup.val_data, task=setup.task, log=lambda s: None).fit()
+    assert 0.0 <= res["val_mIoU"] <= 1.0 and {"val_iou_sky", "val_iou_road", "val_iou_car"} <= set(res)

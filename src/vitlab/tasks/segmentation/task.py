@@ -54,7 +54,7 @@ SEGMENTATION_RECIPE: dict[str, Any] = {
     "segmentation": {"head": "mlp", "upsample": "bilinear", "channels": 64, "train_scenes": 2000, "val_scenes": 200,
                      "test_scenes": 500, "canvas_size": 64, "crop_scale": [0.5, 1.0]},
     "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1, "min_lr": 1e-5, "clip_grad": 1.0},
-    "epochs": 20,
+    "epochs": 30,
     "seed": 0,
 }
 
