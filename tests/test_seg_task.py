@@ -265,6 +265,7 @@ def _write_folder(root: Path) -> None:
             Image.fromarray(mask, mode="L").save(root / "masks" / split / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_folder_recipe_reads_classes_and_masks(tmp_path):
     _write_folder(tmp_path / "data")
     cfg = load_config(ROOT / "configs" / "segmentation_folder.yaml",
