@@ -48,6 +48,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "classification") == "segmentation":
+        return _cmd_predict_segmentation(args)
     from .deploy import ViTClassifier
 
     if args.top_k < 1:
@@ -74,6 +76,59 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict_segmentation(args: argparse.Namespace) -> int:
+    """``vitlab predict --task segmentation``: a mask PNG and a colour overlay PNG per image."""
+    from .tasks.segmentation.apply import segment_files
+
+    if not args.checkpoint:
+        raise ValueError("vitlab predict --task segmentation needs --checkpoint (a segmentation run or checkpoint)")
+    records = segment_files(args.checkpoint, [str(p) for p in args.images], args.output_dir, mode=args.mode,
+                            scales=args.scales, flip=not args.no_flip, device=args.device)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        top = ", ".join(f"{k} {v:.1%}" for k, v in sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5])
+        print(f"{r['image']}: {top}\n    wrote {r['mask']} and {r['overlay']}")
+    return 0
+
+
+def _add_segmentation_predict_args(pr: argparse.ArgumentParser) -> None:
+    """The options of ``vitlab predict --task segmentation``."""
+    pr.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                    help="classification (top-k classes) or segmentation (mask and overlay PNGs)")
+    pr.add_argument("--mode", default="whole", choices=["whole", "sliding", "tta"],
+                    help="segmentation: whole image, sliding windows of the training size, or multi-scale + flip TTA")
+    pr.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25], help="segmentation TTA scales")
+    pr.add_argument("--no-flip", action="store_true", help="segmentation TTA without the mirrored pass")
+    pr.add_argument("--output-dir", "--output_dir", dest="output_dir", default="predictions",
+                    help="segmentation: where <image>_mask.png and <image>_overlay.png go")
+
+
+def _cmd_eval_segmentation(args: argparse.Namespace) -> int:
+    """``vitlab eval`` on a segmentation checkpoint: the per-class IoU table, mIoU, pixel accuracy."""
+    from .tasks.segmentation.apply import evaluate_segmentation_checkpoint, format_iou_table
+
+    dataset = None if args.dataset in (None, "digits") else args.dataset  # default: the data it was trained on
+    res = evaluate_segmentation_checkpoint(args.checkpoint, dataset, split=args.split, output_dir=args.output_dir,
+                                           device=args.device, batch_size=args.batch_size)
+    print(f"{res['dataset']} {res['split']} (n={res['n']})")
+    print(format_iou_table(res))
+    print(f"wrote {res['json']}")
+    return 0
+
+
+def _default_recipe(args: argparse.Namespace) -> dict:
+    """The recipe under the command line when there is no --config: digits, or the task's own."""
+    from .training.recipes import DIGITS_RECIPE
+
+    if getattr(args, "task", None) == "segmentation":
+        from .tasks.segmentation.task import SEGMENTATION_RECIPE
+
+        return SEGMENTATION_RECIPE
+    return DIGITS_RECIPE
+
+
 def resolve_model_name(name: str) -> str:
     """A registered name, or a short alias (``vit_base``, ``swin_t``); see :func:`vitlab.models.registry.resolve_model_name`."""
     from .models.registry import resolve_model_name as resolve
@@ -95,10 +150,9 @@ def _train_flags(args: argparse.Namespace) -> dict[str, object]:
 def _train_config(args: argparse.Namespace):
     """The config of a fresh run: defaults < dataset defaults < recipe < --model/--dataset < KEY=VALUE < flags."""
     from .training.config import load_config
-    from .training.recipes import DIGITS_RECIPE
 
     model = resolve_model_name(args.model) if args.model else None
-    return load_config(args.config, list(args.overrides), base=None if args.config else DIGITS_RECIPE,
+    return load_config(args.config, list(args.overrides), base=None if args.config else _default_recipe(args),
                        model=model, dataset=args.dataset, flags=_train_flags(args))
 
 
@@ -164,6 +218,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .tasks.segmentation.model import is_segmenter_checkpoint
+
+    if is_segmenter_checkpoint(args.checkpoint):
+        return _cmd_eval_segmentation(args)
     from .training.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.checkpoint, args.dataset, split=args.split, data_dir=args.data_dir,
@@ -260,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, help="classifier size (head re-initialised if it differs)")
     c.set_defaults(func=_cmd_convert)
 
-    pr = sub.add_parser("predict", help="classify images")
+    pr = sub.add_parser("predict", help="classify images (--task segmentation: segment them)")
     g = pr.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="registered model name (its default pretrained weights)")
     g.add_argument("--checkpoint", help="checkpoint file, folder or hub id")
@@ -271,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-amp", "fp16", "int8"],
                     help="inference precision (bf16: bfloat16 weights and activations; int8: dynamic quantization, CPU)")
     pr.add_argument("--compile", action="store_true", help="torch.compile the model (the first call compiles)")
+    _add_segmentation_predict_args(pr)
     pr.set_defaults(func=_cmd_predict)
 
     t = sub.add_parser("train", help="train a model (no arguments: the bundled digits recipe)",
@@ -300,9 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5 and a confusion matrix")
+    e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5 and a confusion matrix "
+                                    "(segmentation: the per-class IoU table and mIoU)")
     e.add_argument("--checkpoint", required=True, help="checkpoint file or folder (or a run's checkpoints/epoch-N)")
-    e.add_argument("--dataset", default="digits")
+    e.add_argument("--dataset", default="digits",
+                   help="classification: digits | cifar10 | ... | PATH; segmentation: digit_scenes | PATH "
+                        "(default: the data the checkpoint was trained on)")
     e.add_argument("--split", default=None, choices=["train", "val", "test"],
                    help="default: test when the dataset has one, else val")
     e.add_argument("--data-dir", "--data_dir", dest="data_dir")

@@ -33,10 +33,10 @@ FIXED_SIZE_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthe
 
 
 def dataset_kind(name: str | os.PathLike) -> str:
-    """``"digits"``, ``"cifar"``, ``"synthetic"`` or ``"folder"`` (ImageNet trees and image folders)."""
+    """``"digits"``, ``"digit_scenes"``, ``"cifar"``, ``"synthetic"`` or ``"folder"`` (ImageNet trees and image folders)."""
     key = str(name).lower()
-    if key == "digits":
-        return "digits"
+    if key in ("digits", "digit_scenes"):
+        return key
     if key in ("cifar10", "cifar100"):
         return "cifar"
     if key == "synthetic":

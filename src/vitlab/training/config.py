@@ -19,6 +19,7 @@ import yaml
 
 from ..config import suggest
 from ..tasks.registry import UnknownTaskError, get_task
+from ..tasks.segmentation.task import SegmentationSection
 
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
 
@@ -132,6 +133,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     distill: DistillSection = field(default_factory=DistillSection)
     log: LogSection = field(default_factory=LogSection)
+    segmentation: SegmentationSection = field(default_factory=SegmentationSection)
     epochs: int = 30
     seed: int = 0
     device: str = "auto"

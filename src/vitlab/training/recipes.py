@@ -46,6 +46,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": {"image_size": 32, "crop_pct": 1.0, "interpolation": "bilinear"},
         "augment": {"random_resized_crop": True, "crop_scale": [0.5, 1.0], "hflip": 0.5, "label_smoothing": 0.1},
     },
+    "digit_scenes": {  # segmentation: the size is the canvas's (segmentation.canvas_size)
+        "data": {"image_size": None, "crop_pct": 1.0, "interpolation": "bilinear"},
+    },
     "synthetic": {
         "data": {"image_size": 32, "crop_pct": 1.0, "interpolation": "bilinear"},
     },

@@ -1,0 +1,184 @@
+"""Use a trained segmentation checkpoint: evaluate it on a split, segment image files.
+
+``vitlab eval`` on a segmentation checkpoint calls :func:`evaluate_segmentation_checkpoint`;
+``vitlab predict --task segmentation`` calls :func:`segment_files`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ...datasets.transforms import normalize
+from ..base import evaluate_task
+from .inference import predict_sliding, predict_tta, predict_whole
+from .model import SegmentationModel, load_segmenter
+from .task import SCENE_DATASETS, SegmentationSection, SegmentationTask, folder_splits, scene_splits
+
+MODES: tuple[str, ...] = ("whole", "sliding", "tta")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _eval_split(model: SegmentationModel, dataset: str | None, split: str | None,
+                labels: Sequence[str]) -> tuple[Any, str, str]:
+    """(the split's (image, mask) dataset, its name, the dataset name) as the checkpoint records."""
+    pcfg = model.pretrained_cfg
+    source = dict(pcfg.get("data") or {})
+    name = dataset or source.get("dataset") or "digit_scenes"
+    size = int(model.config.image_size[0])
+    if str(name).lower() in SCENE_DATASETS:
+        s = SegmentationSection(canvas_size=int(source.get("canvas_size", size)),
+                                max_digits=int(source.get("max_digits", 4)),
+                                digit_size=tuple(source.get("digit_size", (12, 28))),
+                                clutter=int(source.get("clutter", 0)),
+                                val_scenes=int(source.get("val_scenes", 200)),
+                                test_scenes=int(source.get("test_scenes", 500)) or 500, train_scenes=1)
+        train, val, test = scene_splits(s)
+        name = "digit_scenes"
+    else:
+        s = SegmentationSection(ignore_index=int(pcfg.get("ignore_index", 255)))
+        train, val, test = folder_splits(name, s, size, model.config.in_channels)
+    splits = {"train": train, "val": val, "test": test}
+    if split is None:
+        split = "test" if test is not None else "val"
+    if splits.get(split) is None:
+        raise ValueError(f"{name} has no {split} split")
+    data = splits[split]
+    if list(data.classes) != list(labels):
+        raise ValueError(f"the checkpoint's classes {list(labels)[:5]}... differ from {name}'s {list(data.classes)[:5]}...")
+    return data, split, str(name)
+
+
+def evaluate_segmentation_checkpoint(checkpoint: str | Path, dataset: str | None = None, split: str | None = None,
+                                     output_dir: str | Path | None = None, device: str = "auto",
+                                     batch_size: int = 64) -> dict[str, Any]:
+    """mIoU, per-class IoU, pixel accuracy and loss of a segmentation checkpoint on a split.
+
+    Args:
+        checkpoint: A segmentation checkpoint (file, folder, run directory).
+        dataset: ``digit_scenes`` or a segmentation folder; None: the data it was trained on.
+        split: ``train``, ``val`` or ``test`` (None: test when there is one, else val).
+        output_dir: Where ``eval_<dataset>_<split>.json`` goes (default: the checkpoint's folder).
+        device: ``auto``, ``cpu``, ``cuda``...
+        batch_size: Evaluation batch size.
+
+    Returns:
+        The metrics plus ``split``, ``dataset``, ``labels`` and ``json`` (the file written).
+    """
+    model, labels = load_segmenter(checkpoint)
+    labels = labels or [str(i) for i in range(model.config.num_classes)]
+    data, split, name = _eval_split(model, dataset, split, labels)
+    pcfg = model.pretrained_cfg
+    task = SegmentationTask(model.config.num_classes, labels, pcfg.get("mean"), pcfg.get("std"),
+                            ignore_index=int(pcfg.get("ignore_index", 255)))
+    dev = _device(device)
+    res = evaluate_task(model.to(dev), task, DataLoader(data, batch_size=batch_size, shuffle=False), dev,
+                        int(model.config.image_size[0]))
+    res.pop("confusion", None)
+    out = Path(output_dir) if output_dir else (Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / f"eval_{Path(name).name}_{split}.json"
+    file.write_text(json.dumps({**res, "labels": labels, "split": split}, indent=2))
+    return {**res, "split": split, "dataset": name, "labels": labels, "json": str(file)}
+
+
+def format_iou_table(res: dict[str, Any]) -> str:
+    """The per-class IoU table of :func:`evaluate_segmentation_checkpoint`'s result, then mIoU and pixel accuracy."""
+    labels = res["labels"]
+    width = max(5, *(len(str(x)) for x in labels))
+    lines = [f"{'class':<{width}}  IoU"]
+    for name, v in zip(labels, res["per_class_iou"]):
+        lines.append(f"{name:<{width}}  {'absent' if v != v else f'{v:.4f}'}")
+    lines.append(f"{'mIoU':<{width}}  {res['mIoU']:.4f}")
+    lines.append(f"{'pixel accuracy':<{width}}  {res['pixel_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def load_for_model(path: str | Path, channels: int) -> Tensor:
+    """An image file as a (1, C, H, W) [0, 1] tensor with the model's channels (1: grey, 3: RGB)."""
+    from ...datasets.transforms import load_image
+
+    pil = load_image(path)
+    if channels == 1:
+        pil = pil.convert("L")
+    arr = np.asarray(pil, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())  # (H, W, C) -> (C, H, W)
+    return x[None]
+
+
+@torch.no_grad()
+def segment(model: SegmentationModel, images: Tensor, mode: str = "whole", scales: Sequence[float] = (0.75, 1.0, 1.25),
+            flip: bool = True, stride: int | None = None) -> Tensor:
+    """Logits (B, K, H, W) of [0, 1] images (B, C, H, W), normalised as the model records.
+
+    Args:
+        model: A segmentation model (put in eval mode here).
+        images: [0, 1] images of any size.
+        mode: ``whole`` (one pass), ``sliding`` (windows of the training size, overlapping by a
+            third unless ``stride``), ``tta`` (``scales`` x optional horizontal ``flip``).
+        scales: TTA scales.
+        flip: TTA flip.
+        stride: Sliding-window step.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; choose one of {', '.join(MODES)}")
+    model.eval()
+    pcfg = model.pretrained_cfg
+    x = images
+    if pcfg.get("mean") is not None and pcfg.get("std") is not None:
+        x = normalize(x, tuple(pcfg["mean"]), tuple(pcfg["std"]))
+    if mode == "whole":
+        return predict_whole(model, x)
+    window = int(model.config.image_size[0])
+    if mode == "sliding":
+        return predict_sliding(model, x, window, stride or max(1, window * 2 // 3))
+    return predict_tta(model, x, scales=scales, flip=flip)
+
+
+def segment_files(checkpoint: str | Path, images: Sequence[str | Path], output_dir: str | Path, mode: str = "whole",
+                  scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True, device: str = "cpu",
+                  alpha: float = 0.5) -> list[dict[str, Any]]:
+    """Segment image files: writes ``<stem>_mask.png`` (palette PNG of class ids) and
+    ``<stem>_overlay.png`` (the image with the classes coloured) per image.
+
+    Returns:
+        One record per image: ``image``, ``mask``, ``overlay`` (paths) and ``classes``
+        (pixel fraction of each class present).
+    """
+    from PIL import Image
+
+    from .visualize import overlay, save_mask_png
+
+    model, labels = load_segmenter(checkpoint)
+    labels = labels or [str(i) for i in range(model.config.num_classes)]
+    dev = _device(device)
+    model.to(dev)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in images:
+        x = load_for_model(path, model.config.in_channels)
+        pred = segment(model, x.to(dev), mode, scales, flip).argmax(1)[0].cpu()
+        stem = Path(path).stem
+        mask_file = save_mask_png(pred, out / f"{stem}_mask.png")
+        overlay_file = out / f"{stem}_overlay.png"
+        Image.fromarray(overlay(x[0], pred, alpha)).save(overlay_file)
+        counts = torch.bincount(pred.flatten(), minlength=len(labels)).double() / pred.numel()
+        records.append({"image": str(path), "mask": str(mask_file), "overlay": str(overlay_file),
+                        "classes": {labels[i]: float(c) for i, c in enumerate(counts) if c > 0}})
+    return records
+
+
+__all__ = ["MODES", "evaluate_segmentation_checkpoint", "format_iou_table", "load_for_model", "segment",
+           "segment_files"]
