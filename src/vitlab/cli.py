@@ -95,11 +95,17 @@ def _train_flags(args: argparse.Namespace) -> dict[str, object]:
 def _train_config(args: argparse.Namespace):
     """The config of a fresh run: defaults < dataset defaults < recipe < --model/--dataset < KEY=VALUE < flags."""
     from .training.config import load_config
-    from .training.recipes import DIGITS_RECIPE
+    from .training.recipes import DIGITS_RECIPE, TASK_RECIPES
 
     model = resolve_model_name(args.model) if args.model else None
-    return load_config(args.config, list(args.overrides), base=None if args.config else DIGITS_RECIPE,
-                       model=model, dataset=args.dataset, flags=_train_flags(args))
+    base = None if args.config else TASK_RECIPES.get(args.task or "", DIGITS_RECIPE)
+    overrides = list(args.overrides)
+    if getattr(args, "init_from", None):
+        from .tasks.mae import init_from_overrides
+
+        overrides = init_from_overrides(args.init_from) + overrides  # the run's model; KEY=VALUE still wins
+    return load_config(args.config, overrides, base=base, model=model, dataset=args.dataset,
+                       flags=_train_flags(args))
 
 
 def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
@@ -281,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", help="what to train: a registered task (default: the recipe's, classification); "
                                   "see vitlab.tasks.list_tasks()")
     t.add_argument("--model", help="registered model name or alias (vit_base)")
+    t.add_argument("--init-from", "--init_from", dest="init_from", metavar="RUN_DIR",
+                   help="start from the encoder of a training run (e.g. an MAE pre-training run): its model, "
+                        "overrides and image size, its latest checkpoint's encoder weights (fine-tune with "
+                        "--task classification optim.layer_decay=0.75, or probe with --task linear_probe)")
     t.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagenet | synthetic | PATH to an image folder")
     t.add_argument("--data-dir", "--data_dir", dest="data_dir", help="where CIFAR / ImageNet data live")
     t.add_argument("--epochs", type=int)
