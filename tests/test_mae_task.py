@@ -259,3 +259,24 @@ def test_cli_task_mae_defaults_to_the_mae_digits_recipe(mae_run):
     assert (ft.task, ft.model.pretrained, ft.model.overrides["dim"]) == ("linear_probe", str(mae_run), 16)
     stored = json.loads((mae_run / "config.json").read_text())
     assert ft.model.overrides == stored["model"]["overrides"]
+
+
+@pytest.mark.slow
+def test_mae_example_runs_and_prints_the_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "mae_pretraining.py"), "--pretrain-epochs", "1",
+                          "--probe-epochs", "1", "--finetune-epochs", "1", "--output-dir", str(tmp_path),
+                          "--model-overrides", "{patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    import re
+
+    assert "| linear probe (baseline: random init) |" in res.stdout
+    labels = int(re.search(r"\| fine-tune on (\d+) labels", res.stdout).group(1))
+    assert 120 <= labels <= 135  # 10% of each class of the 1259 training digits
+    assert len(list((tmp_path / "mae" / "reconstructions").glob("epoch-*.png"))) == 1
+    assert (tmp_path / "finetune" / "results.json").is_file() and (tmp_path / "scratch" / "results.json").is_file()
