@@ -96,7 +96,7 @@ class SimMIM(nn.Module):
         b = mask.shape[0]
         # (B, gh*gw) -> (B, gh, gw) -> (B, gh*r, gw*r) -> (B, gh*r*gw*r)
         m = mask.reshape(b, *self.grid).repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)
-        return m.reshape(b, -1)
+        return m.reshape(b, -1)  # (B, gh*r, gw*r) -> (B, gh*r * gw*r)
 
     def targets(self, images: Tensor) -> Tensor:
         """Targets (B, cells, s*s*C): the pixels of every cell, normalised per cell with ``norm_pix_loss``."""

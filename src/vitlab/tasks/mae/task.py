@@ -30,7 +30,7 @@ from ...pretrained import create_model
 from ..base import Batch, Metrics, Task, resize_images
 from ..image_classification import ClassificationTask, build_augment, build_datasets
 from ..registry import TaskSetup, register_task
-from .model import MAE, LinearProbe, MAEConfig
+from .model import MAE, LinearProbe, MAEConfig, compose_reconstruction, unpatchify
 from .simmim import SimMIM, SimMIMConfig
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -104,7 +104,7 @@ class MAETask(Task):
         else:
             x = normalize(x, self.mean, self.std)
         if generator is None:  # evaluation: a fixed stream, restarted by eval_metrics()
-            if self._eval_gen is None or self._eval_gen.device != torch.device(device):
+            if self._eval_gen is None:
                 self._eval_gen = torch.Generator(device=device).manual_seed(EVAL_NOISE_SEED)
             generator = self._eval_gen
         noise = torch.rand(x.shape[0], self.num_patches, generator=generator, device=device)  # (B, N)
@@ -124,19 +124,17 @@ class MAETask(Task):
     def grid_images(self, images: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """(3, K, C, H, W) in [0, 1]: originals, masked inputs (hidden patches grey) and reconstructions
         (hidden patches predicted, visible ones copied) of the first K images."""
-        from .model import compose_reconstruction, unpatchify
-
         k = min(GRID_IMAGES, images.shape[0])
         images, pred, mask = images[:k].float(), pred[:k].float(), mask[:k]
         recon, _ = compose_reconstruction(images, pred, mask, self.patch_size, self.grid, self.in_channels,
                                           self.norm_pix_loss)
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
         original = images * std + mean
         units = mask.unsqueeze(-1).float().expand(-1, -1, self.patch_size**2 * self.in_channels)  # (B, N, p*p*C)
         hidden = unpatchify(units, self.patch_size, self.grid, self.in_channels) > 0.5  # (B, C, H, W)
         masked = torch.where(hidden, torch.full_like(original, 0.5), original)
-        return torch.stack([original, masked, recon * std + mean]).clamp(0, 1).cpu()
+        return torch.stack([original, masked, recon * std + mean]).clamp(0, 1).cpu()  # (3, K, C, H, W)
 
     def after_evaluation(self, out_dir: Path, epoch: int, metrics: dict[str, Any]) -> list[Path]:
         grid = metrics.get("reconstructions")
