@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 from vitlab.cli import _train_config, build_parser
 from vitlab.tasks import get_task
-from vitlab.tasks.mae import MAE, LinearProbe, SimMIM, init_from_overrides
+from vitlab.tasks.mae import MAE, LinearProbe, SimMIM, encoder_from_run, init_from_overrides
 from vitlab.tasks.mae.model import patchify
 from vitlab.tasks.mae.task import GRID_IMAGES
 from vitlab.training import Trainer, load_config
@@ -217,6 +217,8 @@ def test_init_from_loads_the_run_encoder_bit_exact(mae_run, tmp_path):
     for k in loaded:
         assert torch.equal(model_sd[k], encoder[k]), k
     assert model_sd["head.weight"].shape == (10, 16)
+    api = encoder_from_run(mae_run, num_classes=10).state_dict()  # the Python API: the same weights
+    assert api.keys() == model_sd.keys() and all(torch.equal(api[k], encoder[k]) for k in loaded)
     scales = sorted({g["lr_scale"] for g in trainer.optimizer.param_groups})
     assert len(scales) == 3 and scales[-1] == 1.0 and scales[0] == pytest.approx(0.75**2)  # stem, block, norm/head
 

@@ -199,7 +199,7 @@ def save_reconstruction_grid(grid: Tensor, path: Path, scale: int = 4) -> Path:
     try:
         from PIL import Image
     except ImportError:
-        raise ImportError("reconstruction grids need Pillow: pip install 'vitlab[viz]'") from None
+        raise ImportError("reconstruction grids need Pillow: pip install pillow") from None
     rows, k, c, h, w = grid.shape
     pad = 2
     canvas = torch.ones(c, rows * (h + pad) + pad, k * (w + pad) + pad)
