@@ -243,6 +243,18 @@ def test_linear_probe_task_freezes_the_encoder(mae_run, tmp_path):
     assert trained == {id(probe.head.weight), id(probe.head.bias)}
 
 
+def test_overwrite_removes_an_mae_run_outputs(tmp_path):
+    from vitlab.training.run import prepare_output_dir
+
+    run = tmp_path / "run"
+    (run / "reconstructions").mkdir(parents=True)
+    (run / "reconstructions" / "epoch-0009.png").write_bytes(b"old")
+    (run / "loss_curves.png").write_bytes(b"old")
+    (run / "config.json").write_text("{}")
+    prepare_output_dir(mae_cfg(run), overwrite=True)
+    assert not (run / "reconstructions").exists() and not (run / "loss_curves.png").exists()
+
+
 def test_init_from_errors_speak_to_the_user(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         init_from_overrides(tmp_path)
