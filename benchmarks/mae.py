@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         out = fn(*a, **kw)
         stage_s[stage] = stage_s.get(stage, 0.0) + time.perf_counter() - t0
+        shown = f"{out:.2f}" if isinstance(out, float) else str(out)
+        print(f"  {stage}: {shown} ({time.perf_counter() - t0:.0f}s)", flush=True)  # partial results survive a kill
         return out
 
     for seed in seeds:
