@@ -294,3 +294,10 @@ def test_mae_example_runs_and_prints_the_table(tmp_path):
     assert 120 <= labels <= 135  # 10% of each class of the 1259 training digits
     assert len(list((tmp_path / "mae" / "reconstructions").glob("epoch-*.png"))) == 1
     assert (tmp_path / "finetune" / "results.json").is_file() and (tmp_path / "scratch" / "results.json").is_file()
+
+
+def test_init_from_a_run_of_another_architecture_is_one_clear_error(mae_run, tmp_path):
+    cfg = _classification_cfg(mae_run, tmp_path / "ft", "model.overrides.dim=32")
+    with pytest.raises(ValueError, match=r"^the encoder of .* does not fit VisionTransformer.*other shapes") as e:
+        get_task("classification").from_config(cfg)
+    assert "data.image_size" not in str(e.value)  # not mistaken for a size problem
