@@ -45,6 +45,9 @@ SWIN_QUICK = "{patch_size: 2, dim: 16, depths: [1, 1], heads: [1, 2], window_siz
 PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(vit=VIT, swin=SWIN, pretrain_epochs=60, simmim_epochs=60, probe_epochs=30, finetune_epochs=100,
                  subset=None, throughput_rounds=7),
+    "medium": dict(vit="{patch_size: 4, dim: 64, depth: 4, heads: 4, mlp_dim: 128}", swin=SWIN_QUICK,
+                   pretrain_epochs=10, simmim_epochs=10, probe_epochs=10, finetune_epochs=30, subset=None,
+                   throughput_rounds=5),
     "quick": dict(vit=VIT_QUICK, swin=SWIN_QUICK, pretrain_epochs=1, simmim_epochs=1, probe_epochs=1,
                   finetune_epochs=1, subset=192, throughput_rounds=3),
 }
@@ -153,11 +156,14 @@ def mean_std(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, 1 epoch each, data subsets, 1 seed")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                    help="full (default), medium (a smaller ViT, 10 pre-training epochs: a first signal) or quick")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default: 3; --quick: 1)")
     ap.add_argument("--work-dir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     args = ap.parse_args(argv)
-    p = PROFILES["quick" if args.quick else "full"]
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    profile = args.profile or ("quick" if args.quick else "full")
+    p = PROFILES[profile]
+    seeds = list(range(args.seeds or (3 if profile == "full" else 1)))
     tmp = tempfile.TemporaryDirectory() if args.work_dir is None else None
     work = Path(tmp.name) if tmp is not None else args.work_dir
     res: dict[str, list[float]] = {k: [] for k in ("probe_mae", "probe_rand", "ft_mae", "ft_scratch", "probe_simmim",
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     gain_probe = statistics.mean(res["probe_mae"]) - statistics.mean(res["probe_rand"])
     gain_ft = statistics.mean(res["ft_mae"]) - statistics.mean(res["ft_scratch"])
     gain_swin = statistics.mean(res["probe_simmim"]) - statistics.mean(res["probe_swin_rand"])
-    print(f"\n## MAE on digits ({'quick' if args.quick else 'full'} profile, {n} seed{'s' * (n > 1)}; "
+    print(f"\n## MAE on digits ({profile} profile, {n} seed{'s' * (n > 1)}; "
           f"test top-1 %, mean ± std)\n")
     print("| measure | pre-trained | baseline | difference | target |")
     print("|---|---|---|---|---|")
