@@ -323,8 +323,7 @@ def test_vit_mask_drops_hidden_patches():
         model.forward_features(x, mask=torch.tensor([[True] + [False] * (n - 1), [False] * n]))
 
 
-@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0", "pvt_tiny", "cait_xxs24_224",
-                                  "crossvit_9_240", "cnn_small"])
+@pytest.mark.parametrize("name", ["pvt_tiny", "crossvit_9_240", "cnn_small"])
 def test_mask_not_yet_supported_is_one_clear_error(name):
     model = tiny(name)
     with pytest.raises(ValueError, match="not yet supported"):

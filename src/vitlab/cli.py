@@ -120,13 +120,9 @@ def _cmd_eval_segmentation(args: argparse.Namespace) -> int:
 
 def _default_recipe(args: argparse.Namespace) -> dict:
     """The recipe under the command line when there is no --config: digits, or the task's own."""
-    from .training.recipes import DIGITS_RECIPE
+    from .training.recipes import DIGITS_RECIPE, TASK_RECIPES
 
-    if getattr(args, "task", None) == "segmentation":
-        from .tasks.segmentation.task import SEGMENTATION_RECIPE
-
-        return SEGMENTATION_RECIPE
-    return DIGITS_RECIPE
+    return TASK_RECIPES.get(getattr(args, "task", None) or "", DIGITS_RECIPE)
 
 
 def resolve_model_name(name: str) -> str:
@@ -152,7 +148,12 @@ def _train_config(args: argparse.Namespace):
     from .training.config import load_config
 
     model = resolve_model_name(args.model) if args.model else None
-    return load_config(args.config, list(args.overrides), base=None if args.config else _default_recipe(args),
+    overrides = list(args.overrides)
+    if getattr(args, "init_from", None):
+        from .tasks.mae import init_from_overrides
+
+        overrides = init_from_overrides(args.init_from) + overrides  # the run's model; KEY=VALUE still wins
+    return load_config(args.config, overrides, base=None if args.config else _default_recipe(args),
                        model=model, dataset=args.dataset, flags=_train_flags(args))
 
 
@@ -340,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", help="what to train: a registered task (default: the recipe's, classification); "
                                   "see vitlab.tasks.list_tasks()")
     t.add_argument("--model", help="registered model name or alias (vit_base)")
+    t.add_argument("--init-from", "--init_from", dest="init_from", metavar="RUN_DIR",
+                   help="start from the encoder of a training run (e.g. an MAE pre-training run): its model, "
+                        "overrides and image size, its latest checkpoint's encoder weights (fine-tune with "
+                        "--task classification optim.layer_decay=0.75, or probe with --task linear_probe)")
     t.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagenet | synthetic | PATH to an image folder")
     t.add_argument("--data-dir", "--data_dir", dest="data_dir", help="where CIFAR / ImageNet data live")
     t.add_argument("--epochs", type=int)

@@ -42,6 +42,7 @@ from ..config import build_config
 from .base import (
     Backbone, GroupMatcher, IntermediateResult, MapTap, check_config, classifier_head, init_linears, pretrained_cfg,
 )
+from .masking import drop_masked_tokens
 from .registry import register_family
 
 
@@ -269,7 +270,7 @@ class CaiT(Backbone):
         x, grid = self.patch_embed(x)  # (B, N, C)
         return self.pos_drop(x + self.position_embedding(grid)), grid
 
-    def forward_cls(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward_cls(self, x: Tensor, grid: tuple[int, int] | None) -> Tensor:
         """Class-attention stage: patch tokens (B, N, C) -> [class token, patch tokens] (B, 1 + N, C)."""
         x_cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
         for blk in self.blocks_token_only:
@@ -277,9 +278,17 @@ class CaiT(Backbone):
         return torch.cat([x_cls, x], dim=1)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Image -> normed tokens (B, 1 + N, C), class token first."""
-        self.reject_mask(mask)
+        """Image -> normed tokens (B, 1 + N, C), class token first.
+
+        With a ``mask`` (B, N) (True: hidden) the hidden patch tokens are dropped after the
+        position embedding is added (MAE): the self-attention stage runs on the visible
+        tokens only, the class-attention stage reads them unchanged, and the output is
+        (B, 1 + N_visible, C). Every row must hide the same number of patches.
+        """
         x, grid = self.embed(x)
+        if mask is not None:
+            x = drop_masked_tokens(x, mask)  # (B, N, C) -> (B, N_visible, C)
+            grid = None  # the visible tokens no longer form a grid
         for blk in self.blocks:
             x = self.run_checkpointed(blk, x, grid=grid)
         return self.norm(self.forward_cls(x, grid))

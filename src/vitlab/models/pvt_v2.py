@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..components import PatchEmbed, drop_path_rates, tokens_to_map
 from .base import GroupMatcher, IntermediateResult, classifier_head, config_errors, init_linears, pretrained_cfg
 from .pyramid import PyramidBackbone, PyramidConfig, sra_block
+from .masking import fill_masked_tokens
 from .registry import register_family
 
 
@@ -37,10 +39,14 @@ class PvtV2Config(PyramidConfig):
             grid average-pooled to 7x7 (1x1 conv, LayerNorm, GELU) in every stage, and a ReLU
             before the MLP's depth-wise convolution; ``sr_ratios`` are then unused.
         head_dropout: Dropout before the classifier.
+        mask_token: Own a learned mask token, so ``forward_features(x, mask)`` takes a patch
+            mask (SimMIM pre-training); off for classifiers, whose checkpoints then carry no
+            unused parameter.
     """
 
     linear: bool = False
     head_dropout: float = 0.0
+    mask_token: bool = False
 
     @property
     def first_stride(self) -> int:
@@ -89,6 +95,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
 
     family = "pvt_v2"
     config_class = PvtV2Config
+    no_weight_decay_names = ("mask_token",)
 
     def __init__(self, config: PvtV2Config | None = None, **overrides) -> None:
         super().__init__(config, overrides)
@@ -96,6 +103,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         self.patch_embed = PatchEmbed(
             7, c.in_channels, c.dims[0], stride=4, norm_layer=partial(nn.LayerNorm, eps=c.local_norm_eps)
         )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dims[0])) if c.mask_token else None
         rates = drop_path_rates(c.drop_path, c.depths)
         self.stages = nn.ModuleList(PvtV2Stage(c, i, rates[i]) for i in range(c.num_stages))
         self.num_features = c.dims[-1]
@@ -116,11 +124,23 @@ class PyramidVisionTransformerV2(PyramidBackbone):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def run_stages(self, x: Tensor, last: int | None = None) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(stage index, output map (B, C, H, W))`` for stages 0..last."""
+    def run_stages(self, x: Tensor, last: int | None = None,
+                   mask: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(stage index, output map (B, C, H, W))`` for stages 0..last.
+
+        With a ``mask`` (B, N) over the first patch grid, the hidden patch embeddings are
+        replaced by the mask token before the first stage (SimMIM).
+        """
         x = self.check_input(x, self.patch_embed)
         tokens, grid = self.patch_embed(x)  # (B, H/4 * W/4, C)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError(f"{type(self).__name__} was built without a mask token: create it with "
+                                 "mask_token=True to call forward_features(x, mask=...)")
+            tokens = fill_masked_tokens(tokens, mask, self.mask_token)
         last = len(self.stages) - 1 if last is None else last
         for i in range(last + 1):
             stage = self.stages[i]
@@ -131,9 +151,12 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             yield i, x
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Image -> the last stage's normed map (B, C, H/32, W/32)."""
-        self.reject_mask(mask)
-        for _, x in self.run_stages(x):
+        """Image -> the last stage's normed map (B, C, H/32, W/32).
+
+        ``mask`` (B, N) over the first patch grid (True: hidden) puts the learned mask token
+        at the hidden patches (SimMIM); the model must be built with ``mask_token=True``.
+        """
+        for _, x in self.run_stages(x, mask=mask):
             pass
         return x
 
@@ -160,7 +183,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         first block and its norm with its last."""
         depths = self.config.depths
         norms = [(rf"^stages\.{s}\.norm", (s, d - 1)) for s, d in enumerate(depths)]
-        return dict(stem=r"^patch_embed", blocks=[(r"^stages\.(\d+)\.(?:blocks\.(\d+)|downsample)", None), *norms])
+        return dict(stem=r"^(patch_embed|mask_token)", blocks=[(r"^stages\.(\d+)\.(?:blocks\.(\d+)|downsample)", None), *norms])
 
     def stage_blocks(self, i: int) -> nn.ModuleList:
         return self.stages[i].blocks

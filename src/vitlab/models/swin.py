@@ -53,6 +53,7 @@ from .base import (
     Backbone, GroupMatcher, IntermediateResult, MapTap, classifier_head, config_errors, init_linears, pretrained_cfg,
     raise_config_errors,
 )
+from .masking import fill_masked_tokens
 from .registry import register_family
 
 
@@ -93,6 +94,9 @@ class SwinConfig:
     """LayerNorm epsilon (1e-5, PyTorch's default, in timm and HF Swin)."""
     pad_input: bool = True
     """Pad inputs that are not a multiple of the patch size (else raise ValueError)."""
+    mask_token: bool = False
+    """Own a learned mask token, so ``forward_features(x, mask)`` takes a patch mask (SimMIM
+    pre-training); off for classifiers, whose checkpoints then carry no unused parameter."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -246,7 +250,7 @@ class SwinTransformer(Backbone):
 
     family = "swin"
     config_class = SwinConfig
-    no_weight_decay_names = ("table",)
+    no_weight_decay_names = ("table", "mask_token")
 
     def __init__(self, config: SwinConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -255,6 +259,7 @@ class SwinTransformer(Backbone):
         self.config = c = config
         norm = partial(nn.LayerNorm, eps=c.norm_eps)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_channels, c.dim, norm_layer=norm, pad_input=c.pad_input)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.mask_token else None
         dims = c.stage_dims()
         rates = drop_path_rates(c.drop_path, c.depths)
         self.layers = nn.ModuleList(
@@ -278,18 +283,25 @@ class SwinTransformer(Backbone):
     def init_weights(self) -> None:
         """timm's scheme: linear weights truncated normal (std 0.02), linear biases zero.
 
-        The bias tables initialise themselves (truncated normal, std 0.02), the LayerNorms to 1/0.
+        The bias tables initialise themselves (truncated normal, std 0.02), the LayerNorms to 1/0;
+        the mask token (SimMIM) is truncated normal (std 0.02).
         """
         init_linears(self)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     # ------------------------------------------------------------- features
     def run_stages(self, x: Tensor, last: int | None = None,
-                   tap: MapTap | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
+                   tap: MapTap | None = None, mask: Tensor | None = None) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
         """Image (B, C, H, W) -> yields ``(stage index, tokens (B, h*w, C_i), grid (h, w))`` per stage.
 
         ``tap`` (``collect_intermediates``) sees each stage's output and gives the tokens to go on with.
+        With a ``mask`` (B, N) over the first patch grid, the hidden patch embeddings are
+        replaced by the mask token before the first stage (SimMIM).
         """
         x, grid = self.patch_embed(x)  # (B, N, C)
+        if mask is not None:
+            x = fill_masked_tokens(x, mask, self._mask_token())
         last = len(self.layers) - 1 if last is None else last
         for i, stage in enumerate(self.layers[: last + 1]):
             if stage.downsample is not None:
@@ -301,11 +313,20 @@ class SwinTransformer(Backbone):
             yield i, x, grid
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Image -> normed feature map of the last stage (B, num_features, H/32, W/32)."""
-        self.reject_mask(mask)
-        for _, tokens, grid in self.run_stages(x):
+        """Image -> normed feature map of the last stage (B, num_features, H/32, W/32).
+
+        ``mask`` (B, N) over the first patch grid (True: hidden) puts the learned mask token
+        at the hidden patches (SimMIM); the model must be built with ``mask_token=True``.
+        """
+        for _, tokens, grid in self.run_stages(x, mask=mask):
             pass
         return tokens_to_map(self.norm(tokens), grid)
+
+    def _mask_token(self) -> Tensor:
+        if self.mask_token is None:
+            raise ValueError(f"{type(self).__name__} was built without a mask token: create it with "
+                             "mask_token=True to call forward_features(x, mask=...)")
+        return self.mask_token
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Feature map (B, C, h, w) (or tokens (B, N, C)) -> global average -> logits."""
@@ -329,7 +350,7 @@ class SwinTransformer(Backbone):
     def group_matcher(self) -> GroupMatcher:
         """Stem: the patch embedding; one group per block across stages, a stage's patch merging
         with its first block."""
-        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)\.(?:blocks\.(\d+)|downsample)", None)])
+        return dict(stem=r"^(patch_embed|mask_token)", blocks=[(r"^layers\.(\d+)\.(?:blocks\.(\d+)|downsample)", None)])
 
     def stage_grids(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Token grid of every stage for an input size (odd grids are padded before merging)."""

@@ -144,6 +144,11 @@ class Task(abc.ABC):
         """How the engine's progress line shows a metric."""
         return f"{name} {value:.4g}"
 
+    def after_evaluation(self, out_dir: Path, epoch: int, metrics: dict[str, Any]) -> list[Path]:
+        """Called by the engine (rank 0) after each validation with :meth:`eval_metrics`' result:
+        per-evaluation outputs such as image grids. Returns the files written."""
+        return []
+
     def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
         """Figures of a run: ``history`` is ``metrics.jsonl``'s records, ``final`` the last
         evaluation's metrics (None without evaluation data). Returns the files written."""

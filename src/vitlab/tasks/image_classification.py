@@ -357,14 +357,21 @@ def build_datasets(cfg: Any) -> tuple[Any, Any, Any | None]:
 def create_classifier(cfg: Any, num_classes: int, channels: int, image_size: int) -> nn.Module:
     """``cfg.model`` built for ``num_classes`` classes of ``channels`` x ``image_size`` images.
 
+    ``model.pretrained`` may also be a run directory of ``vitlab train`` (an MAE pre-training
+    run, ``--init-from``): its latest checkpoint's encoder is loaded exactly, the head is fresh.
+
     Raises:
         ValueError: The model cannot take that size (one line naming what to set).
     """
+    from .mae.downstream import is_training_run, load_encoder_weights
+
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("in_channels", channels)
     overrides.setdefault("image_size", image_size)
+    from_run = is_training_run(cfg.model.pretrained)  # a run directory (--init-from): its encoder's weights
     try:
-        return create_model(cfg.model.name, pretrained=cfg.model.pretrained, num_classes=num_classes, **overrides)
+        model = create_model(cfg.model.name, pretrained=None if from_run else cfg.model.pretrained,
+                             num_classes=num_classes, **overrides)
     except (ValueError, TypeError) as e:
         if "image_size" in cfg.model.overrides:
             raise
@@ -373,6 +380,7 @@ def create_classifier(cfg: Any, num_classes: int, channels: int, image_size: int
             f"Set data.image_size=N (the model's own size is slow on CPU) or fit the model to the data with "
             f"model.overrides (e.g. model.overrides.patch_size=2)"
         ) from None
+    return load_encoder_weights(model, cfg.model.pretrained) if from_run else model
 
 
 __all__ = ["ClassificationEvalMetrics", "ClassificationTask", "ClassificationTrainMetrics", "build_augment",

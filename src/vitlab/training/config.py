@@ -119,6 +119,24 @@ class LogSection:
 
 
 @dataclass
+class MAESection:
+    """Masked-image pre-training (``task: mae``): MAE for plain ViT families, SimMIM for hierarchical ones.
+
+    ``mask_ratio`` is the fraction of patches hidden (MAE: 0.75; SimMIM: 0.6 in its paper);
+    ``decoder_*`` shape MAE's light decoder (``decoder_mlp_dim`` None: 4 x ``decoder_dim``);
+    ``norm_pix_loss`` regresses per-patch normalised pixels; ``simmim_loss`` is ``l1`` or ``l2``.
+    """
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_mlp_dim: int | None = None
+    norm_pix_loss: bool = False
+    simmim_loss: str = "l1"
+
+
+@dataclass
 class TrainConfig:
     """A whole training run.
 
@@ -134,6 +152,7 @@ class TrainConfig:
     distill: DistillSection = field(default_factory=DistillSection)
     log: LogSection = field(default_factory=LogSection)
     segmentation: SegmentationSection = field(default_factory=SegmentationSection)
+    mae: MAESection = field(default_factory=MAESection)
     epochs: int = 30
     seed: int = 0
     device: str = "auto"
@@ -175,6 +194,8 @@ class TrainConfig:
             errors.append(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.batch_size <= 0:
             errors.append(f"data.batch_size must be positive, got {self.data.batch_size}")
+        if self.mae.simmim_loss not in ("l1", "l2"):
+            errors.append(f"mae.simmim_loss must be l1 or l2, got {self.mae.simmim_loss!r}")
         errors += range_errors(self)
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
@@ -189,6 +210,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
                                                 "cutmix_alpha")},
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.min_lr": (0.0, None),
     "optim.warmup_epochs": (0.0, None), "distill.alpha": (0.0, 1.0), "distill.tau": (0.0, None),
+    "mae.mask_ratio": (0.0, 0.99),
 }
 
 

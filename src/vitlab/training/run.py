@@ -75,7 +75,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path | None = None, log: C
 #: Files that make a folder a run directory (a fresh run never writes into one).
 RUN_FILES: tuple[str, ...] = ("config.json", "metrics.jsonl", "results.json", "checkpoints")
 #: What ``--overwrite`` removes from a run directory before the new run starts.
-RUN_OUTPUTS: tuple[str, ...] = RUN_FILES + ("curves.png", "confusion_matrix.png")
+RUN_OUTPUTS: tuple[str, ...] = RUN_FILES + ("curves.png", "confusion_matrix.png", "loss_curves.png", "reconstructions")
 
 
 def runs_root() -> Path:

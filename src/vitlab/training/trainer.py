@@ -372,7 +372,10 @@ class Trainer:
                 rec["step"] = self.step
                 last = self.epoch + 1 == self.cfg.epochs
                 if self.val_loader is not None and ((self.epoch + 1) % self.cfg.eval_every == 0 or last):
-                    rec.update(_prefixed("val", self.evaluate(self.val_loader)))
+                    val = self.evaluate(self.val_loader)
+                    rec.update(_prefixed("val", val))
+                    if self.dist.is_main:
+                        self._after_evaluation(val)
                     if self.ema is not None:
                         rec.update(_prefixed("ema_val", self.evaluate(self.val_loader, self.ema.module)))
                     self._track_best(rec)
@@ -437,6 +440,12 @@ class Trainer:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
             self._plots(final)
         return results
+
+    def _after_evaluation(self, metrics: dict[str, Any]) -> None:
+        try:
+            self.task.after_evaluation(self.out, self.epoch + 1, metrics)
+        except ImportError as e:
+            self.log(f"evaluation outputs skipped: {e}")
 
     def _plots(self, final: dict[str, Any] | None) -> None:
         try:

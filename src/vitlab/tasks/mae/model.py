@@ -74,6 +74,25 @@ def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int], in_chann
     return patches.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * p, gw * p)
 
 
+def compose_reconstruction(images: Tensor, pred: Tensor, mask: Tensor, patch_size: int, grid: tuple[int, int],
+                           in_channels: int, norm_pix_loss: bool) -> tuple[Tensor, Tensor]:
+    """Image-space (reconstruction, masked input) from patch predictions (B, N, p*p*C) and a (B, N) mask.
+
+    With ``norm_pix_loss`` the predictions are mapped back with each patch's own mean and
+    variance (as the MAE demo does).
+    """
+    patches = patchify(images, patch_size)
+    pred = pred.to(patches.dtype)
+    if norm_pix_loss:
+        mean = patches.mean(dim=-1, keepdim=True)
+        var = patches.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    hidden = mask.unsqueeze(-1)
+    recon = unpatchify(torch.where(hidden, pred, patches), patch_size, grid, in_channels)
+    masked = unpatchify(torch.where(hidden, torch.zeros_like(patches), patches), patch_size, grid, in_channels)
+    return recon, masked
+
+
 class MAE(nn.Module):
     """Masked autoencoder: an encoder that sees only the visible patches and a light decoder.
 
@@ -105,7 +124,9 @@ class MAE(nn.Module):
         prefix = encoder.token_layout(self.image_size).features[-1].prefix
         if prefix is None:
             raise ValueError(f"MAE needs an encoder with token outputs; {type(encoder).__name__} returns maps")
-        self.num_prefix_tokens = int(prefix)
+        # the tokens forward_features puts before the patches (CaiT: its class token, which the
+        # patch-map layout does not count); the layout's count for a backbone that declares none
+        self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens", prefix))
         c = self.config
         self.decoder = MAEDecoder(
             encoder.num_features, self.grid, patch * patch * self.in_channels, c.decoder_dim, c.decoder_depth,
@@ -188,6 +209,13 @@ class MAE(nn.Module):
         return unpatchify(mixed, self.patch_size, self.grid, self.in_channels), mask
 
 
+    def compose(self, images: Tensor, pred: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(reconstruction, masked input), both (B, C, H, W), from a forward's ``pred`` and ``mask``:
+        hidden patches from ``pred``, visible ones from ``images``; zeros at hidden patches in the input."""
+        return compose_reconstruction(images, pred, mask, self.patch_size, self.grid, self.in_channels,
+                                      self.config.norm_pix_loss)
+
+
 class LinearProbe(nn.Module):
     """MAE's linear probe: BatchNorm without affine, then a linear classifier, over a frozen encoder.
 
@@ -204,6 +232,7 @@ class LinearProbe(nn.Module):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.encoder = encoder
+        self.config = encoder.config  # what checkpoints record about the model
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.norm = nn.BatchNorm1d(encoder.num_features, affine=False, eps=1e-6)
@@ -225,4 +254,4 @@ class LinearProbe(nn.Module):
         return self.head(self.norm(feats))
 
 
-__all__ = ["MAE", "MAEConfig", "LinearProbe", "patchify", "unpatchify"]
+__all__ = ["MAE", "MAEConfig", "LinearProbe", "compose_reconstruction", "patchify", "unpatchify"]

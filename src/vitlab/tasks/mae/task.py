@@ -1,0 +1,239 @@
+"""MAE / SimMIM pre-training and the linear probe as tasks of the training engine.
+
+``task: mae`` pre-trains the encoder named by ``model.name`` on the images of ``data.dataset``
+(labels unused). A plain ViT family (ViT, DeiT, CaiT) gets MAE: hidden tokens dropped, a light
+decoder (``mae.decoder_*``), the loss on hidden patches (``mae.norm_pix_loss``). A family whose
+config has ``mask_token`` (Swin, PVT v2) gets SimMIM: mask tokens in, a linear pixel head on
+the final map, L1 or L2 (``mae.simmim_loss``) on hidden pixels. The masking noise of training
+batches comes from the engine's generator (exact resume); evaluation batches use a fixed noise
+stream, so the validation loss of every epoch scores the same masks. After each evaluation a
+PNG grid (original / masked input / reconstruction of the first validation images) goes to
+``<run>/reconstructions/epoch-NNNN.png``; at the end the loss curves to ``loss_curves.png``.
+
+``task: linear_probe`` trains BatchNorm (no affine) + Linear on the frozen encoder of
+``model.pretrained`` (a pre-training run directory, see ``--init-from``); the rest is the
+classification task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...datasets.transforms import normalize
+from ...models.registry import get_entry
+from ...pretrained import create_model
+from ..base import Batch, Metrics, Task, resize_images
+from ..image_classification import ClassificationTask, build_augment, build_datasets
+from ..registry import TaskSetup, register_task
+from .model import MAE, LinearProbe, MAEConfig, compose_reconstruction, unpatchify
+from .simmim import SimMIM, SimMIMConfig
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+#: Seed of the evaluation noise stream (the same masks at every evaluation).
+EVAL_NOISE_SEED = 20220
+
+#: Validation images shown in each reconstruction grid.
+GRID_IMAGES = 8
+
+
+class MAEEvalMetrics(Metrics):
+    """Mean reconstruction loss over the validation set; keeps the first batch's grid images."""
+
+    def __init__(self, task: "MAETask") -> None:
+        self.task = task
+        self.loss_sum, self.n = 0.0, 0
+        self.grid: Tensor | None = None
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        loss, pred, mask = outputs
+        self.loss_sum += float(loss) * batch.size
+        self.n += batch.size
+        if self.grid is None:
+            self.grid = self.task.grid_images(batch.inputs[0], pred, mask)
+
+    def compute(self) -> dict[str, Any]:
+        return {"loss": self.loss_sum / max(self.n, 1), "n": self.n, "reconstructions": self.grid}
+
+
+@register_task("mae")
+class MAETask(Task):
+    """Masked-image pre-training on batches of ([0, 1] images, anything): MAE or SimMIM.
+
+    Args:
+        num_patches: Mask units per image (``model.num_patches``).
+        patch_size: Pixels per mask unit side (MAE: the patch; SimMIM: the total stride).
+        grid: Mask-unit grid (gh, gw).
+        in_channels: Image channels.
+        norm_pix_loss: Whether the model regresses normalised patches (for the grids).
+        mean: Normalisation mean applied on the device.
+        std: Normalisation std.
+        augment: ``augment(batch, generator) -> batch`` from [0, 1] images to normalised ones
+            (training only; it replaces the normalisation above).
+    """
+
+    primary_metric = "loss"
+    higher_is_better = False
+
+    def __init__(self, num_patches: int, patch_size: int, grid: tuple[int, int], in_channels: int,
+                 norm_pix_loss: bool, mean: Sequence[float], std: Sequence[float],
+                 augment: Augment | None = None) -> None:
+        self.num_patches, self.patch_size, self.grid = num_patches, patch_size, tuple(grid)
+        self.in_channels, self.norm_pix_loss = in_channels, norm_pix_loss
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self._eval_gen: torch.Generator | None = None
+
+    @classmethod
+    def for_model(cls, model: MAE | SimMIM, mean: Sequence[float], std: Sequence[float],
+                  augment: Augment | None = None) -> "MAETask":
+        """The task for an :class:`MAE` or :class:`SimMIM` model."""
+        return cls(model.num_patches, model.patch_size, model.grid, model.in_channels,
+                   model.config.norm_pix_loss, mean, std, augment)
+
+    def prepare(self, batch: Any, device: torch.device, image_size: int | None,
+                generator: torch.Generator | None) -> Batch:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = resize_images(x.to(device, non_blocking=True).float(), image_size)
+        if generator is not None and self.augment is not None:
+            x = resize_images(self.augment(x, generator), image_size)  # ends with the normalisation
+        else:
+            x = normalize(x, self.mean, self.std)
+        if generator is None:  # evaluation: a fixed stream, restarted by eval_metrics()
+            if self._eval_gen is None:
+                self._eval_gen = torch.Generator(device=device).manual_seed(EVAL_NOISE_SEED)
+            generator = self._eval_gen
+        noise = torch.rand(x.shape[0], self.num_patches, generator=generator, device=device)  # (B, N)
+        return Batch((x, noise), None, int(x.shape[0]))
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        x, noise = inputs
+        return model(x, noise)
+
+    def loss(self, batch: Batch, outputs: Any) -> Tensor:
+        return outputs[0]
+
+    def eval_metrics(self) -> Metrics:
+        self._eval_gen = None  # every evaluation sees the same masks
+        return MAEEvalMetrics(self)
+
+    def grid_images(self, images: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """(3, K, C, H, W) in [0, 1]: originals, masked inputs (hidden patches grey) and reconstructions
+        (hidden patches predicted, visible ones copied) of the first K images."""
+        k = min(GRID_IMAGES, images.shape[0])
+        images, pred, mask = images[:k].float(), pred[:k].float(), mask[:k]
+        recon, _ = compose_reconstruction(images, pred, mask, self.patch_size, self.grid, self.in_channels,
+                                          self.norm_pix_loss)
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+        original = images * std + mean
+        units = mask.unsqueeze(-1).float().expand(-1, -1, self.patch_size**2 * self.in_channels)  # (B, N, p*p*C)
+        hidden = unpatchify(units, self.patch_size, self.grid, self.in_channels) > 0.5  # (B, C, H, W)
+        masked = torch.where(hidden, torch.full_like(original, 0.5), original)
+        return torch.stack([original, masked, recon * std + mean]).clamp(0, 1).cpu()  # (3, K, C, H, W)
+
+    def after_evaluation(self, out_dir: Path, epoch: int, metrics: dict[str, Any]) -> list[Path]:
+        grid = metrics.get("reconstructions")
+        if grid is None:
+            return []
+        return [save_reconstruction_grid(grid, Path(out_dir) / "reconstructions" / f"epoch-{epoch:04d}.png")]
+
+    def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
+        return [plot_loss_curves(history, Path(out_dir) / "loss_curves.png")] if history else []
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TaskSetup:
+        """Datasets, encoder and MAE / SimMIM model of a pre-training run from a ``TrainConfig``.
+
+        Records ``in_channels`` in ``cfg.model.overrides`` and the size in ``cfg.data.image_size``,
+        so the run directory's config rebuilds the encoder downstream (``--init-from``).
+        """
+        train_set, val_set, test_set = build_datasets(cfg)
+        sample = train_set[0][0]
+        channels, size = int(sample.shape[0]), int(cfg.data.image_size or sample.shape[-1])
+        cfg.data.image_size = size
+        cfg.model.overrides.setdefault("in_channels", channels)
+        overrides = dict(cfg.model.overrides)
+        overrides.setdefault("image_size", size)
+        m = cfg.mae
+        hierarchical = "mask_token" in {f.name for f in dataclasses.fields(get_entry(cfg.model.name).config_class)}
+        if hierarchical:
+            overrides["mask_token"] = True
+        encoder = create_model(cfg.model.name, pretrained=cfg.model.pretrained, num_classes=0, **overrides)
+        if hierarchical:
+            model: MAE | SimMIM = SimMIM(encoder, SimMIMConfig(mask_ratio=m.mask_ratio, loss=m.simmim_loss,
+                                                               norm_pix_loss=m.norm_pix_loss))
+        else:
+            model = MAE(encoder, MAEConfig(mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim,
+                                           decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+                                           decoder_mlp_dim=m.decoder_mlp_dim, norm_pix_loss=m.norm_pix_loss))
+        mean, std = tuple(train_set.mean), tuple(train_set.std)
+        augment = build_augment(cfg.augment, size, mean, std)
+        return TaskSetup(cls.for_model(model, mean, std, augment), model, train_set, val_set, test_set)
+
+
+@register_task("linear_probe")
+class LinearProbeTask(ClassificationTask):
+    """Classification by a linear probe (BatchNorm without affine, then Linear) on a frozen encoder.
+
+    The encoder comes from ``model.pretrained`` (``--init-from RUN_DIR``: a pre-training run
+    directory; without it the encoder is randomly initialised, the baseline of a probe).
+    """
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TaskSetup:
+        setup = super().from_config(cfg)
+        backbone = setup.model
+        probe = LinearProbe(backbone, int(backbone.config.num_classes))
+        probe.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}))
+        setup.model = probe
+        return setup
+
+
+def save_reconstruction_grid(grid: Tensor, path: Path, scale: int = 4) -> Path:
+    """Write a (3, K, C, H, W) grid in [0, 1] as a PNG: rows original / masked / reconstruction."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("reconstruction grids need Pillow: pip install pillow") from None
+    rows, k, c, h, w = grid.shape
+    pad = 2
+    canvas = torch.ones(c, rows * (h + pad) + pad, k * (w + pad) + pad)
+    for r in range(rows):
+        for i in range(k):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            canvas[:, y:y + h, x:x + w] = grid[r, i]
+    img = (canvas * 255).round().to(torch.uint8)
+    img = img[0] if c == 1 else img.permute(1, 2, 0)  # (C, H, W) -> (H, W) or (H, W, C)
+    pil = Image.fromarray(img.numpy())
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+    return path
+
+
+def plot_loss_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Training and validation reconstruction loss per epoch."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("train_loss", "train"), ("val_loss", "val (fixed masks)")):
+        pts = [(e, h[key]) for e, h in zip(epochs, history) if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction loss (hidden patches)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["LinearProbeTask", "MAETask", "plot_loss_curves", "save_reconstruction_grid"]
