@@ -9,7 +9,8 @@ Inference with a trained classifier (:class:`vitlab.ViTClassifier`) lives in :mo
 
 from .base import Batch, Metrics, NoMetrics, Task, evaluate_task
 from .image_classification import ClassificationTask
+from .detection.task import DetectionTask
 from .registry import TaskSetup, UnknownTaskError, get_task, list_tasks, register_task
 
-__all__ = ["Batch", "ClassificationTask", "Metrics", "NoMetrics", "Task", "TaskSetup", "UnknownTaskError",
+__all__ = ["Batch", "ClassificationTask", "DetectionTask", "Metrics", "NoMetrics", "Task", "TaskSetup", "UnknownTaskError",
            "evaluate_task", "get_task", "list_tasks", "register_task"]
