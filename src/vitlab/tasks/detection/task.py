@@ -630,7 +630,7 @@ def plot_predictions(samples: Sequence[Mapping[str, Any]], labels: Sequence[str]
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
     for ax, s in zip(axes[0], samples):
         img = s["image"].float()
-        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray", vmin=0, vmax=1)
         for (x0, y0, x1, y1), lab in zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist()):
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", ls="--", lw=1))
         for (x0, y0, x1, y1), lab, sc in zip(s["boxes"].tolist(), s["labels"].tolist(), s["scores"].tolist()):
