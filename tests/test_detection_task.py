@@ -72,6 +72,20 @@ def test_yolos_by_config():
     assert isinstance(setup.model, YOLOS) and setup.model.num_detection_tokens == 4
 
 
+@pytest.mark.parametrize("detector", ["detr", "yolos"])
+def test_detector_checkpoint_round_trip(tmp_path, detector):
+    setup = DetectionTask.from_config(tiny_config(f"task_options.detector={detector}"))
+    model = setup.model.eval()
+    save_checkpoint(model, tmp_path / "ck", labels=setup.task.labels)
+    loaded = load_detector(tmp_path / "ck")
+    assert type(loaded) is type(model) and loaded.labels == setup.task.labels
+    assert loaded.pretrained_cfg["input_size"] == [1, 32, 32]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["boxes"], b["boxes"])
+
+
 def test_collate_pads_variable_box_counts_and_prepare_unpads():
     samples = [
         {"image": torch.rand(1, 8, 8), "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
@@ -250,3 +264,18 @@ def test_eval_detection_checkpoint_prints_the_coco_table(tmp_path, capsys):
     res = evaluate_detector(load_detector(ck), test_data, 8)
     assert f"AP @.50            {res['AP50']:.3f}" in text and f"AP @[.50:.95]      {res['AP']:.3f}" in text
     assert f"(n={len(test_data)})" in text
+
+
+@pytest.mark.slow
+def test_detection_example_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "detection.py"), "--epochs", "1", "--num-train", "16",
+                          "--num-val", "8", "--num-test", "8", "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "reloaded checkpoint: test AP50" in res.stdout and "(n=8)" in res.stdout
+    assert (tmp_path / "example_detections.png").is_file() and (tmp_path / "predictions.png").is_file()
