@@ -118,11 +118,9 @@ def test_matching_queries_cannot_see_the_denoising_queries():
     for g in (0, 2):  # the first and the last group: neither sees another
         single = build_denoising_queries(_targets(), 10, 5, 1, 0.0, 0.0)
         single.labels, single.boxes = q.labels[:, 2 * g: 2 * g + 2], q.boxes[:, 2 * g: 2 * g + 2]
-        tgt, pos, ref, bias = model._queries(2, single)
-        for layer in model.decoder:
-            tgt = layer(tgt, pos, mem, bias)
-        logits = model.class_head(model.dec_norm(tgt))[:, :2]
-        torch.testing.assert_close(logits, three["logits"][-1][:, 2 * g: 2 * g + 2], atol=1e-5, rtol=1e-5)
+        logits, boxes = model.decode(mem, *model._queries(2, single))
+        torch.testing.assert_close(logits[-1][:, :2], three["logits"][-1][:, 2 * g: 2 * g + 2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(boxes[-1][:, :2], three["boxes"][-1][:, 2 * g: 2 * g + 2], atol=1e-5, rtol=1e-5)
 
 
 def test_denoising_queries_noise_within_dn_detr_bounds_and_padding():
@@ -160,3 +158,15 @@ def test_denoising_loss_equals_a_hand_computation():
     assert out["loss_giou"].item() == pytest.approx(giou, abs=1e-6)
     ref = generalized_box_iou(box_cxcywh_to_xyxy(boxes[0]), box_cxcywh_to_xyxy(q.target_boxes[0])).diag()
     assert (1 - ref).sum().item() / 2 == pytest.approx(giou, abs=1e-6)
+
+
+def test_anchor_queries_are_refined_layer_by_layer():
+    from vitlab.tasks.detection.detr import box_sine_embedding
+
+    model = tiny(remedy="dn").eval()
+    torch.nn.init.normal_(model.box_head[-1].weight)  # (zero at init: boxes would equal the anchors)
+    seen = []
+    model.decoder[1].register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    out = model(torch.rand(2, 1, 32, 32))
+    first = out["aux"][0]["boxes"]  # the first layer's boxes are the second layer's anchors
+    torch.testing.assert_close(seen[0], model.box_pos(box_sine_embedding(first, 32)), atol=1e-6, rtol=1e-6)
