@@ -23,7 +23,7 @@ position before each attention.
 ``remedy="dn"`` switches on DN-DETR (Li et al., 2022) on DAB-DETR-style anchor queries (the
 form DN-DETR builds on): each matching query is a learned anchor box whose sine embedding,
 through an MLP, is its query position; boxes are predicted as offsets of the anchor in
-logit space. In training, ``dn_groups`` noised copies of the ground truth (labels flipped
+logit space, and each layer's boxes are the next layer's anchors (detached). In training, ``dn_groups`` noised copies of the ground truth (labels flipped
 with ``dn_label_noise``, boxes shifted and scaled by up to ``dn_box_noise``) enter the
 decoder as extra queries that must reconstruct their original object; an attention mask
 keeps the matching queries from seeing them and the groups from seeing each other
@@ -355,6 +355,31 @@ class DETR(nn.Module):
         pos = self.box_pos(box_sine_embedding(ref, c.dim))
         return content, pos, ref, bias
 
+    def decode(self, memory: Tensor, tgt: Tensor, pos: Tensor, ref: Tensor | None,
+               bias: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the decoder; per layer the class logits (B, Q', C+1) and boxes (B, Q', 4).
+
+        Args:
+            memory: Encoded memory (B, N, dim).
+            tgt: Query content (B, Q', dim).
+            pos: Query positions (B, Q', dim).
+            ref: Reference boxes (B, Q', 4) of anchor queries, or None (plain DETR).
+            bias: Self-attention bias (Q', Q') or None.
+        """
+        c = self.config
+        layers_logits, layers_boxes = [], []
+        for layer in self.decoder:
+            tgt = layer(tgt, pos, memory, bias)
+            h = self.dec_norm(tgt)
+            delta = self.box_head(h)
+            boxes = (delta + inverse_sigmoid(ref)).sigmoid() if ref is not None else delta.sigmoid()
+            layers_logits.append(self.class_head(h))
+            layers_boxes.append(boxes)
+            if ref is not None:  # anchors are refined layer by layer (DAB-DETR), without gradient through them
+                ref = boxes.detach()
+                pos = self.box_pos(box_sine_embedding(ref, c.dim))
+        return layers_logits, layers_boxes
+
     def forward(self, x: Tensor, targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict[str, Any]:
         """Detect.
 
@@ -376,15 +401,7 @@ class DETR(nn.Module):
         if targets is not None and self.training and c.remedy == "dn" and c.dn_groups > 0:
             dn = build_denoising_queries(targets, c.num_classes, c.num_queries, c.dn_groups, c.dn_label_noise,
                                          c.dn_box_noise, device=x.device)
-        tgt, pos, ref, bias = self._queries(b, dn)
-        layers_logits, layers_boxes = [], []
-        for layer in self.decoder:
-            tgt = layer(tgt, pos, mem, bias)
-            h = self.dec_norm(tgt)
-            delta = self.box_head(h)
-            boxes = (delta + inverse_sigmoid(ref)).sigmoid() if ref is not None else delta.sigmoid()
-            layers_logits.append(self.class_head(h))
-            layers_boxes.append(boxes)
+        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn))
         d = dn.num_queries if dn is not None else 0
         outs = [{"logits": lg[:, d:], "boxes": bx[:, d:]} for lg, bx in zip(layers_logits, layers_boxes)]
         result: dict[str, Any] = {"logits": outs[-1]["logits"], "boxes": outs[-1]["boxes"],
