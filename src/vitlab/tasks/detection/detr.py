@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...components import Attention, Block, CrossAttention, Mlp

@@ -33,12 +33,11 @@ Options (``task_options``; unknown keys are an error naming the valid ones):
 from __future__ import annotations
 
 import copy
-import json
+import inspect
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -454,8 +453,8 @@ def build_detection_datasets(cfg: Any, opts: Mapping[str, Any]) -> tuple[Any, An
         from ...datasets.digit_scenes import DigitScenes
 
         scenes = dict(opts.get("scenes", {}))
-        valid = [f for f in DigitScenes.__init__.__code__.co_varnames[2:DigitScenes.__init__.__code__.co_argcount]
-                 if f not in ("num_scenes", "canvas_size")] + list(SCENE_SPLIT_KEYS.values())
+        valid = [f for f in inspect.signature(DigitScenes).parameters
+                 if f not in ("split", "num_scenes", "canvas_size")] + list(SCENE_SPLIT_KEYS.values())
         _check_keys(scenes, valid, "task_options.scenes")
         counts = {s: int(scenes.pop(k, d)) for (s, k), d in zip(SCENE_SPLIT_KEYS.items(), (2000, 200, 400))}
         if "digit_size" in scenes:
@@ -474,7 +473,7 @@ def build_detection_datasets(cfg: Any, opts: Mapping[str, Any]) -> tuple[Any, An
             first = sets["train"][0]["image"]
             cfg.data.image_size = int(max(first.shape[-2:]))
         size = int(cfg.data.image_size)
-        max_objects = max(max((len(t) for t in s._targets.values()), default=1) for s in sets.values() if s is not None)
+        max_objects = max(s.max_objects for s in sets.values() if s is not None)
         record = {"dataset": "coco", "classes": sets["train"].classes}
     else:
         raise ValueError(f"the detection task reads data.dataset 'digit_scenes' or 'coco' (with data.data_dir), "
@@ -582,7 +581,7 @@ def data_for_checkpoint(model: nn.Module, split: str = "test", dataset: str | No
 
         root = Path(dataset)
         ds = CocoDetection(root / "annotations.json", root / "images")
-        return DetectionSamples(ds, size, max(max((len(t) for t in ds._targets.values()), default=1), 1))
+        return DetectionSamples(ds, size, max(ds.max_objects, 1))
     if record.get("dataset") != "digit_scenes":
         raise ValueError("this checkpoint was trained on a COCO folder: pass --dataset SPLIT_FOLDER "
                          "(annotations.json + images/)")
