@@ -279,3 +279,15 @@ def test_detection_example_runs(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "reloaded checkpoint: test AP50" in res.stdout and "(n=8)" in res.stdout
     assert (tmp_path / "example_detections.png").is_file() and (tmp_path / "predictions.png").is_file()
+
+
+@pytest.mark.slow
+def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "detection", *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert "test AP50:" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "detection" and results["primary_metric"] == "AP50" and results["test_n"] == 6
+    assert (out / "predictions.png").is_file()
+    assert main(["eval", "--checkpoint", str(latest_checkpoint(out)), "--device", "cpu"]) == 0
+    assert "AP @.50" in capsys.readouterr().out
