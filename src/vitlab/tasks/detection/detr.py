@@ -194,6 +194,9 @@ class DETRConfig:
         dn_groups: Denoising groups (copies of the ground truth) per image.
         dn_label_noise: Probability of flipping a denoising query's label.
         dn_box_noise: Box noise scale (``lambda`` of DN-DETR).
+        pos_temperature: Temperature of the memory's 2-D sine encoding (DETR: 10000).
+        anchor_temperature: Temperature of the anchor boxes' sine embedding (DAB-DETR: 10000);
+            small maps and boxes get more varying channels from a lower one (e.g. 20).
     """
 
     backbone: str = "vit_tiny_patch16_224"
@@ -214,6 +217,8 @@ class DETRConfig:
     dn_groups: int = 5
     dn_label_noise: float = 0.2
     dn_box_noise: float = 0.4
+    pos_temperature: float = 10000.0
+    anchor_temperature: float = 10000.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -330,7 +335,8 @@ class DETR(nn.Module):
         for lvl, (fmap, proj) in enumerate(zip(self.feature_levels(x), self.input_proj)):
             fmap = proj(fmap)  # (B, dim, h, w)
             h, w = fmap.shape[-2:]
-            pos = sine_position_encoding_2d(h, w, self.config.dim, device=fmap.device) + self.level_embed[lvl]
+            pos = sine_position_encoding_2d(h, w, self.config.dim, self.config.pos_temperature, device=fmap.device)
+            pos = pos + self.level_embed[lvl]
             tokens.append(fmap.flatten(2).transpose(1, 2) + pos.to(fmap.dtype))  # (B, dim, h, w) -> (B, h*w, dim)
             grids.append((int(h), int(w)))
         mem = torch.cat(tokens, dim=1)  # (B, N, dim)
@@ -351,7 +357,7 @@ class DETR(nn.Module):
             content = torch.cat([self.label_embed(dn.labels), content], dim=1)  # (B, D + Q, C)
             ref = torch.cat([dn.boxes, ref], dim=1)
             bias = dn.attn_bias
-        pos = self.box_pos(box_sine_embedding(ref, c.dim))
+        pos = self.box_pos(box_sine_embedding(ref, c.dim, c.anchor_temperature))
         return content, pos, ref, bias
 
     def decode(self, memory: Tensor, tgt: Tensor, pos: Tensor, ref: Tensor | None,
@@ -376,7 +382,7 @@ class DETR(nn.Module):
             layers_boxes.append(boxes)
             if ref is not None:  # anchors are refined layer by layer (DAB-DETR), without gradient through them
                 ref = boxes.detach()
-                pos = self.box_pos(box_sine_embedding(ref, c.dim))
+                pos = self.box_pos(box_sine_embedding(ref, c.dim, c.anchor_temperature))
         return layers_logits, layers_boxes
 
     def forward(self, x: Tensor, targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict[str, Any]:
