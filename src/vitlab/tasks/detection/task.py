@@ -69,7 +69,7 @@ DETECTION_RECIPE: dict[str, Any] = {
         "detector": "detr",
         "num_queries": 10,
         "detr": {"remedy": "dn", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
-                 "pyramid_scales": [1.0, 0.5]},
+                 "pyramid_scales": [1.0, 0.5], "pos_temperature": 20.0, "anchor_temperature": 20.0},
         "scenes": {"num_train": 2000, "num_val": 200, "num_test": 400, "min_digits": 1, "max_digits": 3,
                    "digit_size": [14, 24]},
         "augment": {"scale": [0.7, 1.0], "hflip": 0.0},
