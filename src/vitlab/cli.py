@@ -52,6 +52,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return _cmd_predict_segmentation(args)
     from .deploy import ViTClassifier
 
+    if args.task == "detection":
+        return _cmd_predict_detection(args)
+    if args.top_k is None:
+        args.top_k = 5
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.checkpoint:  # a path or hub id only: never taken as a model name
@@ -82,7 +86,8 @@ def _cmd_predict_segmentation(args: argparse.Namespace) -> int:
 
     if not args.checkpoint:
         raise ValueError("vitlab predict --task segmentation needs --checkpoint (a segmentation run or checkpoint)")
-    records = segment_files(args.checkpoint, [str(p) for p in args.images], args.output_dir, mode=args.mode,
+    records = segment_files(args.checkpoint, [str(p) for p in args.images], args.output_dir or "predictions",
+                            mode=args.mode,
                             scales=args.scales, flip=not args.no_flip, device=args.device)
     if args.json:
         print(json.dumps(records, indent=2))
@@ -95,14 +100,10 @@ def _cmd_predict_segmentation(args: argparse.Namespace) -> int:
 
 def _add_segmentation_predict_args(pr: argparse.ArgumentParser) -> None:
     """The options of ``vitlab predict --task segmentation``."""
-    pr.add_argument("--task", default="classification", choices=["classification", "segmentation"],
-                    help="classification (top-k classes) or segmentation (mask and overlay PNGs)")
     pr.add_argument("--mode", default="whole", choices=["whole", "sliding", "tta"],
                     help="segmentation: whole image, sliding windows of the training size, or multi-scale + flip TTA")
     pr.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25], help="segmentation TTA scales")
     pr.add_argument("--no-flip", action="store_true", help="segmentation TTA without the mirrored pass")
-    pr.add_argument("--output-dir", "--output_dir", dest="output_dir", default="predictions",
-                    help="segmentation: where <image>_mask.png and <image>_overlay.png go")
 
 
 def _cmd_eval_segmentation(args: argparse.Namespace) -> int:
@@ -123,6 +124,77 @@ def _default_recipe(args: argparse.Namespace) -> dict:
     from .training.recipes import DIGITS_RECIPE, TASK_RECIPES
 
     return TASK_RECIPES.get(getattr(args, "task", None) or "", DIGITS_RECIPE)
+
+
+def _cmd_predict_detection(args: argparse.Namespace) -> int:
+    """``vitlab predict --task detection``: per image a PNG with the boxes drawn and a JSON of detections."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .tasks.detection.task import detect, detections_to_json, draw_detections, load_detector
+
+    if not args.checkpoint:
+        raise ValueError("vitlab predict --task detection needs --checkpoint (a detection run's checkpoint)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    model = load_detector(args.checkpoint).to(args.device)
+    channels, size = int(model.pretrained_cfg["input_size"][0]), int(model.pretrained_cfg["input_size"][-1])
+    out_dir = Path(args.output_dir or ".")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                original = im.copy()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path} as an image: {e}") from None
+        pil = original.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
+        det = detect(model, x[None].to(args.device), args.score_threshold, args.top_k,
+                     image_sizes=[(original.height, original.width)])[0]
+        dets = detections_to_json(det, getattr(model, "labels", None))
+        png = out_dir / f"{Path(path).stem}_detections.png"
+        draw_detections(original, det, getattr(model, "labels", None)).save(png)
+        js = out_dir / f"{Path(path).stem}_detections.json"
+        record = {"image": str(path), "width": original.width, "height": original.height, "detections": dets}
+        js.write_text(json.dumps(record, indent=2))
+        records.append(record)
+        print(f"{path}: {len(dets)} detections -> {png}, {js}")
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return 0
+
+
+def _cmd_eval_detection(args: argparse.Namespace) -> int:
+    """``vitlab eval`` on a DETR / YOLOS checkpoint: the COCO box metrics table."""
+    from .tasks.detection import COCO_METRICS
+    from .tasks.detection.task import data_for_checkpoint, evaluate_detector, load_detector, plot_predictions
+
+    model = load_detector(args.checkpoint)
+    split = args.split or "test"
+    dataset = None if args.dataset in (None, "digits", "digit_scenes") else args.dataset
+    data = data_for_checkpoint(model, split, dataset)
+    device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    res = evaluate_detector(model, data, args.batch_size, device, num_plot_images=6)
+    names = {"AP": "AP @[.50:.95]", "AP50": "AP @.50", "AP75": "AP @.75", "AP_small": "AP small",
+             "AP_medium": "AP medium", "AP_large": "AP large", "AR1": "AR maxDets 1", "AR10": "AR maxDets 10",
+             "AR100": "AR maxDets 100", "AR_small": "AR small", "AR_medium": "AR medium", "AR_large": "AR large"}
+    print(f"COCO box metrics: {dataset or 'digit scenes'} {split} (n={res['n']})")
+    for k in COCO_METRICS:
+        print(f"  {names[k]:<16} {res[k]:7.3f}")
+    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint)
+    out = out if out.is_dir() else out.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"eval_detection_{split}.json").write_text(json.dumps({k: res[k] for k in COCO_METRICS} | {"n": res["n"]},
+                                                                 indent=2))
+    if res["samples"]:
+        labels = getattr(model, "labels", None) or data.classes
+        print(f"predictions: {plot_predictions(res['samples'], labels, out / f'predictions_{split}.png')}")
+    return 0
 
 
 def resolve_model_name(name: str) -> str:
@@ -219,11 +291,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .tasks.detection.task import is_detection_checkpoint
     from .tasks.segmentation.model import is_segmenter_checkpoint
 
     if is_segmenter_checkpoint(args.checkpoint):
         return _cmd_eval_segmentation(args)
     from .training.evaluate import evaluate_checkpoint
+
+    if is_detection_checkpoint(args.checkpoint):
+        return _cmd_eval_detection(args)
 
     res = evaluate_checkpoint(args.checkpoint, args.dataset, split=args.split, data_dir=args.data_dir,
                               output_dir=args.output_dir, device=args.device, batch_size=args.batch_size)
@@ -319,12 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, help="classifier size (head re-initialised if it differs)")
     c.set_defaults(func=_cmd_convert)
 
-    pr = sub.add_parser("predict", help="classify images (--task segmentation: segment them)")
+    pr = sub.add_parser("predict", help="classify images (--task detection: detect objects; "
+                                        "--task segmentation: segment them)")
     g = pr.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="registered model name (its default pretrained weights)")
     g.add_argument("--checkpoint", help="checkpoint file, folder or hub id")
     pr.add_argument("images", nargs="+", type=Path, help="image files")
-    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--top-k", type=int, default=None,
+                    help="classes shown (default 5); detection: most detections per image (default all)")
+    pr.add_argument("--task", choices=["classification", "detection", "segmentation"], default="classification",
+                    help="classification: the top-k classes; detection: a PNG with the boxes drawn and a JSON of "
+                         "detections per image; segmentation: a mask PNG and a colour overlay PNG per image")
+    pr.add_argument("--score-threshold", type=float, default=0.5, help="detection: minimum score kept")
+    pr.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+                    help="detection / segmentation: where the PNG and JSON files go (default: the current "
+                         "folder for detection, predictions/ for segmentation)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-amp", "fp16", "int8"],
@@ -365,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5 and a confusion matrix "
-                                    "(segmentation: the per-class IoU table and mIoU)")
+                                    "(segmentation: the per-class IoU table and mIoU; detection: the COCO box table)")
     e.add_argument("--checkpoint", required=True, help="checkpoint file or folder (or a run's checkpoints/epoch-N)")
     e.add_argument("--dataset", default="digits",
                    help="classification: digits | cifar10 | ... | PATH; segmentation: digit_scenes | PATH "

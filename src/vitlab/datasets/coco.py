@@ -233,6 +233,11 @@ class CocoDetection(Dataset):
                 stacklevel=2,
             )
 
+    @property
+    def max_objects(self) -> int:
+        """The most (non-crowd) objects any image holds (0 for no objects at all)."""
+        return max((len(t) for t in self._targets.values()), default=0)
+
     def _bad(self, error: Exception, kind: str) -> None:
         if self.on_error == "raise":
             raise error

@@ -9,10 +9,11 @@ Inference with a trained classifier (:class:`vitlab.ViTClassifier`) lives in :mo
 
 from .base import Batch, Metrics, NoMetrics, Task, evaluate_task
 from .image_classification import ClassificationTask
+from .detection.task import DetectionTask
 from .mae.task import LinearProbeTask, MAETask
 from .segmentation.task import SegmentationTask
 from .registry import TaskSetup, UnknownTaskError, get_task, list_tasks, register_task
 
-__all__ = ["Batch", "ClassificationTask", "LinearProbeTask", "MAETask", "Metrics", "NoMetrics", "SegmentationTask", "Task",
-           "TaskSetup", "UnknownTaskError",
+__all__ = ["Batch", "ClassificationTask", "DetectionTask", "LinearProbeTask", "MAETask", "Metrics", "NoMetrics",
+           "SegmentationTask", "Task", "TaskSetup", "UnknownTaskError",
            "evaluate_task", "get_task", "list_tasks", "register_task"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 
+from ..tasks.detection.task import DETECTION_RECIPE
 from ..tasks.segmentation.task import SEGMENTATION_RECIPE
 
 #: A small ViT on scikit-learn's 8x8 digits: 2x2 patches (16 tokens + class token). The
@@ -55,7 +56,8 @@ MAE_DIGITS_RECIPE: dict[str, Any] = {
 }
 
 #: The recipe ``vitlab train --task NAME`` starts from when no ``--config`` is given.
-TASK_RECIPES: dict[str, dict[str, Any]] = {"mae": MAE_DIGITS_RECIPE, "segmentation": SEGMENTATION_RECIPE}
+TASK_RECIPES: dict[str, dict[str, Any]] = {"detection": DETECTION_RECIPE, "mae": MAE_DIGITS_RECIPE,
+                                             "segmentation": SEGMENTATION_RECIPE}
 
 #: What each kind of dataset brings (``vitlab.datasets.pipeline.dataset_kind``): digits at
 #: 8x8 with its geometric augmentation (chosen with benchmarks/digits_sweep.py), CIFAR at

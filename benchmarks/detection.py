@@ -1,0 +1,107 @@
+"""Detection benchmark on digit scenes: COCO AP of DETR (plain and DN-DETR) and YOLOS, on a ViT
+and on a hierarchical backbone, with training time and inference throughput.
+
+    python benchmarks/detection.py --quick                 # a smoke run: tiny data, 1 epoch, minutes
+    python benchmarks/detection.py                         # the full table (see benchmarks/README.md)
+    python benchmarks/detection.py --configs detr_dn_vit   # one configuration
+    python benchmarks/detection.py --output results.json
+
+Every configuration trains with the engine from the detection recipe
+(:data:`vitlab.tasks.detection.task.DETECTION_RECIPE`) and is evaluated on the **test**
+scenes (digits from the test split only). Training time is the engine's (sum of the epochs,
+evaluations excluded); inference img/s is eval-mode forward passes at the evaluation batch
+size, median of a few rounds, on the threads given (2 by default: the issue's "2 CPU cores").
+This is a script, not a timed test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from vitlab.tasks.detection.task import DETECTION_RECIPE
+from vitlab.training import build_trainer, load_config
+
+#: name -> (description, overrides on top of the recipe)
+CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "detr_plain_vit": ("DETR (plain), ViT", ["task_options.detr.remedy=none"]),
+    "detr_dn_vit": ("DETR + DN (remedy), ViT", []),
+    "yolos_vit": ("YOLOS, ViT", ["task_options.detector=yolos"]),
+    "detr_plain_pvt": ("DETR (plain), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
+                                                   "task_options.detr.remedy=none", "task_options.detr.num_levels=2"]),
+    "detr_dn_pvt": ("DETR + DN (remedy), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
+                                                      "task_options.detr.num_levels=2"]),
+}
+QUICK = ["epochs=1", "task_options.scenes.num_train=32", "task_options.scenes.num_val=8",
+         "task_options.scenes.num_test=16", "data.batch_size=16", "model.overrides.depth=1",
+         "task_options.detr.dec_layers=2", "task_options.detr.enc_layers=0"]
+
+
+def throughput(model: torch.nn.Module, size: int, channels: int, batch: int, rounds: int = 5) -> float:
+    """Median eval-mode images per second at ``batch``."""
+    model.eval()
+    x = torch.rand(batch, channels, size, size)
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def run(name: str, extra: list[str], quick: bool, log: bool) -> dict[str, Any]:
+    desc, overrides = CONFIGS[name]
+    with tempfile.TemporaryDirectory() as out:
+        ov = overrides + (QUICK if quick else []) + extra + ["progress=false", "device=cpu", f"output_dir={out}"]
+        if quick and "model.name=pvt_v2_b0" in overrides:
+            ov = [o for o in ov if not o.startswith("model.overrides.depth")]
+        cfg = load_config(None, ov, base=DETECTION_RECIPE)
+        trainer = build_trainer(cfg, log=print if log else (lambda s: None))
+        res = trainer.fit()
+        model = trainer.model
+        c = int(model.pretrained_cfg["input_size"][0])
+        ips = throughput(model, cfg.data.image_size, c, cfg.data.eval_batch_size)
+    return {"config": name, "model": desc, "AP50": res["test_AP50"], "AP": res["test_AP"],
+            "train_s": res["train_time_s"], "epochs": res["epochs"], "img_per_s": ips,
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | AP@.5 | AP@[.5:.95] | epochs | training (s) | inference img/s | params (M) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['AP50']:.3f} | {r['AP']:.3f} | {r['epochs']} | {r['train_s']:.0f} | "
+                     f"{r['img_per_s']:.0f} | {r['params_M']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny data and 1 epoch: checks the script, measures nothing")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the issue measures on 2 CPU cores)")
+    p.add_argument("--output", help="also write the rows as JSON")
+    p.add_argument("--verbose", action="store_true", help="print every epoch")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every configuration")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.configs:
+        rows.append(run(name, list(args.overrides), args.quick, args.verbose))
+        print(f"{name}: AP50 {rows[-1]['AP50']:.3f}  AP {rows[-1]['AP']:.3f}  {rows[-1]['train_s']:.0f}s", flush=True)
+    print(table(rows))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

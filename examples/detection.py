@@ -1,0 +1,68 @@
+"""Object detection with vitlab: train DN-DETR on digit scenes, evaluate (COCO AP), draw detections.
+
+    python examples/detection.py [--epochs 40] [--num-train 2000] [--output-dir runs/example_detection]
+
+Uses the Python API end to end: the detection recipe (the same as ``vitlab train --task
+detection``), the training engine, the saved checkpoint reloaded with ``load_detector``,
+COCO metrics on the test scenes (digits never seen in training), and a PNG with the boxes
+drawn on a test scene.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitlab.tasks.detection.task import (
+    DETECTION_RECIPE,
+    data_for_checkpoint,
+    detect,
+    detections_to_json,
+    draw_detections,
+    evaluate_detector,
+    load_detector,
+)
+from vitlab.training import build_trainer, load_config
+from vitlab.training.checkpoint import latest_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--num-train", type=int, default=2000, help="training scenes")
+    p.add_argument("--num-val", type=int, default=200, help="validation scenes (evaluated every epoch)")
+    p.add_argument("--num-test", type=int, default=400, help="test scenes")
+    p.add_argument("--remedy", default="dn", choices=["dn", "none"], help="DN-DETR denoising, or plain DETR")
+    p.add_argument("--output-dir", default="runs/example_detection")
+    args = p.parse_args()
+
+    cfg = load_config(None, [f"epochs={args.epochs}", f"output_dir={args.output_dir}",
+                             f"task_options.scenes.num_train={args.num_train}",
+                             f"task_options.scenes.num_val={args.num_val}",
+                             f"task_options.scenes.num_test={args.num_test}",
+                             f"task_options.detr.remedy={args.remedy}"], base=DETECTION_RECIPE)
+    results = build_trainer(cfg).fit()
+    print(f"test AP50 {results['test_AP50']:.3f}  AP {results['test_AP']:.3f}  "
+          f"(training {results['train_time_s']:.0f}s)")
+
+    model = load_detector(latest_checkpoint(args.output_dir))
+    test = data_for_checkpoint(model, "test")
+    res = evaluate_detector(model, test)
+    print(f"reloaded checkpoint: test AP50 {res['AP50']:.3f}  AP {res['AP']:.3f}  (n={res['n']})")
+
+    sample = test[0]
+    det = detect(model, sample["image"][None], score_threshold=0.5)[0]
+    image = Image.fromarray((sample["image"][0].numpy() * 255).astype(np.uint8))
+    out = Path(args.output_dir) / "example_detections.png"
+    draw_detections(image.resize((256, 256), Image.NEAREST),
+                    {**det, "boxes": det["boxes"] * 256 / image.width}, test.classes).save(out)
+    truth = sample["labels"][sample["labels"] >= 0].tolist()
+    print(f"scene 0: true digits {sorted(truth)}; detected "
+          f"{[(d['class'], round(d['score'], 2)) for d in detections_to_json(det, test.classes)]} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

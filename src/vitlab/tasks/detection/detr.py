@@ -1,0 +1,422 @@
+"""DETR (Carion et al., 2020) on any vitlab backbone, with DN-DETR's denoising as a switch.
+
+The backbone is reached only through the contract (``forward_intermediates`` and
+``feature_info``):
+
+- a **plain ViT** (every returnable index has the same stride) gives one map; a ViTDet-style
+  simple feature pyramid (Li et al., 2022) turns it into several scales: a transposed
+  convolution per factor of 2 up, the map itself, max pooling per factor of 2 down;
+- a **hierarchical** backbone (Swin, PVT, the CNN) gives its last ``num_levels`` stages.
+
+Every level is projected to ``dim`` (1x1 convolution + GroupNorm), given DETR's 2-D sine
+position encoding plus a learned level embedding, flattened, and the levels are concatenated
+into one token sequence: the multi-scale memory. A transformer encoder (the shared
+:class:`~vitlab.components.Block`) refines it; a decoder of pre-norm layers built from the
+shared :class:`~vitlab.components.Attention` (self), :class:`~vitlab.components.CrossAttention`
+and :class:`~vitlab.components.Mlp` turns ``num_queries`` object queries into class logits
+(``num_classes`` + no-object, last) and normalised cxcywh boxes after every decoder layer
+(the auxiliary outputs that :class:`~vitlab.tasks.detection.DETRLoss` supervises).
+Positions enter the keys of the cross-attention by adding the encoding to the memory (keys
+and values alike: one fused key/value projection), and the queries by adding the query
+position before each attention.
+
+``remedy="dn"`` switches on DN-DETR (Li et al., 2022) on DAB-DETR-style anchor queries (the
+form DN-DETR builds on): each matching query is a learned anchor box whose sine embedding,
+through an MLP, is its query position; boxes are predicted as offsets of the anchor in
+logit space, and each layer's boxes are the next layer's anchors (detached). In training, ``dn_groups`` noised copies of the ground truth (labels flipped
+with ``dn_label_noise``, boxes shifted and scaled by up to ``dn_box_noise``) enter the
+decoder as extra queries that must reconstruct their original object; an attention mask
+keeps the matching queries from seeing them and the groups from seeing each other
+(:func:`~vitlab.tasks.detection.denoising.build_denoising_queries`). ``remedy="none"`` is
+the original DETR: learned query positions, zero content, boxes as a sigmoid of the head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...components import Attention, Block, CrossAttention, Mlp
+from .denoising import DenoisingQueries, build_denoising_queries
+from .yolos import MLPHead
+
+REMEDIES = ("none", "dn")
+
+
+def sine_position_encoding_2d(height: int, width: int, dim: int, temperature: float = 10000.0,
+                              device: torch.device | None = None) -> Tensor:
+    """DETR's 2-D sine position encoding (``PositionEmbeddingSine``, normalised, scale 2*pi).
+
+    Row ``y`` (1-based) and column ``x`` are normalised to ``(0, 2*pi]`` (``y / H * 2*pi``);
+    each gets ``dim / 2`` channels ``pos / T^(2 * (i // 2) / (dim / 2))`` with sine on even
+    ``i`` and cosine on odd ``i`` (interleaved); the ``y`` channels come first.
+
+    Args:
+        height: Rows of the map.
+        width: Columns of the map.
+        dim: Channels (divisible by 4).
+        temperature: ``T``.
+        device: Where to build it.
+
+    Returns:
+        ``(height * width, dim)`` in raster order.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"the 2-D sine position encoding needs dim divisible by 4, got {dim}")
+    npf = dim // 2
+    scale = 2 * math.pi
+    y = torch.arange(1, height + 1, dtype=torch.float32, device=device) / (height + 1e-6) * scale
+    x = torch.arange(1, width + 1, dtype=torch.float32, device=device) / (width + 1e-6) * scale
+    dim_t = temperature ** (2 * (torch.arange(npf, dtype=torch.float32, device=device) // 2) / npf)
+    px = x[:, None] / dim_t  # (W, npf)
+    py = y[:, None] / dim_t  # (H, npf)
+    # interleave sin (even channels) and cos (odd channels): (n, npf/2, 2) -> (n, npf)
+    px = torch.stack((px[:, 0::2].sin(), px[:, 1::2].cos()), dim=2).flatten(1)
+    py = torch.stack((py[:, 0::2].sin(), py[:, 1::2].cos()), dim=2).flatten(1)
+    pos = torch.cat((py[:, None, :].expand(height, width, npf), px[None, :, :].expand(height, width, npf)), dim=-1)
+    return pos.reshape(height * width, dim)  # (H, W, dim) -> (H*W, dim)
+
+
+def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of normalised boxes (DAB-DETR): ``dim / 4`` channels per coordinate.
+
+    Args:
+        boxes: ``(..., 4)`` in ``[0, 1]`` (cxcywh).
+        dim: Output channels (divisible by 8).
+
+    Returns:
+        ``(..., dim)``.
+    """
+    if dim % 8 != 0:
+        raise ValueError(f"the box sine embedding needs dim divisible by 8, got {dim}")
+    per = dim // 4
+    dim_t = temperature ** (2 * (torch.arange(per, dtype=torch.float32, device=boxes.device) // 2) / per)
+    pos = boxes.float()[..., None] * (2 * math.pi) / dim_t  # (..., 4, per)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (..., 4, per)
+    return pos.flatten(-2)  # (..., 4, per) -> (..., 4 * per)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """``log(x / (1 - x))`` with ``x`` clamped to ``[eps, 1 - eps]``."""
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid on one map: one output per scale factor.
+
+    A factor ``2^k > 1`` is ``k`` stride-2 transposed convolutions (GELU between them), 1 the
+    map itself, ``2^-k`` a ``2^k`` max pooling.
+
+    Args:
+        channels: Channels of the input map (kept).
+        scales: Scale factors, each a power of 2 (e.g. ``(2.0, 1.0, 0.5)``).
+    """
+
+    def __init__(self, channels: int, scales: Sequence[float]) -> None:
+        super().__init__()
+        self.scales = tuple(float(s) for s in scales)
+        ops = []
+        for s in self.scales:
+            k = math.log2(s)
+            if s <= 0 or abs(k - round(k)) > 1e-6:
+                raise ValueError(f"pyramid scales must be powers of 2, got {s}")
+            k = int(round(k))
+            if k > 0:
+                layers: list[nn.Module] = []
+                for i in range(k):
+                    layers.append(nn.ConvTranspose2d(channels, channels, 2, stride=2))
+                    if i < k - 1:
+                        layers.append(nn.GELU())
+                ops.append(nn.Sequential(*layers))
+            elif k == 0:
+                ops.append(nn.Identity())
+            else:
+                ops.append(nn.MaxPool2d(2 ** -k))
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, C, h, w) -> one (B, C, h * s, w * s) map per scale ``s``."""
+        return [op(x) for op in self.ops]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm DETR decoder layer: self-attention, cross-attention on the memory, MLP.
+
+    Args:
+        dim: Query width.
+        heads: Attention heads.
+        mlp_dim: Hidden width of the MLP.
+        dropout: Dropout after each sub-layer and in the attention (training only).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, attn_drop=dropout, proj_drop=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, heads, attn_drop=dropout, proj_drop=dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_dim, drop=dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, self_bias: Tensor | None = None) -> Tensor:
+        """Queries (B, Q, C) with their positions (B, Q, C) attend to the memory (B, N, C)
+        (positions already added); ``self_bias`` (Q, Q) masks the self-attention."""
+        tgt = tgt + self.self_attn(self.norm1(tgt) + query_pos, attn_bias=self_bias)
+        tgt = tgt + self.cross_attn(self.norm2(tgt) + query_pos, context=memory)
+        return tgt + self.mlp(self.norm3(tgt))
+
+
+@dataclass(frozen=True)
+class DETRConfig:
+    """Configuration of :class:`DETR`.
+
+    Attributes:
+        backbone: A registered model name (``vitlab models``).
+        backbone_overrides: Keyword overrides of the backbone (``patch_size``, ``dim``, ...).
+        image_size: Input side in pixels.
+        in_channels: Input channels.
+        num_classes: Object classes (no-object excluded).
+        num_queries: Object queries (predictions per image).
+        dim: Width of the encoder-decoder.
+        heads: Attention heads.
+        mlp_dim: Hidden width of the encoder and decoder MLPs.
+        enc_layers: Encoder blocks on the memory (0: none).
+        dec_layers: Decoder layers (each gives an output).
+        dropout: Dropout in the encoder-decoder.
+        pyramid_scales: Plain ViTs: the scale factors of the simple feature pyramid.
+        num_levels: Hierarchical backbones: how many of the last stages to use.
+        remedy: ``"none"`` (DETR) or ``"dn"`` (DN-DETR denoising on anchor queries).
+        dn_groups: Denoising groups (copies of the ground truth) per image.
+        dn_label_noise: Probability of flipping a denoising query's label.
+        dn_box_noise: Box noise scale (``lambda`` of DN-DETR).
+        pos_temperature: Temperature of the memory's 2-D sine encoding (DETR: 10000).
+        anchor_temperature: Temperature of the anchor boxes' sine embedding (DAB-DETR: 10000);
+            small maps and boxes get more varying channels from a lower one (e.g. 20).
+    """
+
+    backbone: str = "vit_tiny_patch16_224"
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 64
+    in_channels: int = 1
+    num_classes: int = 10
+    num_queries: int = 16
+    dim: int = 128
+    heads: int = 4
+    mlp_dim: int = 256
+    enc_layers: int = 1
+    dec_layers: int = 3
+    dropout: float = 0.0
+    pyramid_scales: tuple[float, ...] = (2.0, 1.0, 0.5)
+    num_levels: int = 3
+    remedy: str = "dn"
+    dn_groups: int = 5
+    dn_label_noise: float = 0.2
+    dn_box_noise: float = 0.4
+    pos_temperature: float = 10000.0
+    anchor_temperature: float = 10000.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.remedy not in REMEDIES:
+            problems.append(f"remedy must be one of {', '.join(REMEDIES)}, got {self.remedy!r}")
+        for name in ("num_classes", "num_queries", "dim", "heads", "mlp_dim", "dec_layers", "num_levels",
+                     "image_size", "in_channels"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.enc_layers < 0 or self.dn_groups < 0:
+            problems.append("enc_layers and dn_groups must be >= 0")
+        if self.dim % 8 != 0 or self.dim % self.heads != 0:
+            problems.append(f"dim must be divisible by 8 and by heads, got dim={self.dim}, heads={self.heads}")
+        if not self.pyramid_scales:
+            problems.append("pyramid_scales must name at least one scale")
+        if not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
+            problems.append("dn_label_noise must lie in [0, 1] and dn_box_noise be >= 0")
+        if problems:
+            raise ValueError("invalid DETR config: " + "; ".join(problems))
+
+
+class DETR(nn.Module):
+    """DETR on a vitlab backbone (see the module docstring).
+
+    Args:
+        config: A :class:`DETRConfig`.
+        backbone: A built backbone to use instead of ``config.backbone`` (it must follow
+            the contract and take ``config.image_size`` inputs).
+
+    Example:
+        >>> cfg = DETRConfig(backbone_overrides=dict(patch_size=8, dim=32, depth=1, heads=2, mlp_dim=64),
+        ...                  image_size=32, dim=32, heads=2, mlp_dim=64, num_queries=5)
+        >>> out = DETR(cfg).eval()(torch.rand(1, 1, 32, 32))
+        >>> out["logits"].shape, out["boxes"].shape, len(out["aux"])
+        (torch.Size([1, 5, 11]), torch.Size([1, 5, 4]), 2)
+    """
+
+    family = "DETR"
+
+    def __init__(self, config: DETRConfig | None = None, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = c = config if config is not None else DETRConfig()
+        if backbone is None:
+            from ...pretrained import create_model
+
+            backbone = create_model(c.backbone, num_classes=0, in_channels=c.in_channels, image_size=c.image_size,
+                                    **dict(c.backbone_overrides))
+        self.backbone = backbone
+        info = backbone.feature_info
+        strides = {int(i["reduction"]) for i in info}
+        self.plain = len(strides) == 1
+        if self.plain:
+            self.indices = [len(info) - 1]
+            self.pyramid: SimpleFeaturePyramid | None = SimpleFeaturePyramid(int(info[-1]["num_chs"]), c.pyramid_scales)
+            in_chs = [int(info[-1]["num_chs"])] * len(c.pyramid_scales)
+        else:
+            n = min(c.num_levels, len(info))
+            self.indices = list(range(len(info) - n, len(info)))
+            self.pyramid = None
+            in_chs = [int(info[i]["num_chs"]) for i in self.indices]
+        self.num_levels = len(in_chs)
+        groups = math.gcd(32, c.dim)
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(ch, c.dim, 1), nn.GroupNorm(groups, c.dim)) for ch in in_chs
+        )
+        self.level_embed = nn.Parameter(torch.zeros(self.num_levels, c.dim))
+        self.encoder = nn.ModuleList(
+            Block(c.dim, c.heads, c.mlp_dim, dropout=c.dropout, attention_dropout=c.dropout) for _ in range(c.enc_layers)
+        )
+        self.enc_norm = nn.LayerNorm(c.dim) if c.enc_layers else nn.Identity()
+        self.decoder = nn.ModuleList(DecoderLayer(c.dim, c.heads, c.mlp_dim, c.dropout) for _ in range(c.dec_layers))
+        self.dec_norm = nn.LayerNorm(c.dim)
+        self.class_head = nn.Linear(c.dim, c.num_classes + 1)
+        self.box_head = MLPHead(c.dim, c.dim, 4)
+        if c.remedy == "dn":
+            # DAB-style anchors (logit space) and the embedding of a box into a query position
+            self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(c.num_queries, 4) * torch.tensor([1, 1, 0.5, 0.5])
+                                                        + torch.tensor([0, 0, 0.05, 0.05])))
+            self.query_content = nn.Parameter(torch.zeros(c.num_queries, c.dim))
+            self.box_pos = MLPHead(c.dim, c.dim, c.dim, num_layers=2)
+            self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
+            self.query_pos = None
+        else:
+            self.query_pos = nn.Parameter(torch.randn(c.num_queries, c.dim))
+        nn.init.normal_(self.level_embed)
+        nn.init.zeros_(self.box_head[-1].weight)
+        nn.init.zeros_(self.box_head[-1].bias)
+        prior = 0.01  # the focal-loss prior: start with low object scores
+        nn.init.constant_(self.class_head.bias, 0.0)
+        self.class_head.bias.data[-1] = math.log((1 - prior) / prior) * 0.5
+
+    # ---------------------------------------------------------------- parts
+    def no_weight_decay(self) -> set[str]:
+        """Embeddings, anchors and the backbone's own: no weight decay."""
+        names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
+        names |= {"level_embed"}
+        names |= {"anchors", "query_content"} if self.config.remedy == "dn" else {"query_pos"}
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the backbone."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def feature_levels(self, x: Tensor) -> list[Tensor]:
+        """The maps the head uses: the pyramid of a plain ViT or the last stages, each (B, C_l, h_l, w_l)."""
+        maps = self.backbone.forward_intermediates(x, indices=self.indices, norm=True, intermediates_only=True)
+        if self.pyramid is not None:
+            maps = self.pyramid(maps[-1])
+        return maps
+
+    def memory(self, x: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Encoded multi-scale memory (B, sum h_l * w_l, dim), position encodings added, and the level grids."""
+        tokens, grids = [], []
+        for lvl, (fmap, proj) in enumerate(zip(self.feature_levels(x), self.input_proj)):
+            fmap = proj(fmap)  # (B, dim, h, w)
+            h, w = fmap.shape[-2:]
+            pos = sine_position_encoding_2d(h, w, self.config.dim, self.config.pos_temperature, device=fmap.device)
+            pos = pos + self.level_embed[lvl]
+            tokens.append(fmap.flatten(2).transpose(1, 2) + pos.to(fmap.dtype))  # (B, dim, h, w) -> (B, h*w, dim)
+            grids.append((int(h), int(w)))
+        mem = torch.cat(tokens, dim=1)  # (B, N, dim)
+        for blk in self.encoder:
+            mem = blk(mem)
+        return self.enc_norm(mem), grids
+
+    def _queries(self, b: int, dn: DenoisingQueries | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Content (B, D+Q, C), position (B, D+Q, C), reference boxes (B, D+Q, 4) or None, self-attention bias."""
+        c = self.config
+        if self.query_pos is not None:
+            pos = self.query_pos[None].expand(b, -1, -1)
+            return torch.zeros_like(pos), pos, None, None
+        ref = self.anchors.sigmoid()[None].expand(b, -1, -1)  # (B, Q, 4)
+        content = self.query_content[None].expand(b, -1, -1)
+        bias = None
+        if dn is not None:
+            content = torch.cat([self.label_embed(dn.labels), content], dim=1)  # (B, D + Q, C)
+            ref = torch.cat([dn.boxes, ref], dim=1)
+            bias = dn.attn_bias
+        pos = self.box_pos(box_sine_embedding(ref, c.dim, c.anchor_temperature))
+        return content, pos, ref, bias
+
+    def decode(self, memory: Tensor, tgt: Tensor, pos: Tensor, ref: Tensor | None,
+               bias: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the decoder; per layer the class logits (B, Q', C+1) and boxes (B, Q', 4).
+
+        Args:
+            memory: Encoded memory (B, N, dim).
+            tgt: Query content (B, Q', dim).
+            pos: Query positions (B, Q', dim).
+            ref: Reference boxes (B, Q', 4) of anchor queries, or None (plain DETR).
+            bias: Self-attention bias (Q', Q') or None.
+        """
+        c = self.config
+        layers_logits, layers_boxes = [], []
+        for layer in self.decoder:
+            tgt = layer(tgt, pos, memory, bias)
+            h = self.dec_norm(tgt)
+            delta = self.box_head(h)
+            boxes = (delta + inverse_sigmoid(ref)).sigmoid() if ref is not None else delta.sigmoid()
+            layers_logits.append(self.class_head(h))
+            layers_boxes.append(boxes)
+            if ref is not None:  # anchors are refined layer by layer (DAB-DETR), without gradient through them
+                ref = boxes.detach()
+                pos = self.box_pos(box_sine_embedding(ref, c.dim, c.anchor_temperature))
+        return layers_logits, layers_boxes
+
+    def forward(self, x: Tensor, targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict[str, Any]:
+        """Detect.
+
+        Args:
+            x: Images (B, C, H, W).
+            targets: Training with ``remedy="dn"`` only: per image ``labels`` (T_i,) and
+                ``boxes`` (T_i, 4) normalised cxcywh, from which the denoising queries are made.
+
+        Returns:
+            ``logits`` (B, Q, num_classes + 1) and ``boxes`` (B, Q, 4) of the last decoder layer
+            (``pred_boxes`` is the same tensor), ``aux``: the same for every earlier layer,
+            first to last, and ``dn``: None, or the denoising outputs (a dict with per-layer
+            ``logits`` and ``boxes`` (L, B, D, ...) and the :class:`DenoisingQueries`).
+        """
+        c = self.config
+        mem, _ = self.memory(x)
+        b = x.shape[0]
+        dn = None
+        if targets is not None and self.training and c.remedy == "dn" and c.dn_groups > 0:
+            dn = build_denoising_queries(targets, c.num_classes, c.num_queries, c.dn_groups, c.dn_label_noise,
+                                         c.dn_box_noise, device=x.device)
+        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn))
+        d = dn.num_queries if dn is not None else 0
+        outs = [{"logits": lg[:, d:], "boxes": bx[:, d:]} for lg, bx in zip(layers_logits, layers_boxes)]
+        result: dict[str, Any] = {"logits": outs[-1]["logits"], "boxes": outs[-1]["boxes"],
+                                  "pred_boxes": outs[-1]["boxes"], "aux": outs[:-1], "dn": None}
+        if dn is not None:
+            result["dn"] = {"logits": torch.stack([lg[:, :d] for lg in layers_logits]),  # (L, B, D, C+1)
+                            "boxes": torch.stack([bx[:, :d] for bx in layers_boxes]),  # (L, B, D, 4)
+                            "queries": dn}
+        return result
+
+
+__all__ = ["DETR", "DETRConfig", "DecoderLayer", "REMEDIES", "SimpleFeaturePyramid", "box_sine_embedding",
+           "inverse_sigmoid", "sine_position_encoding_2d"]

@@ -1,0 +1,673 @@
+"""Object detection as a task of the training engine (``task: detection``).
+
+What it owns:
+
+- **data**: digit scenes (``data.dataset: digit_scenes``, the default; train/val/test
+  scenes from the disjoint digit splits) or a COCO-format folder (``data.dataset: coco``
+  with ``data.data_dir: ROOT`` holding ``ROOT/{train,val,test}/annotations.json`` and
+  ``ROOT/{split}/images/``, the layout :func:`~vitlab.datasets.coco.write_coco` writes; or
+  explicit files in ``task_options.coco``). Every image is resized to the square
+  ``data.image_size`` (boxes scaled with it) and its objects padded to a fixed count, so the
+  engine's default collate batches them; :meth:`DetectionTask.prepare` unpads (variable
+  box counts per image);
+- **augmentation** on the device: :class:`~vitlab.datasets.augment.dense.DenseAugment`
+  (crop / flip / affine moving the boxes), drawn from the engine's generator;
+- **model**: DETR on ``model.name`` (any registered backbone, ``model.overrides`` fitting
+  it) or YOLOS on a ViT (``task_options.detector``);
+- **loss**: :class:`~vitlab.tasks.detection.DETRLoss` on every decoder layer, plus DN-DETR's
+  reconstruction losses when the remedy is on;
+- **metrics**: COCO box mAP from pycocotools on the evaluated split; ``AP50`` (AP at IoU
+  0.5) is primary, ``AP`` (AP@[.5:.95]) and the rest are logged;
+- **plots**: loss / AP curves and ``predictions.png`` (predictions vs ground truth on the
+  first evaluated images, always the same ones).
+
+Options (``task_options``; unknown keys are an error naming the valid ones):
+``detector`` (``detr`` | ``yolos``), ``detr`` (keys of :class:`DETRConfig`), ``num_queries``,
+``scenes`` (keyword arguments of :class:`~vitlab.datasets.digit_scenes.DigitScenes` plus
+``num_train`` / ``num_val`` / ``num_test``), ``augment`` (keyword arguments of
+``DenseAugment``, or ``false``), ``loss`` (``eos_coef``, ``weight_ce``, ``weight_bbox``,
+``weight_giou``, ``cost_class``, ``cost_bbox``, ``cost_giou``, ``aux_loss``), ``coco``
+(``{split}_annotations`` / ``{split}_images`` paths, ``on_error``), ``num_plot_images``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ...config import suggest
+from ..base import Batch, Metrics, Task
+from ..registry import TaskSetup, register_task
+from .box_ops import normalize_boxes
+from .coco_eval import COCO_METRICS, evaluate_coco
+from .denoising import denoising_losses
+from .detr import DETR, DETRConfig
+from .losses import DETRLoss, _num_boxes
+from .postprocess import postprocess_detections
+from .yolos import YOLOS, YOLOSConfig
+
+#: ``vitlab train --task detection`` without ``--config``: DN-DETR on a small ViT (patch 8)
+#: over 64x64 digit scenes of 1 to 3 digits (configs/detection_digits.yaml holds the same).
+DETECTION_RECIPE: dict[str, Any] = {
+    "recipe": "detection_digits",
+    "task": "detection",
+    "model": {"name": "vit_tiny_patch16_224",
+              "overrides": {"patch_size": 8, "dim": 128, "depth": 4, "heads": 4, "mlp_dim": 256}},
+    "data": {"dataset": "digit_scenes", "image_size": 64, "batch_size": 32, "eval_batch_size": 64},
+    "optim": {"lr": 3e-4, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 0.1},
+    "epochs": 40,
+    "seed": 0,
+    "task_options": {
+        "detector": "detr",
+        "num_queries": 10,
+        "detr": {"remedy": "dn", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
+                 "pyramid_scales": [1.0, 0.5], "pos_temperature": 20.0, "anchor_temperature": 20.0},
+        "scenes": {"num_train": 2000, "num_val": 200, "num_test": 400, "min_digits": 1, "max_digits": 3,
+                   "digit_size": [14, 24]},
+        "augment": {"scale": [0.7, 1.0], "hflip": 0.0},
+    },
+}
+
+DETECTORS = ("detr", "yolos")
+OPTION_KEYS = ("detector", "num_queries", "detr", "scenes", "augment", "loss", "coco", "num_plot_images")
+LOSS_KEYS = ("eos_coef", "weight_ce", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou", "aux_loss")
+SCENE_SPLIT_KEYS = {"train": "num_train", "val": "num_val", "test": "num_test"}
+#: Normalisation of detection inputs ([0, 1] -> [-1, 1]), recorded in every checkpoint.
+MEAN_STD = 0.5
+
+
+def _check_keys(values: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    for k in values:
+        if k not in valid:
+            raise ValueError(f"unknown option {where}.{k}.{suggest(k, list(valid))} Valid keys: {', '.join(valid)}")
+
+
+# --------------------------------------------------------------------------- data
+class DetectionSamples(Dataset):
+    """A detection dataset (dicts with ``image``, ``boxes`` xyxy pixels, ``labels``,
+    ``image_id``) as fixed-size samples the default collate can batch.
+
+    Each image is resized (bilinear, antialiased) to ``size`` x ``size`` with its boxes
+    scaled alike; boxes and labels are padded to ``max_objects`` (label ``-1`` marks padding).
+    A sample is ``{"image": (C, size, size), "boxes": (M, 4), "labels": (M,), "image_id": int,
+    "orig_size": (2,) = (H, W)}``.
+
+    Args:
+        dataset: The source dataset.
+        size: The square side of the model's input.
+        max_objects: Padding length; at least the most objects of any image.
+    """
+
+    def __init__(self, dataset: Any, size: int, max_objects: int) -> None:
+        self.dataset, self.size, self.max_objects = dataset, int(size), int(max_objects)
+        self.classes = list(dataset.classes)
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.dataset[index]
+        image, boxes, labels = s["image"], s["boxes"].float().reshape(-1, 4), s["labels"].long()
+        h, w = image.shape[-2:]
+        if (h, w) != (self.size, self.size):
+            # (C, H, W) -> (1, C, H, W) -> (C, size, size)
+            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                  antialias=True)[0]
+            boxes = boxes * torch.tensor([self.size / w, self.size / h] * 2)
+        n = len(labels)
+        if n > self.max_objects:
+            raise ValueError(f"image {s['image_id']} has {n} objects; at most {self.max_objects} fit (max_objects)")
+        pad_boxes = torch.zeros(self.max_objects, 4)
+        pad_labels = torch.full((self.max_objects,), -1, dtype=torch.int64)
+        pad_boxes[:n], pad_labels[:n] = boxes, labels
+        return {"image": image.float(), "boxes": pad_boxes, "labels": pad_labels, "image_id": int(s["image_id"]),
+                "orig_size": torch.tensor([h, w])}
+
+
+def unpad_targets(boxes: Tensor, labels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Padded (B, M, 4) boxes and (B, M) labels (-1 = padding) -> per image (n_i, 4) and (n_i,)."""
+    keep = labels >= 0
+    return [b[k] for b, k in zip(boxes, keep)], [lab[k] for lab, k in zip(labels, keep)]
+
+
+def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch detection samples with any number of objects each (padded to the batch's most).
+
+    Args:
+        samples: Dicts with ``image`` (C, H, W) (all the same size), ``boxes`` (n_i, 4),
+            ``labels`` (n_i,) and ``image_id``.
+
+    Returns:
+        ``image`` (B, C, H, W), ``boxes`` (B, M, 4), ``labels`` (B, M) with ``-1`` on padding,
+        ``image_id`` (B,) and ``orig_size`` (B, 2).
+    """
+    m = max([len(s["labels"]) for s in samples] + [1])
+    boxes = torch.zeros(len(samples), m, 4)
+    labels = torch.full((len(samples), m), -1, dtype=torch.int64)
+    for i, s in enumerate(samples):
+        valid = s["labels"] >= 0
+        n = int(valid.sum())
+        boxes[i, :n], labels[i, :n] = s["boxes"].reshape(-1, 4)[valid], s["labels"][valid]
+    images = torch.stack([s["image"] for s in samples])
+    sizes = torch.stack([torch.as_tensor(s.get("orig_size", images.shape[-2:])) for s in samples])
+    return {"image": images, "boxes": boxes, "labels": labels,
+            "image_id": torch.tensor([int(s["image_id"]) for s in samples]), "orig_size": sizes}
+
+
+@dataclass
+class DetectionInputs:
+    """What :meth:`DetectionTask.forward` calls the model with: normalised images and, in
+    training, the targets (DN-DETR builds its denoising queries from them)."""
+
+    images: Tensor
+    targets: list[dict[str, Tensor]] | None
+
+
+# --------------------------------------------------------------------------- metrics
+class DetectionEvalMetrics(Metrics):
+    """COCO box mAP (pycocotools) over the evaluated images, in input-image pixels.
+
+    Every query becomes a scored detection (no threshold: AP integrates over scores); the
+    ground truth is the (unaugmented) targets. ``samples`` holds the first ``keep_images``
+    images with their predictions and ground truth for :meth:`DetectionTask.plots`.
+    """
+
+    def __init__(self, num_classes: int, keep_images: int = 6) -> None:
+        self.num_classes, self.keep_images = num_classes, keep_images
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.n = 0
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        images = batch.inputs.images
+        h, w = images.shape[-2:]
+        dets = postprocess_detections(outputs["logits"].detach(), outputs["boxes"].detach(), [(h, w)] * len(images))
+        for k, det in enumerate(dets):
+            image_id = self.n
+            self.n += 1
+            self.images.append({"id": image_id, "width": int(w), "height": int(h), "file_name": f"{image_id}.png"})
+            gt_boxes, gt_labels = batch.extra["boxes"][k].cpu(), batch.extra["labels"][k].cpu()
+            for box, label in zip(gt_boxes.tolist(), gt_labels.tolist()):
+                x0, y0, x1, y1 = box
+                self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id,
+                                         "category_id": int(label) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            for box, score, label in zip(det["boxes"].cpu().tolist(), det["scores"].cpu().tolist(),
+                                         det["labels"].cpu().tolist()):
+                x0, y0, x1, y1 = box
+                self.records.append({"image_id": image_id, "category_id": int(label) + 1,
+                                     "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+            if len(self.samples) < self.keep_images:
+                self.samples.append({"image": batch.extra["raw"][k].cpu(), "gt_boxes": gt_boxes, "gt_labels": gt_labels,
+                                     "boxes": det["boxes"].cpu(), "scores": det["scores"].cpu(),
+                                     "labels": det["labels"].cpu()})
+
+    def compute(self) -> dict[str, Any]:
+        if not self.n:
+            return {**{k: 0.0 for k in COCO_METRICS}, "n": 0, "samples": []}
+        gt = {"images": self.images, "annotations": self.annotations,
+              "categories": [{"id": c + 1, "name": str(c)} for c in range(self.num_classes)]}
+        return {**evaluate_coco(gt, self.records), "n": self.n, "samples": self.samples}
+
+
+class DetectionTrainMetrics(Metrics):
+    """Mean of each loss term over the epoch's batches (``loss_ce``, ``loss_bbox``, ...)."""
+
+    def __init__(self, task: "DetectionTask") -> None:
+        self.task, self.sums, self.n = task, {}, 0
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        for k, v in self.task.last_terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * batch.size
+        self.n += batch.size
+
+    def compute(self) -> dict[str, Any]:
+        return {**{k: v / max(self.n, 1) for k, v in self.sums.items()}, "n": self.n}
+
+
+# --------------------------------------------------------------------------- the task
+@register_task("detection")
+class DetectionTask(Task):
+    """Object detection with DETR or YOLOS (see the module docstring).
+
+    Args:
+        num_classes: Object classes.
+        labels: Class names.
+        augment: A :class:`~vitlab.datasets.augment.dense.DenseAugment` (training only) or None.
+        criterion: The :class:`DETRLoss` (its weights also weight the denoising losses).
+        num_plot_images: Evaluated images drawn in ``predictions.png``.
+    """
+
+    primary_metric = "AP50"
+    higher_is_better = True
+
+    def __init__(self, num_classes: int, labels: Sequence[str] | None = None, augment: Any = None,
+                 criterion: DETRLoss | None = None, num_plot_images: int = 6) -> None:
+        self.num_classes = num_classes
+        self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+        self.augment = augment
+        self.criterion = criterion or DETRLoss(num_classes)
+        self.num_plot_images = num_plot_images
+        self.last_terms: dict[str, float] = {}
+
+    def to(self, device: torch.device) -> "DetectionTask":
+        self.criterion.to(device)
+        return self
+
+    def prepare(self, batch: Any, device: torch.device, image_size: int | None,
+                generator: torch.Generator | None) -> Batch:
+        images = batch["image"].to(device).float()
+        boxes, labels = unpad_targets(batch["boxes"].to(device).float(), batch["labels"].to(device))
+        if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
+            h, w = images.shape[-2:]
+            scale = torch.tensor([image_size / w, image_size / h] * 2, device=device)
+            boxes = [b * scale for b in boxes]
+            # (B, C, H, W) -> (B, C, size, size)
+            images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        if generator is not None and self.augment is not None:
+            out = self.augment(images, boxes, generator=generator)
+            images, boxes = out.images, out.boxes
+            labels = [lab[k] for lab, k in zip(labels, out.keep)]
+        h, w = images.shape[-2:]
+        targets = [{"labels": lab, "boxes": normalize_boxes(b, (h, w))} for lab, b in zip(labels, boxes)]
+        x = (images - MEAN_STD) / MEAN_STD
+        extra = {"boxes": boxes, "labels": labels, "raw": images, "image_id": batch["image_id"]}
+        return Batch(DetectionInputs(x, targets if generator is not None else None), targets, int(images.shape[0]),
+                     extra)
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        if isinstance(inputs, Tensor):
+            return model(inputs)
+        core = getattr(model, "module", model)
+        if inputs.targets is not None and isinstance(core, DETR):
+            return model(inputs.images, inputs.targets)
+        return model(inputs.images)
+
+    def loss(self, batch: Batch, outputs: Any) -> Tensor:
+        layers = list(outputs.get("aux", [])) + [{"logits": outputs["logits"], "boxes": outputs["boxes"]}]
+        terms = self.criterion(layers, batch.targets)
+        total = terms["loss"]
+        dn = outputs.get("dn")
+        if dn is not None:
+            num_boxes = _num_boxes(batch.targets, outputs["logits"].device)
+            n_layers = dn["logits"].shape[0]
+            use = range(n_layers) if self.criterion.aux_loss else [n_layers - 1]
+            for k in use:
+                for name, value in denoising_losses(dn["logits"][k], dn["boxes"][k], dn["queries"], num_boxes).items():
+                    if k == n_layers - 1:
+                        terms[f"dn_{name}"] = value
+                    total = total + self.criterion.weights[name] * value
+        # the last layer's terms (the auxiliary ones end in _<layer>)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()
+                           if k in ("loss_ce", "loss_bbox", "loss_giou") or k.startswith("dn_")}
+        return total
+
+    def train_metrics(self) -> Metrics:
+        return DetectionTrainMetrics(self)
+
+    def eval_metrics(self) -> Metrics:
+        return DetectionEvalMetrics(self.num_classes, self.num_plot_images)
+
+    def format_metric(self, name: str, value: float) -> str:
+        if name in COCO_METRICS:
+            return f"{name} {value:.3f}"
+        return super().format_metric(name, value)
+
+    def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
+        files = []
+        if history:
+            files.append(plot_detection_curves(history, Path(out_dir) / "curves.png"))
+        if final and final.get("samples"):
+            files.append(plot_predictions(final["samples"], self.labels, Path(out_dir) / "predictions.png"))
+        return files
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TaskSetup:
+        """Datasets, model, augmentation and loss of a detection run from a ``TrainConfig``.
+
+        Sets ``cfg.data.image_size`` (64 for digit scenes when unset). The model's
+        ``pretrained_cfg`` records the input size, normalisation and the data it was trained
+        on (``vitlab eval`` reads it back).
+        """
+        opts = dict(cfg.task_options)
+        _check_keys(opts, OPTION_KEYS, "task_options")
+        detector = opts.get("detector", "detr")
+        if detector not in DETECTORS:
+            raise ValueError(f"task_options.detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        train_set, val_set, test_set, data_record = build_detection_datasets(cfg, opts)
+        size = int(cfg.data.image_size)
+        channels = int(train_set[0]["image"].shape[0])
+        num_classes = train_set.num_classes
+        model = build_detector(cfg.model.name, dict(cfg.model.overrides), detector, size, channels, num_classes,
+                               opts)
+        model.pretrained_cfg = {"input_size": [channels, size, size], "mean": [MEAN_STD] * channels,
+                                "std": [MEAN_STD] * channels, "task": "detection", "data": data_record}
+        augment = build_dense_augment(opts.get("augment", {}), size)
+        task = cls(num_classes, train_set.classes, augment, build_criterion(num_classes, opts.get("loss", {})),
+                   int(opts.get("num_plot_images", 6)))
+        return TaskSetup(task, model, train_set, val_set, test_set)
+
+
+# --------------------------------------------------------------------------- builders
+def build_criterion(num_classes: int, options: Mapping[str, Any]) -> DETRLoss:
+    """:class:`DETRLoss` from ``task_options.loss`` (DETR's defaults: costs 1/5/2, weights 1/5/2, eos 0.1)."""
+    from .matcher import HungarianMatcher
+
+    _check_keys(options, LOSS_KEYS, "task_options.loss")
+    o = {k: options[k] for k in options}
+    matcher = HungarianMatcher(float(o.pop("cost_class", 1.0)), float(o.pop("cost_bbox", 5.0)),
+                               float(o.pop("cost_giou", 2.0)))
+    return DETRLoss(num_classes, matcher=matcher, **o)
+
+
+def build_dense_augment(options: Mapping[str, Any] | bool, size: int) -> Any:
+    """``DenseAugment(size, **options)``, or None for ``false``."""
+    if options is False or options is None:
+        return None
+    from ...datasets.augment.dense import DenseAugment
+
+    o = dict(options) if isinstance(options, Mapping) else {}
+    for k in ("scale", "ratio", "translate"):
+        if k in o:
+            o[k] = tuple(o[k])
+    return DenseAugment(size, **o)
+
+
+def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, size: int, channels: int,
+                   num_classes: int, options: Mapping[str, Any]) -> nn.Module:
+    """DETR on ``backbone`` (any registered model) or YOLOS on a ViT built like ``backbone``.
+
+    Raises:
+        ValueError: Unknown DETR options, or YOLOS on a backbone that is not a plain ViT.
+    """
+    num_queries = int(options.get("num_queries", 10))
+    if detector == "detr":
+        detr = dict(options.get("detr", {}))
+        valid = [f.name for f in fields(DETRConfig) if f.name not in
+                 ("backbone", "backbone_overrides", "image_size", "in_channels", "num_classes", "num_queries")]
+        _check_keys(detr, valid, "task_options.detr")
+        if "pyramid_scales" in detr:
+            detr["pyramid_scales"] = tuple(float(s) for s in detr["pyramid_scales"])
+        config = DETRConfig(backbone=backbone, backbone_overrides=dict(overrides), image_size=size,
+                            in_channels=channels, num_classes=num_classes, num_queries=num_queries, **detr)
+        model: nn.Module = DETR(config)
+        model.model_name = f"detr_{backbone}"
+        return model
+    from ...models.vit import ViTConfig
+    from ...pretrained import create_model
+
+    vit = create_model(backbone, num_classes=0, in_channels=channels, image_size=size, **dict(overrides))
+    if not isinstance(vit.config, ViTConfig):
+        raise ValueError(f"YOLOS needs a plain ViT backbone; {backbone} is a {type(vit).__name__}")
+    from dataclasses import replace
+
+    vcfg = replace(vit.config, num_classes=0, pool="cls", pad_input=False)
+    model = YOLOS(YOLOSConfig(vit=vcfg, num_classes=num_classes, num_detection_tokens=num_queries,
+                              use_mid_position_embeddings=False))
+    model.model_name = f"yolos_{backbone}"
+    return model
+
+
+def _coco_split(cfg: Any, opts: Mapping[str, Any], split: str) -> Any | None:
+    from ...datasets.coco import CocoDetection
+
+    coco = dict(opts.get("coco", {}))
+    _check_keys(coco, [f"{s}_{k}" for s in ("train", "val", "test") for k in ("annotations", "images")] + ["on_error"],
+                "task_options.coco")
+    ann, img = coco.get(f"{split}_annotations"), coco.get(f"{split}_images")
+    if ann is None:
+        if cfg.data.data_dir is None:
+            if split == "train":
+                raise ValueError("a COCO-format run needs data.data_dir (ROOT with ROOT/train/annotations.json and "
+                                 "ROOT/train/images/) or task_options.coco.train_annotations / train_images")
+            return None
+        root = Path(cfg.data.data_dir) / split
+        ann, img = root / "annotations.json", root / "images"
+        if not ann.is_file():
+            if split == "train":
+                raise FileNotFoundError(f"COCO annotation file not found: {ann}")
+            return None
+    return CocoDetection(ann, img if img is not None else Path(ann).parent / "images",
+                         on_error=str(coco.get("on_error", "raise")))
+
+
+def build_detection_datasets(cfg: Any, opts: Mapping[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Train / val / test :class:`DetectionSamples` and a record of the data (for checkpoints).
+
+    ``data.dataset``: ``digit_scenes`` (also ``digits``) or ``coco``.
+    """
+    name = str(cfg.data.dataset).lower()
+    if name in ("digit_scenes", "digits"):
+        from ...datasets.digit_scenes import DigitScenes
+
+        scenes = dict(opts.get("scenes", {}))
+        valid = [f for f in inspect.signature(DigitScenes).parameters
+                 if f not in ("split", "num_scenes", "canvas_size")] + list(SCENE_SPLIT_KEYS.values())
+        _check_keys(scenes, valid, "task_options.scenes")
+        counts = {s: int(scenes.pop(k, d)) for (s, k), d in zip(SCENE_SPLIT_KEYS.items(), (2000, 200, 400))}
+        if "digit_size" in scenes:
+            scenes["digit_size"] = tuple(scenes["digit_size"])
+        if cfg.data.image_size is None:
+            cfg.data.image_size = 64
+        size = int(cfg.data.image_size)
+        sets = {s: DigitScenes(s, n, canvas_size=size, **scenes) for s, n in counts.items()}
+        max_objects = sets["train"].max_digits
+        record = {"dataset": "digit_scenes", "scenes": {**scenes, **{SCENE_SPLIT_KEYS[s]: n for s, n in counts.items()}}}
+        if "digit_size" in record["scenes"]:
+            record["scenes"]["digit_size"] = list(record["scenes"]["digit_size"])
+    elif name == "coco":
+        sets = {s: _coco_split(cfg, opts, s) for s in ("train", "val", "test")}
+        if cfg.data.image_size is None:
+            first = sets["train"][0]["image"]
+            cfg.data.image_size = int(max(first.shape[-2:]))
+        size = int(cfg.data.image_size)
+        max_objects = max(s.max_objects for s in sets.values() if s is not None)
+        record = {"dataset": "coco", "classes": sets["train"].classes}
+    else:
+        raise ValueError(f"the detection task reads data.dataset 'digit_scenes' or 'coco' (with data.data_dir), "
+                         f"got {cfg.data.dataset!r}")
+    wrapped = {s: DetectionSamples(d, size, max(max_objects, 1)) if d is not None else None for s, d in sets.items()}
+    return wrapped["train"], wrapped["val"], wrapped["test"], record
+
+
+# --------------------------------------------------------------------------- checkpoints
+def is_detection_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` holds a DETR or YOLOS checkpoint written by vitlab."""
+    from ...pretrained.io import read_weights
+
+    try:
+        meta = read_weights(path).vitlab_config or {}
+    except Exception:  # noqa: BLE001 - not readable: not ours to judge here
+        return False
+    return meta.get("family") in ("DETR", "YOLOS")
+
+
+def load_detector(path: str | Path) -> nn.Module:
+    """A DETR or YOLOS model from a vitlab checkpoint (file, folder or a run's ``checkpoints/epoch-N``).
+
+    Raises:
+        vitlab.errors.CheckpointError: The checkpoint is not a detector's.
+    """
+    from ...errors import CheckpointError
+    from ...models.vit import ViTConfig
+    from ...pretrained.io import read_weights
+
+    ck = read_weights(path)
+    meta = ck.vitlab_config or {}
+    family, c = meta.get("family"), copy.deepcopy(meta.get("config") or {})
+    if family == "DETR":
+        c["pyramid_scales"] = tuple(c.get("pyramid_scales", (2.0, 1.0, 0.5)))
+        model: nn.Module = DETR(DETRConfig(**c))
+    elif family == "YOLOS":
+        v = c.pop("vit")
+        v = {k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+        model = YOLOS(YOLOSConfig(vit=ViTConfig(**v), **c))
+    else:
+        raise CheckpointError(f"{path} is not a detection checkpoint (family {family!r}; expected DETR or YOLOS)")
+    model.load_state_dict(ck.state_dict)
+    model.pretrained_cfg = dict(meta.get("pretrained_cfg") or {})
+    model.model_name = meta.get("model_name")
+    model.labels = meta.get("labels")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- inference
+@torch.no_grad()
+def detect(model: nn.Module, images: Tensor, score_threshold: float = 0.5, top_k: int | None = 100,
+           image_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+    """Detections of ``model`` on [0, 1] images already at its input size.
+
+    Args:
+        model: A DETR or YOLOS (with ``pretrained_cfg``'s ``mean``/``std``, else 0.5).
+        images: (B, C, S, S) in [0, 1].
+        score_threshold: Minimum score.
+        top_k: At most this many detections per image.
+        image_sizes: ``(height, width)`` of each original image: boxes are scaled to it
+            (default: the input size).
+
+    Returns:
+        Per image ``scores``, ``labels`` and ``boxes`` (xyxy pixels of the original image).
+    """
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(pcfg.get("mean", [MEAN_STD] * images.shape[1]), device=images.device)[None, :, None, None]
+    std = torch.tensor(pcfg.get("std", [MEAN_STD] * images.shape[1]), device=images.device)[None, :, None, None]
+    out = model((images - mean) / std)
+    s = images.shape[-1]
+    dets = postprocess_detections(out["logits"], out["boxes"], [(s, s)] * len(images), score_threshold, top_k)
+    if image_sizes is not None:
+        for det, (h, w) in zip(dets, image_sizes):
+            det["boxes"] = det["boxes"] * torch.tensor([w / s, h / s] * 2, device=det["boxes"].device)
+    return dets
+
+
+def evaluate_detector(model: nn.Module, data: Any, batch_size: int = 64, device: str | torch.device = "cpu",
+                      num_plot_images: int = 0) -> dict[str, Any]:
+    """COCO box metrics of a detector on a :class:`DetectionSamples` dataset (see :class:`DetectionEvalMetrics`)."""
+    from torch.utils.data import DataLoader
+
+    from ..base import evaluate_task
+
+    task = DetectionTask(data.num_classes, data.classes, num_plot_images=num_plot_images)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    model.to(device)
+    return evaluate_task(model, task, loader, torch.device(device))
+
+
+def data_for_checkpoint(model: nn.Module, split: str = "test", dataset: str | None = None) -> Any:
+    """The split of the data recorded in a detector's checkpoint, as :class:`DetectionSamples`.
+
+    Args:
+        model: A detector from :func:`load_detector`.
+        split: ``train``, ``val`` or ``test``.
+        dataset: A COCO-format split folder (``annotations.json`` + ``images/``) to use instead.
+    """
+    pcfg = model.pretrained_cfg
+    size = int(pcfg["input_size"][-1])
+    record = pcfg.get("data", {})
+    if dataset is not None:
+        from ...datasets.coco import CocoDetection
+
+        root = Path(dataset)
+        ds = CocoDetection(root / "annotations.json", root / "images")
+        return DetectionSamples(ds, size, max(ds.max_objects, 1))
+    if record.get("dataset") != "digit_scenes":
+        raise ValueError("this checkpoint was trained on a COCO folder: pass --dataset SPLIT_FOLDER "
+                         "(annotations.json + images/)")
+    from ...datasets.digit_scenes import DigitScenes
+
+    scenes = dict(record.get("scenes", {}))
+    counts = {s: int(scenes.pop(k, 0)) for s, k in SCENE_SPLIT_KEYS.items()}
+    if "digit_size" in scenes:
+        scenes["digit_size"] = tuple(scenes["digit_size"])
+    ds = DigitScenes(split, counts[split] or 400, canvas_size=size, **scenes)
+    return DetectionSamples(ds, size, ds.max_digits)
+
+
+# --------------------------------------------------------------------------- plots
+def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Training loss and validation AP / AP50 per epoch."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h.get("train_loss") for h in history], marker=".", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    for key in ("val_AP50", "val_AP"):
+        vals = [h.get(key) for h in history]
+        if any(v is not None for v in vals):
+            ax2.plot(epochs, vals, marker=".", label=key[4:])
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("AP")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_predictions(samples: Sequence[Mapping[str, Any]], labels: Sequence[str], path: str | Path,
+                     score_threshold: float = 0.5) -> Path:
+    """Images with ground truth (green, dashed) and predictions scoring >= ``score_threshold`` (red)."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    n = len(samples)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
+    for ax, s in zip(axes[0], samples):
+        img = s["image"].float()
+        ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray", vmin=0, vmax=1)
+        for (x0, y0, x1, y1), lab in zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist()):
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", ls="--", lw=1))
+        for (x0, y0, x1, y1), lab, sc in zip(s["boxes"].tolist(), s["labels"].tolist(), s["scores"].tolist()):
+            if sc < score_threshold:
+                continue
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=1))
+            ax.text(x0, y0, f"{labels[lab]} {sc:.2f}", color="red", fontsize=7, va="bottom")
+        ax.axis("off")
+    fig.suptitle("ground truth (green, dashed) vs predictions (red)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_detections(image: Any, detections: Mapping[str, Tensor], labels: Sequence[str] | None = None) -> Any:
+    """A copy of a PIL image with the detections' boxes and labels drawn (RGB)."""
+    from PIL import ImageDraw
+
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    for box, lab, sc in zip(detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist()):
+        draw.rectangle(box, outline=(255, 0, 0), width=max(1, round(min(out.size) / 100)))
+        name = labels[lab] if labels is not None and lab < len(labels) else str(lab)
+        draw.text((box[0], max(0, box[1] - 10)), f"{name} {sc:.2f}", fill=(255, 0, 0))
+    return out
+
+
+def detections_to_json(detections: Mapping[str, Tensor], labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """JSON-ready detections: ``label`` (index), ``class`` (name), ``score``, ``box`` xyxy pixels."""
+    out = []
+    for box, lab, sc in zip(detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist()):
+        out.append({"label": int(lab), "class": labels[lab] if labels is not None and lab < len(labels) else str(lab),
+                    "score": float(sc), "box": [float(v) for v in box]})
+    return out
+
+
+__all__ = ["DETECTION_RECIPE", "DetectionEvalMetrics", "DetectionInputs", "DetectionSamples", "DetectionTask",
+           "build_criterion", "build_dense_augment", "build_detection_datasets", "build_detector",
+           "collate_detection", "data_for_checkpoint", "detect", "detections_to_json", "draw_detections",
+           "evaluate_detector", "is_detection_checkpoint", "load_detector", "plot_predictions", "unpad_targets"]
