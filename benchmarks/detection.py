@@ -30,17 +30,17 @@ from vitlab.training import build_trainer, load_config
 
 #: name -> (description, overrides on top of the recipe)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
-    "detr_plain_vit": ("DETR (plain), ViT", ["task_options.detr.remedy=none"]),
+    "detr_plain_vit": ("DETR (plain), ViT", ["detection.detr.remedy=none"]),
     "detr_dn_vit": ("DETR + DN (remedy), ViT", []),
-    "yolos_vit": ("YOLOS, ViT", ["task_options.detector=yolos"]),
+    "yolos_vit": ("YOLOS, ViT", ["detection.detector=yolos"]),
     "detr_plain_pvt": ("DETR (plain), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
-                                                   "task_options.detr.remedy=none", "task_options.detr.num_levels=2"]),
+                                                   "detection.detr.remedy=none", "detection.detr.num_levels=2"]),
     "detr_dn_pvt": ("DETR + DN (remedy), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
-                                                      "task_options.detr.num_levels=2"]),
+                                                      "detection.detr.num_levels=2"]),
 }
-QUICK = ["epochs=1", "task_options.scenes.num_train=32", "task_options.scenes.num_val=8",
-         "task_options.scenes.num_test=16", "data.batch_size=16", "model.overrides.depth=1",
-         "task_options.detr.dec_layers=2", "task_options.detr.enc_layers=0"]
+QUICK = ["epochs=1", "detection.scenes.num_train=32", "detection.scenes.num_val=8",
+         "detection.scenes.num_test=16", "data.batch_size=16", "model.overrides.depth=1",
+         "detection.detr.dec_layers=2", "detection.detr.enc_layers=0"]
 
 
 def throughput(model: torch.nn.Module, size: int, channels: int, batch: int, rounds: int = 5) -> float:

@@ -40,10 +40,10 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = load_config(None, [f"epochs={args.epochs}", f"output_dir={args.output_dir}",
-                             f"task_options.scenes.num_train={args.num_train}",
-                             f"task_options.scenes.num_val={args.num_val}",
-                             f"task_options.scenes.num_test={args.num_test}",
-                             f"task_options.detr.remedy={args.remedy}"], base=DETECTION_RECIPE)
+                             f"detection.scenes.num_train={args.num_train}",
+                             f"detection.scenes.num_val={args.num_val}",
+                             f"detection.scenes.num_test={args.num_test}",
+                             f"detection.detr.remedy={args.remedy}"], base=DETECTION_RECIPE)
     results = build_trainer(cfg).fit()
     print(f"test AP50 {results['test_AP50']:.3f}  AP {results['test_AP']:.3f}  "
           f"(training {results['train_time_s']:.0f}s)")

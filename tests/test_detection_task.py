@@ -37,11 +37,11 @@ from vitlab.pretrained.io import save_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.overrides.dim=32", "model.overrides.depth=1", "model.overrides.heads=2", "model.overrides.mlp_dim=64",
-        "task_options.detr.dim=32", "task_options.detr.heads=2", "task_options.detr.mlp_dim=64",
-        "task_options.detr.dec_layers=2", "task_options.num_queries=4", "data.image_size=32",
-        "task_options.scenes.digit_size=[10,14]", "task_options.scenes.num_train=16", "task_options.scenes.num_val=8",
-        "task_options.scenes.num_test=6", "data.batch_size=8", "data.eval_batch_size=8", "progress=false",
-        "device=cpu", "task_options.num_plot_images=2"]
+        "detection.detr.dim=32", "detection.detr.heads=2", "detection.detr.mlp_dim=64",
+        "detection.detr.dec_layers=2", "detection.num_queries=4", "data.image_size=32",
+        "detection.scenes.digit_size=[10,14]", "detection.scenes.num_train=16", "detection.scenes.num_val=8",
+        "detection.scenes.num_test=6", "data.batch_size=8", "data.eval_batch_size=8", "progress=false",
+        "device=cpu", "detection.num_plot_images=2"]
 
 
 def tiny_config(*extra: str):
@@ -57,16 +57,16 @@ def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
 
     cfg = _train_config(build_parser().parse_args(["train", "--task", "detection"]))
     assert cfg.task == "detection" and cfg.data.dataset == "digit_scenes" and cfg.recipe == "detection_digits"
-    assert cfg.task_options["detr"]["remedy"] == "dn"
+    assert cfg.detection["detr"]["remedy"] == "dn"
 
 
 def test_unknown_option_names_the_valid_ones():
-    with pytest.raises(ValueError, match="task_options.detr.remdy.*remedy"):
-        DetectionTask.from_config(tiny_config("task_options.detr.remdy=none"))
+    with pytest.raises(ValueError, match="detection.detr.remdy.*remedy"):
+        DetectionTask.from_config(tiny_config("detection.detr.remdy=none"))
 
 
 def test_yolos_by_config():
-    setup = DetectionTask.from_config(tiny_config("task_options.detector=yolos"))
+    setup = DetectionTask.from_config(tiny_config("detection.detector=yolos"))
     from vitlab.tasks.detection.yolos import YOLOS
 
     assert isinstance(setup.model, YOLOS) and setup.model.num_detection_tokens == 4
@@ -74,7 +74,7 @@ def test_yolos_by_config():
 
 @pytest.mark.parametrize("detector", ["detr", "yolos"])
 def test_detector_checkpoint_round_trip(tmp_path, detector):
-    setup = DetectionTask.from_config(tiny_config(f"task_options.detector={detector}"))
+    setup = DetectionTask.from_config(tiny_config(f"detection.detector={detector}"))
     model = setup.model.eval()
     save_checkpoint(model, tmp_path / "ck", labels=setup.task.labels)
     loaded = load_detector(tmp_path / "ck")
@@ -174,7 +174,7 @@ def test_coco_metrics_perfect_predictions_give_ap_one_and_shifted_ones_match_coc
 
 @pytest.mark.slow
 def test_detection_kill_and_resume_is_bit_exact(tmp_path):
-    extra = ["epochs=3", "optim.warmup_epochs=1", "task_options.augment.hflip=0.5"]
+    extra = ["epochs=3", "optim.warmup_epochs=1", "detection.augment.hflip=0.5"]
     full = build_trainer(tiny_config(*extra), output_dir=tmp_path / "full", log=lambda s: None)
     full_results = full.fit()
 

@@ -141,8 +141,9 @@ class TrainConfig:
     """A whole training run.
 
     ``task`` names a registered task (:func:`vitlab.tasks.list_tasks`): what a batch is, the
-    loss, the metrics and the plots; the engine does the rest. ``task_options`` holds the
-    task's own options (a mapping the task validates, e.g. the detector of ``detection``).
+    loss, the metrics and the plots; the engine does the rest. A task's own options sit in
+    its section: ``mae``, ``segmentation`` (typed) and ``detection`` (a mapping the detection
+    task validates, naming the valid keys).
     """
 
     task: str = "classification"
@@ -164,7 +165,7 @@ class TrainConfig:
     progress: bool = True
     save_every: int = 1
     eval_every: int = 1
-    task_options: dict[str, Any] = field(default_factory=dict)
+    detection: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         errors = []

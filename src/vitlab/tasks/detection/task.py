@@ -6,14 +6,14 @@ What it owns:
   scenes from the disjoint digit splits) or a COCO-format folder (``data.dataset: coco``
   with ``data.data_dir: ROOT`` holding ``ROOT/{train,val,test}/annotations.json`` and
   ``ROOT/{split}/images/``, the layout :func:`~vitlab.datasets.coco.write_coco` writes; or
-  explicit files in ``task_options.coco``). Every image is resized to the square
+  explicit files in ``detection.coco``). Every image is resized to the square
   ``data.image_size`` (boxes scaled with it) and its objects padded to a fixed count, so the
   engine's default collate batches them; :meth:`DetectionTask.prepare` unpads (variable
   box counts per image);
 - **augmentation** on the device: :class:`~vitlab.datasets.augment.dense.DenseAugment`
   (crop / flip / affine moving the boxes), drawn from the engine's generator;
 - **model**: DETR on ``model.name`` (any registered backbone, ``model.overrides`` fitting
-  it) or YOLOS on a ViT (``task_options.detector``);
+  it) or YOLOS on a ViT (``detection.detector``);
 - **loss**: :class:`~vitlab.tasks.detection.DETRLoss` on every decoder layer, plus DN-DETR's
   reconstruction losses when the remedy is on;
 - **metrics**: COCO box mAP from pycocotools on the evaluated split; ``AP50`` (AP at IoU
@@ -21,7 +21,7 @@ What it owns:
 - **plots**: loss / AP curves and ``predictions.png`` (predictions vs ground truth on the
   first evaluated images, always the same ones).
 
-Options (``task_options``; unknown keys are an error naming the valid ones):
+Options (``detection``; unknown keys are an error naming the valid ones):
 ``detector`` (``detr`` | ``yolos``), ``detr`` (keys of :class:`DETRConfig`), ``num_queries``,
 ``scenes`` (keyword arguments of :class:`~vitlab.datasets.digit_scenes.DigitScenes` plus
 ``num_train`` / ``num_val`` / ``num_test``), ``augment`` (keyword arguments of
@@ -65,7 +65,7 @@ DETECTION_RECIPE: dict[str, Any] = {
     "optim": {"lr": 3e-4, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 0.1},
     "epochs": 40,
     "seed": 0,
-    "task_options": {
+    "detection": {
         "detector": "detr",
         "num_queries": 10,
         "detr": {"remedy": "dn", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
@@ -341,11 +341,11 @@ class DetectionTask(Task):
         ``pretrained_cfg`` records the input size, normalisation and the data it was trained
         on (``vitlab eval`` reads it back).
         """
-        opts = dict(cfg.task_options)
-        _check_keys(opts, OPTION_KEYS, "task_options")
+        opts = dict(cfg.detection)
+        _check_keys(opts, OPTION_KEYS, "detection")
         detector = opts.get("detector", "detr")
         if detector not in DETECTORS:
-            raise ValueError(f"task_options.detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+            raise ValueError(f"detection.detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
         train_set, val_set, test_set, data_record = build_detection_datasets(cfg, opts)
         size = int(cfg.data.image_size)
         channels = int(train_set[0]["image"].shape[0])
@@ -362,10 +362,10 @@ class DetectionTask(Task):
 
 # --------------------------------------------------------------------------- builders
 def build_criterion(num_classes: int, options: Mapping[str, Any]) -> DETRLoss:
-    """:class:`DETRLoss` from ``task_options.loss`` (DETR's defaults: costs 1/5/2, weights 1/5/2, eos 0.1)."""
+    """:class:`DETRLoss` from ``detection.loss`` (DETR's defaults: costs 1/5/2, weights 1/5/2, eos 0.1)."""
     from .matcher import HungarianMatcher
 
-    _check_keys(options, LOSS_KEYS, "task_options.loss")
+    _check_keys(options, LOSS_KEYS, "detection.loss")
     o = {k: options[k] for k in options}
     matcher = HungarianMatcher(float(o.pop("cost_class", 1.0)), float(o.pop("cost_bbox", 5.0)),
                                float(o.pop("cost_giou", 2.0)))
@@ -397,7 +397,7 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
         detr = dict(options.get("detr", {}))
         valid = [f.name for f in fields(DETRConfig) if f.name not in
                  ("backbone", "backbone_overrides", "image_size", "in_channels", "num_classes", "num_queries")]
-        _check_keys(detr, valid, "task_options.detr")
+        _check_keys(detr, valid, "detection.detr")
         if "pyramid_scales" in detr:
             detr["pyramid_scales"] = tuple(float(s) for s in detr["pyramid_scales"])
         config = DETRConfig(backbone=backbone, backbone_overrides=dict(overrides), image_size=size,
@@ -425,13 +425,13 @@ def _coco_split(cfg: Any, opts: Mapping[str, Any], split: str) -> Any | None:
 
     coco = dict(opts.get("coco", {}))
     _check_keys(coco, [f"{s}_{k}" for s in ("train", "val", "test") for k in ("annotations", "images")] + ["on_error"],
-                "task_options.coco")
+                "detection.coco")
     ann, img = coco.get(f"{split}_annotations"), coco.get(f"{split}_images")
     if ann is None:
         if cfg.data.data_dir is None:
             if split == "train":
                 raise ValueError("a COCO-format run needs data.data_dir (ROOT with ROOT/train/annotations.json and "
-                                 "ROOT/train/images/) or task_options.coco.train_annotations / train_images")
+                                 "ROOT/train/images/) or detection.coco.train_annotations / train_images")
             return None
         root = Path(cfg.data.data_dir) / split
         ann, img = root / "annotations.json", root / "images"
@@ -455,7 +455,7 @@ def build_detection_datasets(cfg: Any, opts: Mapping[str, Any]) -> tuple[Any, An
         scenes = dict(opts.get("scenes", {}))
         valid = [f for f in inspect.signature(DigitScenes).parameters
                  if f not in ("split", "num_scenes", "canvas_size")] + list(SCENE_SPLIT_KEYS.values())
-        _check_keys(scenes, valid, "task_options.scenes")
+        _check_keys(scenes, valid, "detection.scenes")
         counts = {s: int(scenes.pop(k, d)) for (s, k), d in zip(SCENE_SPLIT_KEYS.items(), (2000, 200, 400))}
         if "digit_size" in scenes:
             scenes["digit_size"] = tuple(scenes["digit_size"])
