@@ -46,6 +46,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def _as_list(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a nested config (CLIP's text tower)
+        return config_to_dict(v)
     return [_as_list(x) for x in v] if isinstance(v, tuple) else v
 
 
