@@ -107,7 +107,7 @@ def test_scene_captions_are_compositional_and_follow_the_boxes():
         else:
             top = int(lab[int(cy.argmin())])
             assert top == (first if "above" in words else second), (s["caption"], b, lab)
-        assert s["image"].shape == (1, 32, 32)
+        assert s["image"].shape == (1, 24, 24)
 
 
 def _png(path: Path, value: int = 128) -> None:
@@ -218,30 +218,41 @@ def test_rerank_reorders_only_the_top_k_by_the_itm_score():
     assert out[0, 3] == sim[0, 3] and out[1, 0] == sim[1, 0]  # the rest keep their similarity
 
 
-def test_training_forward_pairs_each_image_with_its_text_and_mined_negatives():
+def test_training_forward_pairs_each_image_with_its_text_and_mined_negatives(monkeypatch):
+    import vitlab.tasks.clip.model as clip_model
+
     torch.manual_seed(0)
     model = tiny_clip(itm_depth=1)
     ids = torch.tensor([[38, 3, 39, 0, 0, 0, 0, 0], [38, 4, 39, 0, 0, 0, 0, 0], [38, 3, 39, 0, 0, 0, 0, 0],
                         [38, 5, 6, 39, 0, 0, 0, 0]])
-    labels = torch.tensor([0, 1, 0, 2])
-    pairs = []
-    orig = model.itm_logits
+    labels = torch.tensor([0, 1, 0, 2])  # texts 0 and 2 are the same caption
+    pairs, masks = [], []
+    orig_itm, orig_mine = model.itm_logits, clip_model.mine_hard_negatives
 
     def spy(img_tok, txt_tok, ids_):
-        pairs.append(ids_)
-        return orig(img_tok, txt_tok, ids_)
+        pairs.append((img_tok, ids_))
+        return orig_itm(img_tok, txt_tok, ids_)
+
+    def spy_mine(sim, pos):
+        masks.append(pos)
+        return orig_mine(sim, pos)
 
     model.itm_logits = spy
-    out = model(torch.rand(4, 1, 16, 16), ids, labels, train_outputs=True)
+    monkeypatch.setattr(clip_model, "mine_hard_negatives", spy_mine)
+    images = torch.rand(4, 1, 16, 16)
+    out = model(images, ids, labels, train_outputs=True)
+    # the positives excluded from mining are all pairs with equal labels, not just the diagonal
+    assert torch.equal(masks[0], labels[:, None] == labels[None, :])
     sim = out["image_emb"] @ out["text_emb"].t()
-    pos = labels[:, None] == labels[None, :]
-    masked = sim.detach().masked_fill(pos, -2.0)
+    masked = sim.detach().masked_fill(masks[0], -2.0)
     exp_texts = torch.cat([torch.arange(4), masked.argmax(1), torch.arange(4)])
-    assert torch.equal(pairs[0], ids[exp_texts])
+    exp_images = torch.cat([torch.arange(4), torch.arange(4), masked.argmax(0)])
+    img_tok, got_ids = pairs[0]
+    assert torch.equal(got_ids, ids[exp_texts])
+    _, all_tokens = model.image_features(images)
+    torch.testing.assert_close(img_tok, all_tokens[exp_images])
     assert out["itm_targets"].tolist() == [1.0] * 4 + [0.0] * 8
-    # no negative is a positive: image 0's negative text never has label 0
-    assert all(labels[t] != labels[i] for i, t in enumerate(masked.argmax(1).tolist()))
-    assert all(labels[i] != labels[t] for t, i in enumerate(masked.argmax(0).tolist()))
+    assert all(labels[t] != labels[i] for i, t in zip(exp_images[4:].tolist(), exp_texts[4:].tolist()))
 
 
 # ---------------------------------------------------------------- the task's loss
@@ -434,3 +445,23 @@ def test_clip_cli_errors_are_one_clear_line(clip_run, tmp_path, capsys):
         assert cli(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_clip_recipe_file_equals_the_builtin_recipe():
+    import yaml
+
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    assert yaml.safe_load((HERE.parent / "configs" / "clip_digits.yaml").read_text()) == CLIP_DIGITS_RECIPE
+
+
+@pytest.mark.slow
+def test_clip_example_trains_classifies_zero_shot_and_retrieves(tmp_path):
+    res = subprocess.run([sys.executable, str(HERE.parent / "examples" / "clip_training.py"), "--epochs", "1", "--tiny",
+                          "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    engine = json.loads((tmp_path / "results.json").read_text())["test_zero_shot_top1"]
+    # the example's own zero-shot pass over the test digits (class names only) is printed beside the engine's
+    assert f"test zero-shot top-1 (engine): {100 * engine:.2f}%" in res.stdout
+    assert "zero-shot on the 359 held-out digits" in res.stdout and res.stdout.count("top-5 test images") == 3

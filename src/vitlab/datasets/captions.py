@@ -161,8 +161,8 @@ class SceneCaptions(Dataset):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
-    def __init__(self, split: str = "train", num_scenes: int = 2000, canvas_size: int = 32,
-                 digit_size: tuple[int, int] = (10, 14), converse: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, split: str = "train", num_scenes: int = 2000, canvas_size: int = 24,
+                 digit_size: tuple[int, int] = (8, 11), converse: float = 0.5, seed: int = 0) -> None:
         if not 0.0 <= converse <= 1.0:
             raise ValueError(f"converse must be a probability in [0, 1], got {converse}")
         self.scenes = DigitScenes(split, num_scenes=num_scenes, canvas_size=canvas_size, min_digits=2, max_digits=2,

@@ -127,8 +127,10 @@ def retrieval_scores(model: CLIP, tokenizer: CLIPTokenizer, images: Tensor, text
     return sim.cpu()
 
 
-def evaluation_data(dataset: str, split: str, seed: int = 0, num_scenes: int = 1000) -> Any:
-    """The captioned evaluation data of a dataset name: ``digits`` or ``digit_scenes``.
+def evaluation_data(dataset: str, split: str, seed: int = 0, num_scenes: int = 1000,
+                    scenes: dict[str, Any] | None = None) -> Any:
+    """The captioned evaluation data of a dataset name: ``digits`` or ``digit_scenes``
+    (``scenes``: the canvas and digit sizes a checkpoint was trained with).
 
     Raises:
         ValueError: Another name (a caption folder is evaluated with the Python API).
@@ -136,7 +138,9 @@ def evaluation_data(dataset: str, split: str, seed: int = 0, num_scenes: int = 1
     if dataset == "digits":
         return DigitCaptions(split, seed=seed)
     if dataset == "digit_scenes":
-        return SceneCaptions(split, num_scenes, seed=seed)
+        s = scenes or {}
+        return SceneCaptions(split, num_scenes, int(s.get("canvas_size", 24)), tuple(s.get("digit_size", (8, 11))),
+                             seed=seed)
     raise ValueError(f"vitlab eval of a CLIP checkpoint knows the datasets digits and digit_scenes, got {dataset!r}")
 
 
@@ -169,8 +173,9 @@ def evaluate_clip_checkpoint(checkpoint: str | Path, dataset: str | None = None,
                              device: str = "cpu", batch_size: int = 256, rerank: int = 10) -> dict[str, Any]:
     """:func:`evaluate_clip` of a checkpoint on ``dataset`` (default: the one it was trained on)."""
     model, tokenizer = load_for_inference(checkpoint, device)
-    dataset = dataset or (getattr(model, "pretrained_cfg", {}) or {}).get("dataset") or "digits"
-    data = evaluation_data(dataset, split)
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    dataset = dataset or pcfg.get("dataset") or "digits"
+    data = evaluation_data(dataset, split, scenes=pcfg.get("scenes"))
     res = evaluate_clip(model, tokenizer, data, device, batch_size,
                         prompts=digit_prompts() if dataset == "digits" else None, rerank=rerank)
     res.update(dataset=dataset, split=split)

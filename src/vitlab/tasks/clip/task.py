@@ -17,7 +17,7 @@ Options come from ``model.overrides`` (the rest of it configures the image backb
 (0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_weight`` (1.0), ``itm_top_k`` (10),
 ``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
 ``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
-4000; val/test a quarter), ``canvas_size`` (32). The tokenizer is a BPE trained on the
+4000; val/test a quarter), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
 training captions and travels inside every checkpoint (``pretrained_cfg["tokenizer"]``).
 """
 
@@ -60,7 +60,7 @@ CLIP_DIGITS_RECIPE: dict[str, Any] = {
 #: ``model.overrides`` keys that configure CLIP (the others go to the image backbone).
 CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
-    "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size",
+    "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
     "init_logit_scale",
 )
 #: How many eval samples the similarity-matrix plot shows.
@@ -261,10 +261,11 @@ class CLIPTask(Task):
         elif dataset == "digit_scenes":
             # no augmentation for scenes: a flip or crop would change "left of" / "above" in the captions
             n = int(clip.get("num_scenes", 4000))
-            canvas = int(clip.get("canvas_size", 32))
-            train = SceneCaptions("train", n, canvas, seed=cfg.seed)
-            val = SceneCaptions("val", max(n // 4, 1), canvas, seed=cfg.seed)
-            test = SceneCaptions("test", max(n // 4, 1), canvas, seed=cfg.seed)
+            canvas = int(clip.get("canvas_size", 24))
+            dsize = tuple(int(v) for v in clip.get("digit_size", (8, 11)))
+            train = SceneCaptions("train", n, canvas, dsize, seed=cfg.seed)
+            val = SceneCaptions("val", max(n // 4, 1), canvas, dsize, seed=cfg.seed)
+            test = SceneCaptions("test", max(n // 4, 1), canvas, dsize, seed=cfg.seed)
             size, default_itm, context = canvas, 1, 16
         else:
             size = int(cfg.data.image_size or 224)
@@ -294,6 +295,8 @@ class CLIPTask(Task):
                                 "mean": list(train.mean), "std": list(train.std), "crop_pct": 1.0,
                                 "interpolation": "bilinear", "dataset": dataset, "tokenizer": tokenizer.to_dict(),
                                 "templates": list(DIGIT_TEMPLATES) if dataset == "digits" else ["{}"]}
+        if dataset == "digit_scenes":
+            model.pretrained_cfg["scenes"] = {"canvas_size": size, "digit_size": list(dsize)}
         task = cls(tokenizer, train.mean, train.std, loss=loss, duplicate_aware=bool(clip.get("duplicate_aware", True)),
                    itm_weight=float(clip.get("itm_weight", 1.0)), itm_top_k=int(clip.get("itm_top_k", 10)),
                    prompts=prompts, augment=augment)
