@@ -47,9 +47,13 @@ DIGIT_VARIANTS = (
 )
 
 
+DEVICE = "cpu"
+
+
 def train(overrides: list[str], out: Path) -> dict[str, Any]:
     """Train one run through the engine; its test results."""
-    cfg = load_config(None, overrides + ["progress=false", "device=cpu", f"output_dir={out}"], base=CLIP_DIGITS_RECIPE)
+    cfg = load_config(None, overrides + ["progress=false", f"device={DEVICE}", f"output_dir={out}"],
+                      base=CLIP_DIGITS_RECIPE)
     return build_trainer(cfg, log=lambda s: None).fit()
 
 
@@ -85,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-scenes", type=int, help="training scenes (default: 4000; 1000 with --quick)")
     p.add_argument("--skip", nargs="*", default=[], choices=["digits", "scenes"], help="experiments to leave out")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--output", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (1 if args.quick else 3)
     d_epochs = args.digit_epochs or (3 if args.quick else 30)

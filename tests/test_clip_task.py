@@ -465,3 +465,33 @@ def test_clip_example_trains_classifies_zero_shot_and_retrieves(tmp_path):
     # the example's own zero-shot pass over the test digits (class names only) is printed beside the engine's
     assert f"test zero-shot top-1 (engine): {100 * engine:.2f}%" in res.stdout
     assert "zero-shot on the 359 held-out digits" in res.stdout and res.stdout.count("top-5 test images") == 3
+
+
+def test_task_eval_metrics_equal_hand_computed_zero_shot_and_retrieval():
+    from vitlab.tasks.clip.task import CLIPEvalMetrics
+
+    tok = CLIPTokenizer.train(["a 1"], vocab_size=4, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=0, prompts=[["x"], ["y"]])
+    metrics = task.eval_metrics()
+    assert isinstance(metrics, CLIPEvalMetrics)
+    s = 2 ** -0.5
+    img = torch.tensor([[1.0, 0.0], [s, s], [0.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [s, -s]])
+    labels = torch.tensor([0, 1, 1])
+    zs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (D, K): class 0 along x, class 1 along y
+    for rows in ([0, 1], [2]):  # two batches
+        batch = Batch(None, labels[rows], len(rows), {"captions": [f"c{i}" for i in rows]})
+        metrics.update(batch, {"image_emb": img[rows], "text_emb": txt[rows], "scale": torch.tensor(1.0), "bias": None,
+                               "zero_shot": zs})
+    res = metrics.compute()
+    # zero-shot: image 0 -> x (class 0, right), image 1 ties -> class 0 (argmax first; wrong), image 2 -> y (right)
+    assert res["zero_shot_top1"] == pytest.approx(2 / 3)
+    # sim = img @ txt.T = [[0, 1, s], [s, s, 0], [1, 0, -s]]; positives: image 0 - text 0; images 1, 2 - texts 1, 2
+    # t2i: text 0 (col 0 = [0, s, 1]) ranks image 0 third; text 1 ([1, s, 0]) ranks image 1 (s) 2nd;
+    #      text 2 ([s, 0, -s]): images 1, 2 score 0 and -s, image 0 above both -> rank 2
+    assert res["t2i_R@1"] == pytest.approx(0.0) and res["t2i_R@5"] == pytest.approx(1.0)
+    assert res["t2i_mean_rank"] == pytest.approx((3 + 2 + 2) / 3) and res["t2i_median_rank"] == 2
+    # i2t: image 0 (row [0, 1, s]) -> text 0 scores 0: rank 3; image 1 ([s, s, 0]) -> text 1 ties text 0: rank 1;
+    #      image 2 ([1, 0, -s]) -> best positive text 1 (0): rank 2
+    assert res["i2t_R@1"] == pytest.approx(1 / 3) and res["i2t_mean_rank"] == pytest.approx(2.0)
+    assert res["n"] == 3 and res["similarity"].shape == (3, 3) and res["similarity_captions"] == ["c0", "c1", "c2"]
