@@ -423,6 +423,21 @@ def test_retrieve_and_eval_cli_on_a_clip_checkpoint(clip_run, tmp_path, capsys):
                 "a handwritten 7", "--top-k", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 4 and out[0].startswith("text 'the digit one': ") and out[2].startswith(f"image {files[0]}: ")
+    # by hand: cosine similarities of the normalised images and texts, best first
+    from PIL import Image
+
+    from vitlab.tasks.clip.convert import load_clip_checkpoint
+
+    model, tok = load_clip_checkpoint(clip_run)
+    mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None] for f in files])
+    with torch.no_grad():
+        cos = F.normalize(model.encode_image((x - mean) / std), dim=-1) @ F.normalize(
+            model.encode_text(tok(["the digit one", "a handwritten 7"])), dim=-1).t()  # (2 images, 2 texts)
+    for j, line in enumerate(out[:2]):
+        order = [str(files[i]) for i in cos[:, j].argsort(descending=True).tolist()]
+        assert [w for w in line.split(": ", 1)[1].split() if not w.startswith("(")] == order
+        assert f"({float(cos[:, j].max()):.3f})" in line
     assert cli(["eval", "--checkpoint", str(clip_run)]) == 0
     out = capsys.readouterr().out
     results = json.loads((clip_run / "results.json").read_text())
