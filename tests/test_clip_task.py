@@ -413,6 +413,9 @@ def test_zero_shot_cli_ranks_labels_as_the_prompt_ensemble_does(clip_run, tmp_pa
         order = [("zero", "one", "two", "three")[i] for i in np.argsort(scores)[::-1]]
         printed = [w for w in line.split(": ", 1)[1].split() if not w.endswith("%")]
         assert printed == order, (line, scores)
+        probs = torch.tensor(scores).mul(model.scale().item()).softmax(0)
+        percents = [float(w[:-1]) for w in line.split(": ", 1)[1].split() if w.endswith("%")]
+        assert percents == pytest.approx(sorted((100 * probs).tolist(), reverse=True), abs=0.051)
 
 
 def test_retrieve_and_eval_cli_on_a_clip_checkpoint(clip_run, tmp_path, capsys):
