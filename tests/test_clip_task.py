@@ -513,3 +513,25 @@ def test_task_eval_metrics_equal_hand_computed_zero_shot_and_retrieval():
     #      image 2 ([1, 0, -s]) -> best positive text 1 (0): rank 2
     assert res["i2t_R@1"] == pytest.approx(1 / 3) and res["i2t_mean_rank"] == pytest.approx(2.0)
     assert res["n"] == 3 and res["similarity"].shape == (3, 3) and res["similarity_captions"] == ["c0", "c1", "c2"]
+
+
+def test_clip_trains_on_a_user_caption_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["image,caption"]
+    for i in range(12):
+        colour = ("red", "green", "blue")[i % 3]
+        px = np.zeros((20, 20, 3), dtype=np.uint8)
+        px[..., i % 3] = 200 + rng.integers(0, 50)
+        Image.fromarray(px).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {colour} square")
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, TINY + ["epochs=1", "data.batch_size=4", "data.image_size=16", f"data.dataset={tmp_path}",
+                                    f"output_dir={tmp_path / 'run'}"])
+    trainer = build_trainer(cfg, log=lambda s: None)
+    assert trainer.task.primary_metric == "t2i_R@1" and trainer.model.visual.config.in_channels == 3
+    assert len(trainer.train_loader.dataset) + len(trainer.val_loader.dataset) == 12
+    res = trainer.fit()
+    assert res["split"] == "val" and "val_t2i_R@1" in res and res["val_n"] == 1
+    assert (tmp_path / "run" / "similarity_matrix.png").is_file()
