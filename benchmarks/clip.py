@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             plain, reranked, ceiling = [], [], []
             for seed in range(seeds):
                 res = train([f"epochs={s_epochs}", f"seed={seed}", "data.dataset=digit_scenes", "optim.warmup_epochs=1",
+                             "data.batch_size=64", f"eval_every={s_epochs}",
                              f"model.overrides={{{SCENE_MODEL}, num_scenes: {n_scenes}}}"],
                             Path(tmp) / f"scenes-{seed}")
                 plain.append(res["test_t2i_R@1"])

@@ -69,7 +69,7 @@ def load_images(model: CLIP, paths: Sequence[str | Path]) -> Tensor:
         x = torch.from_numpy(read_image_file(p)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
         if x.shape[0] != channels:
             x = x.mean(dim=0, keepdim=True) if channels == 1 else x.expand(channels, -1, -1)
-        # (C, H, W) -> (1, C, S, S)
+        # (C, H, W) -> (1, C, H, W) -> (1, C, S, S)
         x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(x)
     return normalize(torch.cat(out), mean, std)

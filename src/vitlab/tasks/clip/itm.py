@@ -119,7 +119,8 @@ def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor])
     k = min(k, sim.shape[1])
     top = sim.topk(k, dim=1).indices  # (Q, k)
     q = torch.arange(sim.shape[0], device=sim.device)[:, None].expand_as(top)
-    logits = score(q.reshape(-1), top.reshape(-1)).view(top.shape).float()  # (Q * k,) -> (Q, k)
+    # (Q, k) -> (Q * k,) pairs; their logits (Q * k,) -> (Q, k)
+    logits = score(q.reshape(-1), top.reshape(-1)).view(top.shape).float()
     out = sim.float().clone()
     # above every similarity: shift the ITM logits so that the lowest re-ranked one beats the best rest
     offset = out.max() - logits.min() + 1.0
