@@ -535,3 +535,14 @@ def test_clip_trains_on_a_user_caption_folder(tmp_path):
     res = trainer.fit()
     assert res["split"] == "val" and "val_t2i_R@1" in res and res["val_n"] == 1
     assert (tmp_path / "run" / "similarity_matrix.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["train", "--task", "clip"], ["train", "task=clip"]])
+def test_train_task_clip_starts_from_the_clip_recipe(argv):
+    from vitlab.cli import _train_config, build_parser
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    cfg = _train_config(build_parser().parse_args(argv))
+    assert cfg.task == "clip" and cfg.recipe == "clip_digits" and cfg.data.dataset == "digits"
+    assert cfg.model.overrides == CLIP_DIGITS_RECIPE["model"]["overrides"] and cfg.epochs == CLIP_DIGITS_RECIPE["epochs"]
+    assert _train_config(build_parser().parse_args(["train"])).recipe == "digits"  # classification keeps its own
