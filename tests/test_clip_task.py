@@ -546,3 +546,41 @@ def test_train_task_clip_starts_from_the_clip_recipe(argv):
     assert cfg.task == "clip" and cfg.recipe == "clip_digits" and cfg.data.dataset == "digits"
     assert cfg.model.overrides == CLIP_DIGITS_RECIPE["model"]["overrides"] and cfg.epochs == CLIP_DIGITS_RECIPE["epochs"]
     assert _train_config(build_parser().parse_args(["train"])).recipe == "digits"  # classification keeps its own
+
+
+def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1).eval()
+    with torch.no_grad():  # a head whose preferences differ from the similarities (a fresh one mostly agrees)
+        for p in model.itm.parameters():
+            p.normal_(0.0, 0.5)
+    tok = CLIPTokenizer.train(["a 1"], vocab_size=4, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=4)
+    images = torch.rand(6, 1, 16, 16)
+    ids = torch.randint(1, 38, (6, 8))
+    ids[:, 5] = 39  # end of text: the largest id
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    metrics = task.eval_metrics()
+    with torch.no_grad():
+        for rows in ([0, 1, 2], [3, 4, 5]):
+            batch = Batch((images[rows], ids[rows], labels[rows]), labels[rows], 3, {"captions": ["c"] * 3})
+            metrics.update(batch, task.forward(model, batch.inputs))
+        res = metrics.compute()
+        # by hand: every (text, image) ITM logit; each text's 4 most similar images ordered by it, then the rest
+        img, img_tok = model.image_features(images)
+        txt, txt_tok = model.text_features(ids)
+        sim = F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).t()  # (texts, images)
+        itm = torch.stack([model.itm_logits(img_tok, txt_tok[t].expand(6, -1, -1), ids[t].expand(6, -1))
+                           for t in range(6)])  # (texts, images)
+    ranks, plain = [], []
+    for t in range(6):
+        cand = sim[t].topk(4).indices.tolist()
+        rest = [i for i in sim[t].argsort(descending=True).tolist() if i not in cand]
+        order = sorted(cand, key=lambda i: -float(itm[t, i])) + rest
+        ranks.append(1 + next(r for r, i in enumerate(order) if labels[i] == labels[t]))
+        plain.append(1 + next(r for r, i in enumerate(sim[t].argsort(descending=True).tolist())
+                              if labels[i] == labels[t]))
+    assert res["itm_t2i_mean_rank"] == pytest.approx(sum(ranks) / 6)
+    assert res["itm_t2i_R@1"] == pytest.approx(sum(r == 1 for r in ranks) / 6)
+    assert res["t2i_mean_rank"] == pytest.approx(sum(plain) / 6)
+    assert ranks != plain  # the re-ranking changed the ranks here, so the check has teeth
