@@ -16,7 +16,6 @@ What it shows:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 

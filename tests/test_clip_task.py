@@ -6,7 +6,6 @@ optimizer step, 2-rank DDP with features gathered with gradients, and the CLI
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
