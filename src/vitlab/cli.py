@@ -98,7 +98,8 @@ def _train_config(args: argparse.Namespace):
     from .training.recipes import DIGITS_RECIPE
 
     model = resolve_model_name(args.model) if args.model else None
-    base = _default_recipe(args.task, DIGITS_RECIPE)
+    task = args.task or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("task=")), None)
+    base = _default_recipe(task, DIGITS_RECIPE)
     return load_config(args.config, list(args.overrides), base=None if args.config else base,
                        model=model, dataset=args.dataset, flags=_train_flags(args))
 
