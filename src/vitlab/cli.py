@@ -123,7 +123,10 @@ def _default_recipe(args: argparse.Namespace) -> dict:
     """The recipe under the command line when there is no --config: digits, or the task's own."""
     from .training.recipes import DIGITS_RECIPE, TASK_RECIPES
 
-    return TASK_RECIPES.get(getattr(args, "task", None) or "", DIGITS_RECIPE)
+    # --task, or a task=NAME override: both start from that task's built-in recipe
+    task = getattr(args, "task", None) or next(
+        (o.split("=", 1)[1] for o in getattr(args, "overrides", []) if o.startswith("task=")), None)
+    return TASK_RECIPES.get(task or "", DIGITS_RECIPE)
 
 
 def _cmd_predict_detection(args: argparse.Namespace) -> int:
@@ -300,6 +303,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if is_detection_checkpoint(args.checkpoint):
         return _cmd_eval_detection(args)
+    if _is_clip_checkpoint(args.checkpoint):
+        return _cmd_eval_clip(args)
 
     res = evaluate_checkpoint(args.checkpoint, args.dataset, split=args.split, data_dir=args.data_dir,
                               output_dir=args.output_dir, device=args.device, batch_size=args.batch_size)
@@ -518,7 +523,109 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--random-init", action="store_true", help="with --model: random weights (no download)")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars (occlusion, --method all)")
     ex.set_defaults(func=_cmd_explain)
+
+    _add_clip_parsers(sub)
     return p
+
+
+# ----------------------------------------------------------------------------- CLIP commands
+def _is_clip_checkpoint(path: str) -> bool:
+    """Whether ``path`` holds a CLIP model (vitlab-trained, saved with save_clip, or a HF CLIPModel folder)."""
+    import json
+
+    from .pretrained.io import read_weights
+
+    p = Path(path)
+    if p.is_dir() and (p / "clip_config.json").is_file():
+        return True
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            if "text_config" in json.loads((p / "config.json").read_text()):
+                return True
+        except (OSError, ValueError):
+            pass
+    try:
+        meta = read_weights(p).vitlab_config or {}
+    except Exception:  # noqa: BLE001 - not readable here: the classification path reports it
+        return False
+    return meta.get("family") == "CLIP"
+
+
+def _cmd_zero_shot(args: argparse.Namespace) -> int:
+    from .tasks.clip.inference import load_for_inference, load_images, zero_shot_predict
+
+    labels = [c.strip() for c in args.labels.split(",")]
+    if not any(labels) or any(not c for c in labels):
+        raise ValueError(f"--labels must be comma-separated class names, e.g. --labels 'cat,dog'; got {args.labels!r}")
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    probs = zero_shot_predict(model, tokenizer, load_images(model, args.images), labels, args.templates)
+    k = min(args.top_k, len(labels))
+    for path, p in zip(args.images, probs):
+        top = p.topk(k)
+        ranked = "  ".join(f"{labels[i]} {float(v):.1%}" for v, i in zip(top.values, top.indices))
+        print(f"{path}: {ranked}")
+    return 0
+
+
+def _cmd_retrieve(args: argparse.Namespace) -> int:
+    from .tasks.clip.inference import load_for_inference, load_images, retrieval_scores
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    sim = retrieval_scores(model, tokenizer, load_images(model, args.images), args.texts, rerank=args.rerank)
+    if args.direction in ("t2i", "both"):
+        k = min(args.top_k, sim.shape[0])
+        for j, text in enumerate(args.texts):
+            top = sim[:, j].topk(k)
+            print(f"text {text!r}: " + "  ".join(f"{args.images[i]} ({float(v):.3f})" for v, i in zip(top.values, top.indices)))
+    if args.direction in ("i2t", "both"):
+        k = min(args.top_k, sim.shape[1])
+        for i, path in enumerate(args.images):
+            top = sim[i].topk(k)
+            print(f"image {path}: " + "  ".join(f"{args.texts[j]!r} ({float(v):.3f})" for v, j in zip(top.values, top.indices)))
+    return 0
+
+
+def _cmd_eval_clip(args: argparse.Namespace) -> int:
+    from .tasks.clip.inference import evaluate_clip_checkpoint
+
+    dataset = None if args.dataset == "digits" else args.dataset  # default: the checkpoint's own dataset
+    res = evaluate_clip_checkpoint(args.checkpoint, dataset, split=args.split or "test", device=args.device
+                                   if args.device != "auto" else "cpu", batch_size=args.batch_size)
+    print(f"{res['dataset']} {res['split']} (n={res['n']}), CLIP checkpoint")
+    if "zero_shot_top1" in res:
+        print(f"zero-shot accuracy: top-1 {100 * res['zero_shot_top1']:.2f}%")
+    for d, name in (("i2t", "image->text"), ("t2i", "text->image"), ("itm_t2i", "text->image, ITM re-ranked")):
+        if f"{d}_R@1" in res:
+            print(f"{name}: R@1 {100 * res[f'{d}_R@1']:.2f}%  R@5 {100 * res[f'{d}_R@5']:.2f}%  "
+                  f"R@10 {100 * res[f'{d}_R@10']:.2f}%  mean rank {res[f'{d}_mean_rank']:.2f}  "
+                  f"median rank {res[f'{d}_median_rank']:.0f}")
+    return 0
+
+
+def _add_clip_parsers(sub: argparse._SubParsersAction) -> None:
+    """``vitlab zero-shot`` and ``vitlab retrieve``."""
+    z = sub.add_parser("zero-shot", help="classify images by class names with a CLIP checkpoint")
+    z.add_argument("--checkpoint", required=True, help="CLIP checkpoint (a clip run, its checkpoint or a HF folder)")
+    z.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'cat,dog'")
+    z.add_argument("--templates", nargs="+", metavar="TEMPLATE",
+                   help="prompt templates with {} for the class (default: the checkpoint's)")
+    z.add_argument("images", nargs="+", type=Path, help="image files")
+    z.add_argument("--top-k", type=int, default=3)
+    z.add_argument("--device", default="cpu")
+    z.set_defaults(func=_cmd_zero_shot)
+
+    r = sub.add_parser("retrieve", help="rank images for texts and texts for images with a CLIP checkpoint")
+    r.add_argument("--checkpoint", required=True, help="CLIP checkpoint (a clip run, its checkpoint or a HF folder)")
+    r.add_argument("--images", nargs="+", type=Path, required=True, help="image files (the image gallery)")
+    r.add_argument("--texts", nargs="+", required=True, help="texts (the text gallery)")
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--direction", choices=["t2i", "i2t", "both"], default="both")
+    r.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-rank each text's top K images with the ITM head (models trained with one)")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=_cmd_retrieve)
 
 
 def check_device(name: str | None) -> None:

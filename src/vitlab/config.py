@@ -46,7 +46,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def _as_list(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a nested config (YOLOS' ViT)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a nested config (YOLOS' ViT, CLIP's text tower)
         return config_to_dict(v)
     return [_as_list(x) for x in v] if isinstance(v, tuple) else v
 

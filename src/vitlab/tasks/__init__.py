@@ -8,6 +8,7 @@ Inference with a trained classifier (:class:`vitlab.ViTClassifier`) lives in :mo
 """
 
 from .base import Batch, Metrics, NoMetrics, Task, evaluate_task
+from .clip import CLIPTask  # noqa: F401  (registers "clip")
 from .image_classification import ClassificationTask
 from .detection.task import DetectionTask
 from .mae.task import LinearProbeTask, MAETask

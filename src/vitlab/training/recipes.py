@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 
+from ..tasks.clip import CLIP_DIGITS_RECIPE
 from ..tasks.detection.task import DETECTION_RECIPE
 from ..tasks.segmentation.task import SEGMENTATION_RECIPE
 
@@ -56,8 +57,10 @@ MAE_DIGITS_RECIPE: dict[str, Any] = {
 }
 
 #: The recipe ``vitlab train --task NAME`` starts from when no ``--config`` is given.
-TASK_RECIPES: dict[str, dict[str, Any]] = {"detection": DETECTION_RECIPE, "mae": MAE_DIGITS_RECIPE,
-                                             "segmentation": SEGMENTATION_RECIPE}
+TASK_RECIPES: dict[str, dict[str, Any]] = {
+    "clip": CLIP_DIGITS_RECIPE, "detection": DETECTION_RECIPE, "mae": MAE_DIGITS_RECIPE,
+    "segmentation": SEGMENTATION_RECIPE,
+}
 
 #: What each kind of dataset brings (``vitlab.datasets.pipeline.dataset_kind``): digits at
 #: 8x8 with its geometric augmentation (chosen with benchmarks/digits_sweep.py), CIFAR at

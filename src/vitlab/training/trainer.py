@@ -3,7 +3,7 @@
 Per step: the task prepares the batch (to the device, resized to the epoch's size for
 progressive resizing, augmented) -> forward and loss under autocast -> backward
 (accumulated; DDP gradients synchronised on the last micro-batch only) -> the NaN stop ->
-clip -> optimizer step -> lr schedule -> EMA. Per epoch: evaluation (model and EMA),
+clip -> optimizer step -> lr schedule -> the task's ``after_step`` -> EMA. Per epoch: evaluation (model and EMA),
 ``metrics.jsonl`` (and TensorBoard when ``log.tensorboard``), an atomic checkpoint. At the
 end: test metrics in ``results.json`` and the task's plots.
 
@@ -293,6 +293,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        self.task.after_step(unwrap(self.model))
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
 

@@ -156,7 +156,7 @@ def save_clip(model: CLIP, folder: str | Path, tokenizer: CLIPTokenizer | None =
     c = model.config
     cfg = dict(image_model=c.image_model, image_overrides=c.image_overrides, text=vars(c.text),
                embed_dim=c.embed_dim, init_logit_scale=c.init_logit_scale, max_logit_scale=c.max_logit_scale,
-               logit_bias=c.logit_bias)
+               logit_bias=c.logit_bias, itm_depth=c.itm_depth, itm_heads=c.itm_heads)
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=list))
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     if tokenizer is not None:
@@ -178,3 +178,49 @@ def load_clip(folder: str | Path) -> tuple[CLIP, CLIPTokenizer | None]:
     _load_into(model, _load_state(folder), folder)
     tokenizer = CLIPTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file() else None
     return model.eval(), tokenizer
+
+
+def load_clip_checkpoint(path: str | Path) -> tuple[CLIP, CLIPTokenizer | None]:
+    """Load any CLIP checkpoint: a :func:`save_clip` folder, a Hugging Face ``CLIPModel`` folder,
+    or what ``vitlab train --task clip`` writes (a run directory, its ``checkpoints/epoch-N``
+    folder or a ``model.safetensors``), whose tokenizer travels in the weights' metadata.
+
+    Returns:
+        The model in eval mode (``pretrained_cfg`` restored: preprocessing, prompts) and its
+        tokenizer (None when the checkpoint has none).
+
+    Raises:
+        FileNotFoundError: No such file or folder.
+        CheckpointError: The checkpoint is not a CLIP model.
+    """
+    from ...pretrained.io import read_weights
+
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        return load_clip(path)
+    if path.is_dir() and "text_config" in _json_or_empty(path / "config.json"):
+        return load_hf_clip(path)
+    ck = read_weights(path)
+    meta = ck.vitlab_config or {}
+    if meta.get("family") != CLIP.__name__:
+        what = f"a {meta.get('family')} checkpoint" if meta.get("family") else "not a vitlab checkpoint"
+        raise CheckpointError(f"{path} is {what}, not a CLIP model (train one with: vitlab train --task clip)")
+    cfg = dict(meta["config"])
+    cfg["text"] = TextConfig(**cfg["text"])
+    model = CLIP(CLIPConfig(**cfg))
+    _load_into(model, ck.state_dict, ck.path)
+    pcfg = dict(meta.get("pretrained_cfg") or {})
+    model.pretrained_cfg = pcfg
+    tokenizer = None
+    if pcfg.get("tokenizer"):
+        tokenizer = CLIPTokenizer.from_dict(pcfg["tokenizer"])
+    elif (ck.path.parent / "tokenizer.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(ck.path.parent)
+    return model.eval(), tokenizer
+
+
+def _json_or_empty(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        return {}

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from ...models.base import Backbone
 from ...models.registry import build_model
 from ...models.text import TextConfig, TextTransformer
+from .itm import ITMHead, image_tokens, mine_hard_negatives
+from .losses import positive_mask
 
 #: CLIP caps the logit scale (inverse temperature) at 100.
 MAX_LOGIT_SCALE = 100.0
@@ -30,6 +32,9 @@ class CLIPConfig:
         init_logit_scale: Initial inverse temperature (stored as its log); CLIP: 1/0.07.
         max_logit_scale: Cap of the inverse temperature; CLIP: 100.
         logit_bias: Initial value of a learnable logit bias (SigLIP: -10); None for none.
+        itm_depth: Layers of the image-text matching head (:class:`~vitlab.tasks.clip.itm.ITMHead`);
+            0 for no head.
+        itm_heads: Attention heads of the matching head.
     """
 
     image_model: str = "vit_base_patch16_224"
@@ -39,8 +44,12 @@ class CLIPConfig:
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = MAX_LOGIT_SCALE
     logit_bias: float | None = None
+    itm_depth: int = 0
+    itm_heads: int = 2
 
     def __post_init__(self) -> None:
+        if self.itm_depth < 0 or self.itm_heads < 1:
+            raise ValueError(f"itm_depth must be >= 0 and itm_heads >= 1, got {self.itm_depth} and {self.itm_heads}")
         if self.embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
         if not 0 < self.init_logit_scale <= self.max_logit_scale:
@@ -73,6 +82,11 @@ class CLIP(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(c.logit_bias))) if c.logit_bias is not None else None
         nn.init.normal_(self.visual_projection.weight, std=self.visual.num_features**-0.5)
         nn.init.normal_(self.text_projection.weight, std=text_cfg.dim**-0.5)
+        self.itm: ITMHead | None = None
+        if c.itm_depth:
+            info = getattr(self.visual, "feature_info", None)
+            token_dim = int(info[-1]["num_chs"]) if info else self.visual.num_features  # width of forward_features
+            self.itm = ITMHead(text_cfg.dim, token_dim, c.itm_depth, c.itm_heads)
 
     # ------------------------------------------------------------ encoders
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
@@ -85,6 +99,27 @@ class CLIP(nn.Module):
         """Token ids (B, L) -> text embeddings (B, embed_dim)."""
         x = self.text_projection(self.text(ids))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def image_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images (B, C, H, W) -> (projected embeddings (B, embed_dim), image tokens (B, N, C))."""
+        feats = self.visual.forward_features(images)
+        emb = self.visual_projection(self.visual.forward_head(feats, pre_logits=True))  # (B, F) -> (B, D)
+        return emb, image_tokens(feats)
+
+    def text_features(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) -> (projected embeddings (B, embed_dim), normed text tokens (B, L, dim))."""
+        tokens = self.text.forward_features(ids)
+        return self.text_projection(self.text.forward_head(tokens, ids)), tokens
+
+    def itm_logits(self, image_tokens: Tensor, text_tokens: Tensor, ids: Tensor) -> Tensor:
+        """Match logits (B,) of aligned pairs of image tokens (B, N, C) and text tokens (B, L, dim).
+
+        Raises:
+            ValueError: When the model has no matching head (``itm_depth=0``).
+        """
+        if self.itm is None:
+            raise ValueError("this CLIP model has no image-text matching head (built with itm_depth=0)")
+        return self.itm(text_tokens, image_tokens, self.text.eos_positions(ids))
 
     # --------------------------------------------------------- temperature
     def scale(self) -> Tensor:
@@ -103,11 +138,39 @@ class CLIP(nn.Module):
             names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
         return names
 
-    def forward(self, images: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Images (B_i, C, H, W) and token ids (B_t, L) -> logits per image (B_i, B_t) and per text (B_t, B_i)."""
+    def forward(self, images: Tensor, ids: Tensor, labels: Tensor | None = None, train_outputs: bool = False
+                ) -> Any:
+        """Images (B_i, C, H, W) and token ids (B_t, L) -> logits per image (B_i, B_t) and per text (B_t, B_i).
+
+        With ``train_outputs`` (the training task's call, so that DDP sees one forward) it
+        returns a dict instead: ``image_emb`` and ``text_emb`` (normalised), ``scale``,
+        ``bias`` (None without one) and, with a matching head, ``itm_logits`` / ``itm_targets``
+        of every image with its own text (1), of every image with its hardest in-batch
+        negative text and every text with its hardest negative image (0). ``labels`` (B,)
+        mark positives (same label) that are never mined as negatives (None: the diagonal).
+        """
+        if train_outputs:
+            return self.forward_train(images, ids, labels)
         img = self.encode_image(images, normalize=True)
         txt = self.encode_text(ids, normalize=True)
         logits = self.scale() * img @ txt.t()
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         return logits, logits.t()
+
+    def forward_train(self, images: Tensor, ids: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+        """See :meth:`forward` with ``train_outputs=True``."""
+        img_emb, img_tok = self.image_features(images)
+        txt_emb, txt_tok = self.text_features(ids)
+        img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
+        out: dict[str, Any] = {"image_emb": img_emb, "text_emb": txt_emb, "scale": self.scale(), "bias": self.logit_bias}
+        if self.itm is not None:
+            b = img_emb.shape[0]
+            pos = positive_mask(labels, None, b, txt_emb.shape[0], img_emb.device)
+            neg_t, has_t, neg_i, has_i = mine_hard_negatives(img_emb.detach() @ txt_emb.detach().t(), pos)
+            ar = torch.arange(b, device=img_emb.device)
+            img_idx = torch.cat([ar, ar[has_t], neg_i[has_i]])  # positives, image->hard text, text->hard image
+            txt_idx = torch.cat([ar, neg_t[has_t], ar[has_i]])
+            out["itm_logits"] = self.itm_logits(img_tok[img_idx], txt_tok[txt_idx], ids[txt_idx])
+            out["itm_targets"] = (torch.arange(img_idx.shape[0], device=img_emb.device) < b).float()
+        return out

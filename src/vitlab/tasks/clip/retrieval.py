@@ -11,15 +11,40 @@ def _best_ranks(sim: Tensor, pos: Tensor) -> Tensor:
     """1-based rank of the best-ranked positive of each query row. sim, pos: (Q, G)."""
     if not bool(pos.any(dim=1).all()):
         raise ValueError("every query needs at least one matching item in the gallery")
-    # rank of item j for query q: 1 + number of items scoring strictly higher
-    higher = (sim[:, None, :] > sim[:, :, None]).sum(dim=2) + 1  # (Q, G)
-    return higher.masked_fill(~pos, sim.shape[1] + 1).min(dim=1).values
+    # rank of item j for query q: 1 + number of items scoring strictly higher; the best-ranked
+    # positive is the highest-scoring one, so count the items above the best positive score
+    best = sim.float().masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values  # (Q, 1)
+    return (sim.float() > best).sum(dim=1) + 1
 
 
 def _summary(ranks: Tensor, ks: tuple[int, ...], prefix: str) -> dict[str, float]:
     out = {f"{prefix}_R@{k}": float((ranks <= k).float().mean()) for k in ks}
     out[f"{prefix}_mean_rank"] = float(ranks.float().mean())
     out[f"{prefix}_median_rank"] = float(ranks.float().median())
+    return out
+
+
+def retrieval_from_similarity(sim: Tensor, pos: Tensor, ks: tuple[int, ...] = (1, 5, 10),
+                              directions: tuple[str, ...] = ("i2t", "t2i")) -> dict[str, float]:
+    """Recall@k, mean and median rank of an image-text score matrix with any positives.
+
+    Args:
+        sim: (N_i, N_t) scores (higher: more alike), e.g. cosine similarities or re-ranked scores.
+        pos: (N_i, N_t) bool, the matching pairs (several per row or column allowed).
+        ks: The k of Recall@k.
+        directions: Which of ``"i2t"`` (queries are images) and ``"t2i"`` to compute.
+
+    Raises:
+        ValueError: When shapes differ or a query has no match.
+    """
+    if sim.shape != pos.shape or sim.ndim != 2:
+        raise ValueError(f"similarities and positives must be the same (N_i, N_t) shape, got "
+                         f"{tuple(sim.shape)} and {tuple(pos.shape)}")
+    out: dict[str, float] = {}
+    if "i2t" in directions:
+        out.update(_summary(_best_ranks(sim, pos), ks, "i2t"))
+    if "t2i" in directions:
+        out.update(_summary(_best_ranks(sim.t(), pos.t()), ks, "t2i"))
     return out
 
 
@@ -50,4 +75,4 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor
         raise ValueError(f"text_to_image must hold one image index in [0, {n_i}) per text ({n_t} texts)")
     sim = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t()  # (N_i, N_t)
     pos = text_to_image[None, :] == torch.arange(n_i, device=sim.device)[:, None]  # (N_i, N_t)
-    return {**_summary(_best_ranks(sim, pos), ks, "i2t"), **_summary(_best_ranks(sim.t(), pos.t()), ks, "t2i")}
+    return retrieval_from_similarity(sim, pos, ks)

@@ -173,6 +173,24 @@ class CLIPTokenizer:
         return " ".join(text.replace("</w>", " ").split())  # word ends -> single spaces
 
     # ---------------------------------------------------------------- saving
+    def to_dict(self) -> dict[str, Any]:
+        """The whole tokenizer as plain values (its ``tokenizer.json`` text and the CLIP settings),
+        e.g. to travel inside a checkpoint's metadata; :meth:`from_dict` reads it back."""
+        return dict(tokenizer_json=self.tokenizer.to_str(), context_length=self.context_length,
+                    bos_token=self.bos_token, eos_token=self.eos_token, pad_id=self.pad_id)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CLIPTokenizer:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: When ``values`` is not what :meth:`to_dict` writes.
+        """
+        if not isinstance(values, dict) or "tokenizer_json" not in values:
+            raise ValueError("not a saved CLIP tokenizer: expected the keys tokenizer_json and context_length")
+        settings = {k: v for k, v in values.items() if k != "tokenizer_json"}
+        return cls(_tokenizers().Tokenizer.from_str(values["tokenizer_json"]), **settings)
+
     def save(self, folder: str | Path) -> None:
         """Write ``tokenizer.json`` and the CLIP settings (context length, padding) into ``folder``."""
         folder = Path(folder)

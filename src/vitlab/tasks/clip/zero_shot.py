@@ -40,10 +40,25 @@ def zero_shot_classifier(model: CLIP, tokenizer: CLIPTokenizer, classnames: Sequ
     """Build the zero-shot classifier (D, K) of ``classnames`` from ``templates`` (``"{}"`` = class)."""
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
-    texts = [t.format(c) for c in classnames for t in templates]
+    return zero_shot_classifier_from_prompts(model, tokenizer, [[t.format(c) for t in templates] for c in classnames])
+
+
+@torch.no_grad()
+def zero_shot_classifier_from_prompts(model: CLIP, tokenizer: CLIPTokenizer, prompts: Sequence[Sequence[str]],
+                                      batch_size: int = 256) -> Tensor:
+    """The zero-shot classifier (D, K) of K classes given as lists of prompts (the same number each).
+
+    Raises:
+        ValueError: No class, an empty prompt list, or classes with different numbers of prompts.
+    """
+    if not prompts or any(len(p) != len(prompts[0]) for p in prompts) or not prompts[0]:
+        raise ValueError("zero-shot classification needs at least one class and the same number (>= 1) of "
+                         "prompts for every class")
+    texts = [t for p in prompts for t in p]
     device = model.logit_scale.device
-    emb = model.encode_text(tokenizer(texts).to(device))  # (K * T, D)
-    return zero_shot_weights(emb.view(len(classnames), len(templates), -1))  # (K*T, D) -> (K, T, D)
+    emb = torch.cat([model.encode_text(tokenizer(texts[i : i + batch_size]).to(device))
+                     for i in range(0, len(texts), batch_size)])  # (K * T, D)
+    return zero_shot_weights(emb.view(len(prompts), len(prompts[0]), -1))  # (K*T, D) -> (K, T, D)
 
 
 def zero_shot_logits(image_emb: Tensor, weights: Tensor, scale: float | Tensor = 100.0) -> Tensor:

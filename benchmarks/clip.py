@@ -1,0 +1,147 @@
+"""CLIP-style training on digits and digit scenes: the figures of issue 15 (not a timed test).
+
+Trains through the engine (``task: clip``) and prints, averaged over seeds (mean +- std):
+
+- digits (captions like "a handwritten 7", "the digit seven"): zero-shot top-1 on the held-out
+  test digits (prompt ensemble over the caption templates) and text->image R@1, for the
+  contrastive loss with duplicate-aware targets, SigLIP's sigmoid loss, and the contrastive
+  loss with one-positive (diagonal) targets;
+- digit scenes with compositional captions ("a 3 to the left of a 7" vs "a 7 to the left of
+  a 3"): text->image R@1 of the contrastive model, of the same model with its ITM head
+  re-ranking the top 10, the gain, and the bag-of-words ceiling (the best R@1 a model that
+  sees captions as bags of words can reach: it cannot tell a layout from its mirror image).
+
+    python benchmarks/clip.py --quick           # a few minutes on 2 CPU cores: 1 seed, short runs
+    python benchmarks/clip.py                   # 3 seeds, full runs (see benchmarks/README.md)
+    python benchmarks/clip.py --output clip.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vitlab.datasets.captions import SceneCaptions  # noqa: E402
+from vitlab.tasks.clip import CLIP_DIGITS_RECIPE  # noqa: E402
+from vitlab.training import build_trainer, load_config  # noqa: E402
+
+DIGIT_MODEL = "patch_size: 2, dim: 64, depth: 4, heads: 4, mlp_dim: 128, embed_dim: 64"
+SCENE_MODEL = "patch_size: 4, dim: 64, depth: 4, heads: 4, mlp_dim: 128, embed_dim: 64, itm_depth: 1"
+
+#: (name, extra model options, extra overrides) of the digit experiments.
+DIGIT_VARIANTS = (
+    ("contrastive, duplicate-aware", "loss: clip, duplicate_aware: true", []),
+    ("SigLIP, duplicate-aware", "loss: siglip, duplicate_aware: true", []),
+    ("contrastive, diagonal targets", "loss: clip, duplicate_aware: false", []),
+)
+
+
+DEVICE = "cpu"
+
+
+def train(overrides: list[str], out: Path) -> dict[str, Any]:
+    """Train one run through the engine; its test results."""
+    cfg = load_config(None, overrides + ["progress=false", f"device={DEVICE}", f"output_dir={out}"],
+                      base=CLIP_DIGITS_RECIPE)
+    return build_trainer(cfg, log=lambda s: None).fit()
+
+
+def bag_of_words_ceiling(data: SceneCaptions) -> float:
+    """Expected text->image R@1 of a perfect bag-of-words model on the scene captions.
+
+    Captions of layout (relation, a, b) and (relation, b, a) hold the same words; such a model
+    ranks the images of both layouts alike, so a query of layout g finds one of its own images
+    first with probability n_g / (n_g + n_mirror(g)).
+    """
+    groups = Counter(int(data[i]["label"]) for i in range(len(data)))
+    hits = 0.0
+    for g, n in groups.items():
+        rel, a, b = g // 100, (g // 10) % 10, g % 10
+        mirror = rel * 100 + b * 10 + a if rel < 2 and a != b else g
+        other = groups.get(mirror, 0) if mirror != g else 0
+        hits += n * n / (n + other)
+    return hits / len(data)
+
+
+def _fmt(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:6.2f} +- {std:4.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed and short runs (a few minutes on 2 CPU cores)")
+    p.add_argument("--seeds", type=int, help="seeds per experiment (default: 3; 1 with --quick)")
+    p.add_argument("--digit-epochs", type=int, help="epochs on digits (default: 30; 3 with --quick)")
+    p.add_argument("--scene-epochs", type=int, help="epochs on digit scenes (default: 30; 2 with --quick)")
+    p.add_argument("--num-scenes", type=int, help="training scenes (default: 4000; 1000 with --quick)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["digits", "scenes"], help="experiments to leave out")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--output", type=Path, help="write the results as JSON")
+    args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    torch.set_num_threads(args.threads)
+    seeds = args.seeds or (1 if args.quick else 3)
+    d_epochs = args.digit_epochs or (3 if args.quick else 30)
+    s_epochs = args.scene_epochs or (2 if args.quick else 30)
+    n_scenes = args.num_scenes or (1000 if args.quick else 4000)
+    per_image = 1 if args.quick else 4
+    results: dict[str, Any] = {"seeds": seeds, "digit_epochs": d_epochs, "scene_epochs": s_epochs,
+                               "num_scenes": n_scenes, "quick": args.quick}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "digits" not in args.skip:
+            print(f"digits: {d_epochs} epochs, {seeds} seed(s), zero-shot on the held-out test digits", flush=True)
+            print(f"{'variant':32s} {'zero-shot top-1 %':>18s} {'text->image R@1 %':>18s}")
+            for name, opts, extra in DIGIT_VARIANTS:
+                zs, t2i = [], []
+                for seed in range(seeds):
+                    res = train([f"epochs={d_epochs}", f"seed={seed}",
+                                 f"model.overrides={{{DIGIT_MODEL}, {opts}, captions_per_image: {per_image}}}", *extra],
+                                Path(tmp) / f"digits-{len(results)}-{seed}")
+                    zs.append(res["test_zero_shot_top1"])
+                    t2i.append(res["test_t2i_R@1"])
+                results[f"digits/{name}"] = {"zero_shot_top1": zs, "t2i_R@1": t2i}
+                print(f"{name:32s} {_fmt(zs):>18s} {_fmt(t2i):>18s}", flush=True)
+        if "scenes" not in args.skip:
+            print(f"\ndigit scenes: {s_epochs} epochs, {n_scenes} training scenes, {seeds} seed(s), "
+                  f"test text->image R@1 %", flush=True)
+            plain, reranked, ceiling = [], [], []
+            for seed in range(seeds):
+                res = train([f"epochs={s_epochs}", f"seed={seed}", "data.dataset=digit_scenes", "optim.warmup_epochs=1",
+                             "data.batch_size=64", f"eval_every={s_epochs}",
+                             f"model.overrides={{{SCENE_MODEL}, num_scenes: {n_scenes}}}"],
+                            Path(tmp) / f"scenes-{seed}")
+                plain.append(res["test_t2i_R@1"])
+                reranked.append(res["test_itm_t2i_R@1"])
+                ceiling.append(bag_of_words_ceiling(SceneCaptions("test", max(n_scenes // 4, 1), seed=seed)))
+            gain = [b - a for a, b in zip(plain, reranked)]
+            results["scenes"] = {"t2i_R@1": plain, "itm_t2i_R@1": reranked, "gain": gain, "bag_of_words_ceiling": ceiling}
+            print(f"{'contrastive':32s} {_fmt(plain):>18s}")
+            print(f"{'+ ITM re-ranking of the top 10':32s} {_fmt(reranked):>18s}")
+            print(f"{'gain (points)':32s} {_fmt(gain):>18s}")
+            print(f"{'bag-of-words ceiling':32s} {_fmt(ceiling):>18s}")
+    results["wall_s"] = time.perf_counter() - t0
+    print(f"\ntotal {results['wall_s']:.0f}s")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

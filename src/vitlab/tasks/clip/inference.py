@@ -1,0 +1,186 @@
+"""Using a trained CLIP: image files in, zero-shot labels, retrieval rankings, evaluation metrics.
+
+The functions behind ``vitlab zero-shot``, ``vitlab retrieve`` and ``vitlab eval`` on a CLIP
+checkpoint. Images are preprocessed as the checkpoint records (``pretrained_cfg``: input
+size, channels, mean/std).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ...datasets.captions import DIGIT_TEMPLATES, DigitCaptions, SceneCaptions, digit_prompts
+from ...datasets.transforms import normalize
+from ...errors import CheckpointError
+from ..base import evaluate_task
+from ..inputs import read_image_file
+from .convert import load_clip_checkpoint
+from .model import CLIP
+from .tokenizer import CLIPTokenizer
+from .zero_shot import DEFAULT_TEMPLATES, zero_shot_classifier_from_prompts
+
+
+def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, CLIPTokenizer]:
+    """A CLIP checkpoint (any form :func:`load_clip_checkpoint` reads) and its tokenizer, on ``device``.
+
+    Raises:
+        CheckpointError: Not a CLIP checkpoint, or one without a tokenizer.
+    """
+    model, tokenizer = load_clip_checkpoint(checkpoint)
+    if tokenizer is None:
+        raise CheckpointError(f"{checkpoint} holds no tokenizer: expected tokenizer.json beside the weights or a "
+                              "checkpoint written by vitlab train --task clip")
+    return model.to(device).eval(), tokenizer
+
+
+def _input_spec(model: CLIP) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = model.config.image_overrides.get("image_size", 224)
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    channels = int(model.config.image_overrides.get("in_channels", 3))
+    mean = tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))[:channels]
+    std = tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)))[:channels]
+    return size, channels, mean, std
+
+
+def load_images(model: CLIP, paths: Sequence[str | Path]) -> Tensor:
+    """Image files -> the model's normalised input batch (B, C, S, S).
+
+    Each image is read (colour or grey, transparency on white), converted to the model's
+    channels (grey: channel mean; colour: the grey channel repeated), resized to its input
+    side (bilinear, antialiased) and normalised with the checkpoint's mean/std.
+
+    Raises:
+        ValueError: No image given.
+        FileNotFoundError: A missing file.
+        InputError: A file that is not an image.
+    """
+    if not paths:
+        raise ValueError("no image given: pass one or more image files")
+    size, channels, mean, std = _input_spec(model)
+    out = []
+    for p in paths:
+        x = torch.from_numpy(read_image_file(p)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        if x.shape[0] != channels:
+            x = x.mean(dim=0, keepdim=True) if channels == 1 else x.expand(channels, -1, -1)
+        # (C, H, W) -> (1, C, H, W) -> (1, C, S, S)
+        x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x)
+    return normalize(torch.cat(out), mean, std)
+
+
+def default_templates(model: CLIP) -> list[str]:
+    """The prompt templates a checkpoint was trained with (``pretrained_cfg["templates"]``), else CLIP's."""
+    templates = (getattr(model, "pretrained_cfg", {}) or {}).get("templates")
+    return list(templates) if templates else list(DEFAULT_TEMPLATES)
+
+
+@torch.no_grad()
+def zero_shot_predict(model: CLIP, tokenizer: CLIPTokenizer, images: Tensor, labels: Sequence[str],
+                      templates: Sequence[str] | None = None) -> Tensor:
+    """Class probabilities (B, K) of ``images`` over ``labels`` with a prompt-template ensemble.
+
+    Raises:
+        ValueError: No label, an empty label, or a template without ``{}``.
+    """
+    labels = [str(c).strip() for c in labels]
+    if not labels or any(not c for c in labels):
+        raise ValueError("zero-shot classification needs class names, e.g. --labels 'cat,dog' (no empty names)")
+    templates = list(templates) if templates else default_templates(model)
+    if any("{}" not in t for t in templates):
+        raise ValueError("every prompt template must contain '{}' where the class name goes, e.g. 'a photo of a {}'")
+    device = model.logit_scale.device
+    weights = zero_shot_classifier_from_prompts(model, tokenizer, [[t.format(c) for t in templates] for c in labels])
+    img = model.encode_image(images.to(device), normalize=True)
+    return (model.scale() * img @ weights).softmax(dim=-1).cpu()
+
+
+@torch.no_grad()
+def retrieval_scores(model: CLIP, tokenizer: CLIPTokenizer, images: Tensor, texts: Sequence[str],
+                     rerank: int = 0) -> Tensor:
+    """Image x text scores (N_i, N_t): cosine similarities; with ``rerank > 0`` and an ITM head,
+    every text's top ``rerank`` images re-ordered by the matching head (scores then rank only).
+
+    Raises:
+        ValueError: No text, an empty text, or ``rerank`` asked of a model without an ITM head.
+    """
+    if not texts or any(not str(t).strip() for t in texts):
+        raise ValueError("retrieval needs one or more non-empty texts")
+    device = model.logit_scale.device
+    ids = tokenizer(list(texts)).to(device)
+    img_emb, img_tok = model.image_features(images.to(device))
+    txt_emb, txt_tok = model.text_features(ids)
+    sim = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).t()  # (N_i, N_t)
+    if rerank > 0:
+        if model.itm is None:
+            raise ValueError("--rerank needs a CLIP model with an image-text matching head (trained with itm_depth > 0)")
+        from .itm import rerank_top_k
+
+        scored = rerank_top_k(sim.t(), rerank, lambda q, g: model.itm_logits(img_tok[g], txt_tok[q], ids[q]))
+        sim = scored.t()
+    return sim.cpu()
+
+
+def evaluation_data(dataset: str, split: str, seed: int = 0, num_scenes: int = 1000,
+                    scenes: dict[str, Any] | None = None) -> Any:
+    """The captioned evaluation data of a dataset name: ``digits`` or ``digit_scenes``
+    (``scenes``: the canvas and digit sizes a checkpoint was trained with).
+
+    Raises:
+        ValueError: Another name (a caption folder is evaluated with the Python API).
+    """
+    if dataset == "digits":
+        return DigitCaptions(split, seed=seed)
+    if dataset == "digit_scenes":
+        s = scenes or {}
+        return SceneCaptions(split, num_scenes, int(s.get("canvas_size", 24)), tuple(s.get("digit_size", (8, 11))),
+                             seed=seed)
+    raise ValueError(f"vitlab eval of a CLIP checkpoint knows the datasets digits and digit_scenes, got {dataset!r}")
+
+
+def evaluate_clip(model: CLIP, tokenizer: CLIPTokenizer, data: Any, device: str | torch.device = "cpu",
+                  batch_size: int = 256, prompts: Sequence[Sequence[str]] | None = None, rerank: int = 10
+                  ) -> dict[str, Any]:
+    """Zero-shot accuracy (with ``prompts``), retrieval R@1/5/10 and mean/median ranks in both
+    directions, and (with an ITM head and ``rerank``) the re-ranked text->image metrics.
+
+    Args:
+        model: The CLIP model.
+        tokenizer: Its tokenizer.
+        data: Samples ``{"image", "caption", "label"}``; labels are class indices when ``prompts``
+            are given, and mark the positives of retrieval (same label).
+        device: Where to run.
+        batch_size: Evaluation batch size.
+        prompts: Zero-shot prompts per class.
+        rerank: Images re-ranked per text by the ITM head (0: none).
+    """
+    from .task import CLIPTask
+
+    dev = torch.device(device)
+    _, _, mean, std = _input_spec(model)
+    task = CLIPTask(tokenizer, mean, std, itm_top_k=rerank, prompts=prompts)
+    size, _, _, _ = _input_spec(model)
+    return evaluate_task(model.to(dev), task, DataLoader(data, batch_size=batch_size), dev, size)
+
+
+def evaluate_clip_checkpoint(checkpoint: str | Path, dataset: str | None = None, split: str = "test",
+                             device: str = "cpu", batch_size: int = 256, rerank: int = 10) -> dict[str, Any]:
+    """:func:`evaluate_clip` of a checkpoint on ``dataset`` (default: the one it was trained on)."""
+    model, tokenizer = load_for_inference(checkpoint, device)
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    dataset = dataset or pcfg.get("dataset") or "digits"
+    data = evaluation_data(dataset, split, scenes=pcfg.get("scenes"))
+    res = evaluate_clip(model, tokenizer, data, device, batch_size,
+                        prompts=digit_prompts() if dataset == "digits" else None, rerank=rerank)
+    res.update(dataset=dataset, split=split)
+    return res
+
+
+__all__ = ["DIGIT_TEMPLATES", "default_templates", "evaluate_clip", "evaluate_clip_checkpoint", "evaluation_data",
+           "load_for_inference", "load_images", "retrieval_scores", "zero_shot_predict"]

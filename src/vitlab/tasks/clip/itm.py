@@ -1,0 +1,131 @@
+"""Image-text matching (ITM): a cross-modal head that re-ranks contrastive retrieval.
+
+The text tokens (the text tower's normed token features) cross-attend to the image tokens
+(the image backbone's tokens before pooling) with the shared
+:class:`~vitlab.components.attention.CrossAttention`, then run a causal self-attention block;
+the end-of-text token's feature gives one match logit. It is trained with hard negatives
+mined from the contrastive similarities of the batch (the most similar non-positive text of
+every image and image of every text), and used to re-rank the top-k of retrieval.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...components import ACT_LAYERS, Block
+from ...components.attention import CrossAttention
+from ...models.text import causal_mask
+
+
+class ITMHead(nn.Module):
+    """Match logit of (image tokens, text tokens) pairs.
+
+    Each of ``depth`` layers: text tokens cross-attend to the image tokens (pre-norm block
+    with the shared CrossAttention and MLP), then a causal self-attention block.
+
+    Args:
+        text_dim: Width of the text tokens (the head's width).
+        image_dim: Width of the image tokens (projected to ``text_dim``).
+        depth: Number of cross + self layers.
+        heads: Attention heads.
+        mlp_ratio: MLP hidden width / ``text_dim``.
+        act: MLP activation name.
+    """
+
+    def __init__(self, text_dim: int, image_dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 4.0,
+                 act: str = "gelu") -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"the ITM head needs depth >= 1, got {depth}")
+        mlp = int(text_dim * mlp_ratio)
+        self.image_proj = nn.Linear(image_dim, text_dim)
+        self.image_norm = nn.LayerNorm(text_dim)
+        self.cross = nn.ModuleList(
+            Block(text_dim, heads, mlp, act_layer=ACT_LAYERS[act], attn=CrossAttention(text_dim, heads))
+            for _ in range(depth)
+        )
+        self.self_blocks = nn.ModuleList(Block(text_dim, heads, mlp, act_layer=ACT_LAYERS[act]) for _ in range(depth))
+        self.norm = nn.LayerNorm(text_dim)
+        self.head = nn.Linear(text_dim, 1)
+
+    def forward(self, text_tokens: Tensor, image_tokens: Tensor, eos: Tensor) -> Tensor:
+        """Match logits (B,) of text tokens (B, L, Ct), image tokens (B, N, Ci) and end-of-text positions (B,)."""
+        if text_tokens.shape[0] != image_tokens.shape[0]:
+            raise ValueError(f"the ITM head pairs texts and images one to one, got {text_tokens.shape[0]} texts "
+                             f"and {image_tokens.shape[0]} images")
+        context = self.image_norm(self.image_proj(image_tokens))  # (B, N, Ci) -> (B, N, Ct)
+        mask = causal_mask(text_tokens.shape[1], text_tokens.device, text_tokens.dtype)  # (1, 1, L, L)
+        x = text_tokens
+        for cross, blk in zip(self.cross, self.self_blocks):
+            x = cross(x, context=context)
+            x = blk(x, attn_bias=mask)
+        pooled = self.norm(x[torch.arange(x.shape[0], device=x.device), eos])  # (B, Ct)
+        return self.head(pooled).squeeze(-1)  # (B, 1) -> (B,)
+
+
+def image_tokens(features: Tensor) -> Tensor:
+    """A backbone's ``forward_features`` output as tokens: (B, N, C) stays, (B, C, H, W) -> (B, H*W, C)."""
+    if not isinstance(features, Tensor):
+        raise ValueError("the ITM head needs an image backbone whose forward_features returns one tensor of tokens "
+                         f"or a map, got {type(features).__name__}")
+    if features.ndim == 4:
+        return features.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, C, H*W) -> (B, H*W, C)
+    if features.ndim != 3:
+        raise ValueError(f"image features must be tokens (B, N, C) or a map (B, C, H, W), got {tuple(features.shape)}")
+    return features
+
+
+@torch.no_grad()
+def mine_hard_negatives(sim: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The hardest in-batch negatives of a contrastive similarity matrix, positives excluded.
+
+    Args:
+        sim: (B_i, B_t) image-text similarities.
+        pos: (B_i, B_t) bool, the positive pairs.
+
+    Returns:
+        ``(neg_text, has_neg_text, neg_image, has_neg_image)``: for every image the index of
+        its most similar non-positive text (B_i,) and whether one exists (B_i,) bool; for every
+        text its most similar non-positive image (B_t,) and whether one exists.
+    """
+    masked = sim.float().masked_fill(pos, float("-inf"))
+    neg_text = masked.argmax(dim=1)
+    neg_image = masked.argmax(dim=0)
+    return neg_text, (~pos).any(dim=1), neg_image, (~pos).any(dim=0)
+
+
+def itm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of match logits (P,) against 1 (match) / 0 (no match) targets (P,)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+@torch.no_grad()
+def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Re-rank the top-k gallery items of every query by an ITM score.
+
+    Args:
+        sim: (Q, G) query-gallery similarities (e.g. text -> image).
+        k: How many top items of every query are re-ranked (the rest keep their order below them).
+        score: ``score(query_index (P,), gallery_index (P,)) -> (P,)`` match logits of pairs.
+
+    Returns:
+        A (Q, G) score matrix: the top-k items of each query ordered by their ITM score and
+        placed above every other item, whose similarity is unchanged.
+    """
+    k = min(k, sim.shape[1])
+    top = sim.topk(k, dim=1).indices  # (Q, k)
+    q = torch.arange(sim.shape[0], device=sim.device)[:, None].expand_as(top)
+    # (Q, k) -> (Q * k,) pairs; their logits (Q * k,) -> (Q, k)
+    logits = score(q.reshape(-1), top.reshape(-1)).view(top.shape).float()
+    out = sim.float().clone()
+    # above every similarity: shift the ITM logits so that the lowest re-ranked one beats the best rest
+    offset = out.max() - logits.min() + 1.0
+    out.scatter_(1, top, logits + offset)
+    return out
+
+
+__all__ = ["ITMHead", "image_tokens", "itm_loss", "mine_hard_negatives", "rerank_top_k"]

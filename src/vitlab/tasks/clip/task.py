@@ -1,0 +1,329 @@
+"""CLIP-style image-text training as a task of the engine (``task: clip``).
+
+What it owns: the batches (images to the device, normalised and, for single digits,
+augmented; captions tokenised), the loss (the symmetric contrastive loss or SigLIP's, over
+features gathered from every rank with gradients, duplicate-aware targets, plus the ITM
+loss on mined hard negatives), the temperature clamp after every optimizer step, the
+metrics (zero-shot accuracy when the data has class prompts, retrieval R@1/5/10 and ranks,
+ITM re-ranked text->image recall) and the similarity-matrix plot.
+
+Data (``data.dataset``): ``digits`` (the default: :class:`~vitlab.datasets.captions.DigitCaptions`),
+``digit_scenes`` (:class:`~vitlab.datasets.captions.SceneCaptions`) or a folder with
+``captions.csv`` / ``captions.jsonl`` (:class:`~vitlab.datasets.captions.CaptionFolder`).
+
+Options come from ``model.overrides`` (the rest of it configures the image backbone
+``model.name``): ``text`` (a text-tower variant, ``clip_text_tiny``), ``text_overrides``,
+``embed_dim`` (64), ``loss`` (``clip`` | ``siglip``), ``duplicate_aware`` (true), ``itm_depth``
+(0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_weight`` (1.0), ``itm_top_k`` (10),
+``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
+``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
+4000; val/test a quarter), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
+training captions and travels inside every checkpoint (``pretrained_cfg["tokenizer"]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...datasets.captions import DIGIT_TEMPLATES, CaptionFolder, DigitCaptions, SceneCaptions, digit_prompts
+from ...datasets.transforms import normalize
+from ...models.text import text_config
+from ..base import Batch, Metrics, NoMetrics, Task, resize_images
+from ..registry import TaskSetup, register_task
+from .distributed import gather_no_grad, gather_with_grad
+from .itm import itm_loss, rerank_top_k
+from .losses import clip_loss, siglip_loss
+from .model import CLIP, CLIPConfig
+from .retrieval import retrieval_from_similarity
+from .tokenizer import CLIPTokenizer
+from .zero_shot import zero_shot_classifier_from_prompts, zero_shot_logits
+
+#: What ``vitlab train --task clip`` runs without a recipe: digit captions on a small ViT.
+CLIP_DIGITS_RECIPE: dict[str, Any] = {
+    "recipe": "clip_digits",
+    "task": "clip",
+    "model": {
+        "name": "vit_tiny_patch16_224",
+        "overrides": {"patch_size": 2, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128, "text": "clip_text_tiny",
+                      "embed_dim": 64, "loss": "clip", "duplicate_aware": True, "captions_per_image": 4},
+    },
+    "data": {"dataset": "digits", "batch_size": 128, "eval_batch_size": 512},
+    "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 1.0},
+    "epochs": 30,
+    "seed": 0,
+}
+
+#: ``model.overrides`` keys that configure CLIP (the others go to the image backbone).
+CLIP_OPTIONS: tuple[str, ...] = (
+    "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
+    "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
+    "init_logit_scale",
+)
+#: How many eval samples the similarity-matrix plot shows.
+PLOT_SAMPLES = 12
+
+
+class CLIPEvalMetrics(Metrics):
+    """Collects the embeddings of an evaluation; computes loss, zero-shot and retrieval metrics."""
+
+    def __init__(self, task: CLIPTask) -> None:
+        self.task = task
+        self.images: list[Tensor] = []
+        self.texts: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.classes: list[Tensor] = []
+        self.image_tokens: list[Tensor] = []
+        self.text_tokens: list[Tensor] = []
+        self.ids: list[Tensor] = []
+        self.captions: list[str] = []
+        self.loss_sum, self.n = 0.0, 0
+        self.zero_shot: Tensor | None = None
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        self.images.append(outputs["image_emb"].float().cpu())
+        self.texts.append(outputs["text_emb"].float().cpu())
+        self.labels.append(batch.targets.cpu())
+        self.captions += batch.extra["captions"]
+        if "image_tokens" in outputs:
+            self.image_tokens.append(outputs["image_tokens"])
+            self.text_tokens.append(outputs["text_tokens"])
+            self.ids.append(batch.inputs[1])
+        self.zero_shot = outputs.get("zero_shot", self.zero_shot)
+        self.loss_sum += float(self.task.contrastive(outputs, batch.targets)) * batch.size
+        self.n += batch.size
+
+    def compute(self) -> dict[str, Any]:
+        if not self.n:
+            return {"n": 0}
+        img, txt, labels = torch.cat(self.images), torch.cat(self.texts), torch.cat(self.labels)
+        sim = img @ txt.t()  # (N, N) cosine similarities (the embeddings are normalised)
+        pos = labels[:, None] == labels[None, :]
+        out: dict[str, Any] = {"loss": self.loss_sum / self.n, "n": self.n}
+        out.update(retrieval_from_similarity(sim, pos))
+        if self.zero_shot is not None:
+            pred = zero_shot_logits(img, self.zero_shot.cpu()).argmax(dim=1)
+            out["zero_shot_top1"] = float((pred == labels).float().mean())
+        if self.image_tokens and self.task.itm_top_k:
+            out.update(self._reranked(sim, pos))
+        k = min(PLOT_SAMPLES, self.n)
+        out["similarity"] = sim[:k, :k]
+        out["similarity_captions"] = self.captions[:k]
+        return out
+
+    def _reranked(self, sim: Tensor, pos: Tensor) -> dict[str, float]:
+        model = self.task.eval_model
+        img_tok, txt_tok, ids = torch.cat(self.image_tokens), torch.cat(self.text_tokens), torch.cat(self.ids)
+
+        def score(q: Tensor, g: Tensor) -> Tensor:  # text queries q, image gallery g
+            return torch.cat([model.itm_logits(img_tok[g[i : i + 512]], txt_tok[q[i : i + 512]], ids[q[i : i + 512]])
+                              for i in range(0, q.shape[0], 512)]).cpu()
+
+        reranked = rerank_top_k(sim.t().to(img_tok.device), self.task.itm_top_k, score).cpu()  # (texts, images)
+        res = retrieval_from_similarity(reranked.t(), pos, directions=("t2i",))
+        return {f"itm_{k}": v for k, v in res.items()}
+
+
+@register_task("clip")
+class CLIPTask(Task):
+    """CLIP training: batches of dicts ``image`` (B, C, H, W) in [0, 1], ``caption`` (B strings), ``label`` (B,).
+
+    Args:
+        tokenizer: Turns captions into token ids.
+        mean: Image normalisation mean.
+        std: Image normalisation std.
+        loss: ``"clip"`` (symmetric softmax) or ``"siglip"`` (pairwise sigmoid).
+        duplicate_aware: Pairs with the same label are positives (False: only the diagonal).
+        itm_weight: Weight of the image-text matching loss (used when the model has the head).
+        itm_top_k: How many images the ITM head re-ranks per text in evaluation (0: none).
+        prompts: Zero-shot prompts per class (the eval data's labels are the class indices);
+            None: no zero-shot metric.
+        augment: ``augment(images, generator)`` on [0, 1] batches ending with the normalisation
+            (training only); None: normalisation only.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, tokenizer: CLIPTokenizer, mean: Sequence[float], std: Sequence[float], loss: str = "clip",
+                 duplicate_aware: bool = True, itm_weight: float = 1.0, itm_top_k: int = 10,
+                 prompts: Sequence[Sequence[str]] | None = None, augment: Any = None) -> None:
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"unknown CLIP loss {loss!r}; choose clip or siglip")
+        self.tokenizer = tokenizer
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.loss_name, self.duplicate_aware = loss, duplicate_aware
+        self.itm_weight, self.itm_top_k = float(itm_weight), int(itm_top_k)
+        self.prompts = [list(p) for p in prompts] if prompts is not None else None
+        self.augment = augment
+        self.primary_metric = "zero_shot_top1" if prompts is not None else "t2i_R@1"
+        self.eval_model: CLIP | None = None
+        self._zero_shot: Tensor | None = None
+
+    # ------------------------------------------------------------------ batches
+    def prepare(self, batch: Any, device: torch.device, image_size: int | None,
+                generator: torch.Generator | None) -> Batch:
+        images = resize_images(batch["image"].to(device, non_blocking=True).float(), image_size)
+        if generator is not None and self.augment is not None:
+            images = resize_images(self.augment(images, generator), image_size)  # ends with the normalisation
+        else:
+            images = normalize(images, self.mean, self.std)
+        captions = list(batch["caption"])
+        ids = self.tokenizer(captions).to(device)
+        labels = torch.as_tensor(batch["label"]).to(device)
+        return Batch((images, ids, labels), labels, int(labels.shape[0]), {"captions": captions})
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        images, ids, labels = inputs
+        if model.training:
+            return model(images, ids, labels, train_outputs=True)
+        # evaluation: the unwrapped model; tokens for ITM re-ranking, the zero-shot classifier once
+        self.eval_model = model
+        img, img_tok = model.image_features(images)
+        txt, txt_tok = model.text_features(ids)
+        out: dict[str, Any] = {"image_emb": nn.functional.normalize(img, dim=-1),
+                               "text_emb": nn.functional.normalize(txt, dim=-1), "scale": model.scale(),
+                               "bias": model.logit_bias}
+        if model.itm is not None and self.itm_top_k:
+            out.update(image_tokens=img_tok, text_tokens=txt_tok)
+        if self.prompts is not None:
+            if self._zero_shot is None:
+                self._zero_shot = zero_shot_classifier_from_prompts(model, self.tokenizer, self.prompts)
+            out["zero_shot"] = self._zero_shot
+        return out
+
+    # --------------------------------------------------------------------- loss
+    def contrastive(self, outputs: dict[str, Any], labels: Tensor) -> Tensor:
+        """The contrastive (or SigLIP) loss of the global batch: features gathered from every rank."""
+        img = gather_with_grad(outputs["image_emb"])
+        txt = gather_with_grad(outputs["text_emb"])
+        groups = gather_no_grad(labels) if self.duplicate_aware else None
+        if self.loss_name == "siglip":
+            if outputs["bias"] is None:
+                raise ValueError("the SigLIP loss needs a model with a logit bias (CLIPConfig.logit_bias)")
+            return siglip_loss(img, txt, outputs["scale"], outputs["bias"], groups)
+        return clip_loss(img, txt, outputs["scale"], groups)
+
+    def loss(self, batch: Batch, outputs: Any) -> Tensor:
+        loss = self.contrastive(outputs, batch.targets)
+        if "itm_logits" in outputs and self.itm_weight:
+            loss = loss + self.itm_weight * itm_loss(outputs["itm_logits"], outputs["itm_targets"])
+        return loss
+
+    def after_step(self, model: nn.Module) -> None:
+        """Clamp the temperature (CLIP's log-scale at most log 100) after every optimizer step."""
+        model.clamp_logit_scale_()
+
+    # ------------------------------------------------------------------ metrics
+    def train_metrics(self) -> Metrics:
+        return NoMetrics()
+
+    def eval_metrics(self) -> Metrics:
+        self._zero_shot = None  # the classifier of the model being evaluated, computed on its first batch
+        return CLIPEvalMetrics(self)
+
+    def format_metric(self, name: str, value: float) -> str:
+        if name in ("zero_shot_top1",) or "R@" in name:
+            return f"{name} {100 * value:.2f}%"
+        return super().format_metric(name, value)
+
+    def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
+        files: list[Path] = []
+        if final is not None and final.get("similarity") is not None:
+            files.append(plot_similarity(final["similarity"], final["similarity_captions"],
+                                         Path(out_dir) / "similarity_matrix.png"))
+        return files
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TaskSetup:
+        """Datasets, tokenizer (a BPE trained on the training captions), model and task from a ``TrainConfig``."""
+        opts = dict(cfg.model.overrides)
+        clip = {k: opts.pop(k) for k in CLIP_OPTIONS if k in opts}
+        dataset = str(cfg.data.dataset)
+        aug = cfg.augment
+        augment = None
+        prompts = None
+        if dataset == "digits":
+            per_image = int(clip.get("captions_per_image", 4))
+            train = DigitCaptions("train", captions_per_image=per_image, seed=cfg.seed)
+            val, test = DigitCaptions("val", seed=cfg.seed), DigitCaptions("test", seed=cfg.seed)
+            size = 8
+            prompts = digit_prompts()
+            if aug.affine_p > 0:
+                from ...datasets.augment import Compose, Normalize, RandomAffine
+
+                augment = Compose([RandomAffine(aug.affine_degrees, aug.affine_translate, tuple(aug.affine_scale),
+                                                aug.affine_shear, fill=0.0, p=aug.affine_p),
+                                   Normalize(train.mean, train.std)])
+            default_itm, context = 0, 16
+        elif dataset == "digit_scenes":
+            # no augmentation for scenes: a flip or crop would change "left of" / "above" in the captions
+            n = int(clip.get("num_scenes", 4000))
+            canvas = int(clip.get("canvas_size", 24))
+            dsize = tuple(int(v) for v in clip.get("digit_size", (8, 11)))
+            train = SceneCaptions("train", n, canvas, dsize, seed=cfg.seed)
+            val = SceneCaptions("val", max(n // 4, 1), canvas, dsize, seed=cfg.seed)
+            test = SceneCaptions("test", max(n // 4, 1), canvas, dsize, seed=cfg.seed)
+            size, default_itm, context = canvas, 1, 16
+        else:
+            size = int(cfg.data.image_size or 224)
+            channels = int(opts.get("in_channels", 3))
+            train = CaptionFolder(dataset, split="train", image_size=size, channels=channels, seed=cfg.seed)
+            val = CaptionFolder(dataset, split="val", image_size=size, channels=channels, seed=cfg.seed)
+            test = None
+            if len(val) == 0:
+                val = None
+            default_itm, context = 0, 32
+        cfg.data.image_size = size
+        context = int(clip.get("context_length", context))
+        tokenizer = CLIPTokenizer.train(train.corpus(), vocab_size=int(clip.get("vocab_size", 256)),
+                                        context_length=context)
+        loss = str(clip.get("loss", "clip"))
+        siglip = loss == "siglip"
+        text = text_config(str(clip.get("text", "clip_text_tiny")), vocab_size=tokenizer.vocab_size,
+                           context_length=context, **dict(clip.get("text_overrides", {})))
+        image_overrides = {**opts, "image_size": size, "in_channels": int(train[0]["image"].shape[0])}
+        config = CLIPConfig(image_model=cfg.model.name, image_overrides=image_overrides, text=text,
+                            embed_dim=int(clip.get("embed_dim", 64)),
+                            init_logit_scale=float(clip.get("init_logit_scale", 10.0 if siglip else 1 / 0.07)),
+                            logit_bias=-10.0 if siglip else None,
+                            itm_depth=int(clip.get("itm_depth", default_itm)), itm_heads=int(clip.get("itm_heads", 2)))
+        model = CLIP(config)
+        model.pretrained_cfg = {"task": "clip", "input_size": [train[0]["image"].shape[0], size, size],
+                                "mean": list(train.mean), "std": list(train.std), "crop_pct": 1.0,
+                                "interpolation": "bilinear", "dataset": dataset, "tokenizer": tokenizer.to_dict(),
+                                "templates": list(DIGIT_TEMPLATES) if dataset == "digits" else ["{}"]}
+        if dataset == "digit_scenes":
+            model.pretrained_cfg["scenes"] = {"canvas_size": size, "digit_size": list(dsize)}
+        task = cls(tokenizer, train.mean, train.std, loss=loss, duplicate_aware=bool(clip.get("duplicate_aware", True)),
+                   itm_weight=float(clip.get("itm_weight", 1.0)), itm_top_k=int(clip.get("itm_top_k", 10)),
+                   prompts=prompts, augment=augment)
+        return TaskSetup(task, model, train, val, test)
+
+
+def plot_similarity(sim: Tensor, captions: Sequence[str], path: str | Path) -> Path:
+    """Heat map of image (rows) x caption (columns) cosine similarities, written to ``path``."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    n = sim.shape[0]
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * n, 1.5 + 0.5 * n))
+    im = ax.imshow(sim.float().numpy(), cmap="viridis")
+    ax.set_xticks(range(n), [c[:28] for c in captions], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [f"image {i}" for i in range(n)], fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{float(sim[i, j]):.2f}", ha="center", va="center", fontsize=5, color="w")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("image-text cosine similarity (fixed eval batch)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["CLIPTask", "CLIP_DIGITS_RECIPE", "CLIPEvalMetrics", "plot_similarity"]

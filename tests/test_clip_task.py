@@ -1,0 +1,585 @@
+"""CLIP as a task of the engine (issue 15): caption datasets, the ITM head with hard negatives
+and re-ranking, duplicate-aware targets through the task, the temperature clamp after every
+optimizer step, 2-rank DDP with features gathered with gradients, and the CLI
+(train --task clip, zero-shot, retrieve, eval)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("sklearn")
+
+from vitlab.cli import main as cli  # noqa: E402
+from vitlab.components.attention import CrossAttention  # noqa: E402
+from vitlab.datasets.captions import (  # noqa: E402
+    DIGIT_TEMPLATES,
+    DIGIT_WORDS,
+    CaptionFolder,
+    DigitCaptions,
+    SceneCaptions,
+    scene_caption,
+)
+from vitlab.datasets.digits import DigitsDataset  # noqa: E402
+from vitlab.models.text import text_config  # noqa: E402
+from vitlab.tasks import get_task  # noqa: E402
+from vitlab.tasks.clip import CLIP, CLIPConfig, CLIPTask, clip_loss  # noqa: E402
+from vitlab.tasks.clip.itm import ITMHead, mine_hard_negatives, rerank_top_k  # noqa: E402
+from vitlab.tasks.clip.tokenizer import CLIPTokenizer  # noqa: E402
+from vitlab.tasks.base import Batch  # noqa: E402
+from vitlab.training import build_trainer, load_config  # noqa: E402
+
+HERE = Path(__file__).parent
+#: A tiny CLIP on digit captions for engine runs (seconds on a CPU).
+TINY = ["task=clip", "progress=false", "device=cpu", "augment.affine_p=0.0",
+        "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, embed_dim: 16, "
+        "text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, captions_per_image: 1, vocab_size: 64}"]
+
+
+def tiny_clip(itm_depth: int = 0, vocab: int = 40, channels: int = 1) -> CLIP:
+    cfg = CLIPConfig(image_model="vit_tiny_patch16_224",
+                     image_overrides=dict(image_size=16, patch_size=4, in_channels=channels, dim=16, depth=1, heads=2,
+                                          mlp_dim=32),
+                     text=text_config("clip_text_tiny", vocab_size=vocab, dim=16, depth=1, heads=2, mlp_dim=32,
+                                      context_length=8),
+                     embed_dim=8, itm_depth=itm_depth)
+    return CLIP(cfg)
+
+
+# ------------------------------------------------------------------------ caption datasets
+def test_digit_captions_vary_templates_and_keep_the_class():
+    data = DigitCaptions("train", captions_per_image=2)
+    digits = DigitsDataset("train")
+    assert len(data) == 2 * len(digits)
+    used = set()
+    for i in range(0, len(data), 37):
+        s = data[i]
+        label = digits.targets[i % len(digits)]
+        assert s["label"] == label
+        torch.testing.assert_close(s["image"], digits[i % len(digits)][0], atol=0, rtol=0)
+        name = s["caption"].split()[-1]
+        assert name in (str(label), DIGIT_WORDS[label]), s["caption"]
+        template = s["caption"][: -len(name)] + "{}"
+        assert template in DIGIT_TEMPLATES
+        used.add(template)
+    assert len(used) >= 6  # varied templates, not one
+    # the same index always gets the same caption
+    assert data.caption(11) == DigitCaptions("train", captions_per_image=2).caption(11)
+    # the test digits are held out
+    assert not set(DigitCaptions("test").digits.indices.tolist()) & set(digits.indices.tolist())
+
+
+def test_scene_captions_are_compositional_and_follow_the_boxes():
+    boxes = torch.tensor([[20.0, 2, 30, 12], [1, 4, 11, 14]])  # digit 3 on the right, 7 on the left
+    labels = torch.tensor([3, 7])
+    assert scene_caption(boxes, labels) == ("a 7 to the left of a 3", 73)
+    assert scene_caption(boxes, labels, converse=True) == ("a 3 to the right of a 7", 73)
+    assert scene_caption(boxes[[1, 0]], labels[[1, 0]])[1] == 73  # order of the boxes does not matter
+    swapped = torch.tensor([[1.0, 2, 11, 12], [20, 4, 30, 14]])
+    assert scene_caption(swapped, labels) == ("a 3 to the left of a 7", 37)  # same words, other layout
+    vertical = torch.tensor([[0.0, 20, 10, 30], [2, 0, 12, 10]])
+    assert scene_caption(vertical, labels) == ("a 7 above a 3", 173)
+    assert scene_caption(vertical, labels, converse=True) == ("a 3 below a 7", 173)
+    data = SceneCaptions("val", num_scenes=12)
+    for i in range(12):
+        s, scene = data[i], data.scenes[i]
+        b, lab = scene["boxes"], scene["labels"]
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        words = s["caption"].split()
+        if words[1] == "single":  # the second digit found no free place
+            assert len(b) == 1 and s["caption"] == f"a single {int(lab[0])}"
+            continue
+        first, second = int(words[1]), int(words[-1])
+        if "left" in words or "right" in words:
+            assert abs(cx[0] - cx[1]) >= abs(cy[0] - cy[1])
+            left = int(lab[int(cx.argmin())])
+            assert left == (first if "left" in words else second), (s["caption"], b, lab)
+        else:
+            top = int(lab[int(cy.argmin())])
+            assert top == (first if "above" in words else second), (s["caption"], b, lab)
+        assert s["image"].shape == (1, 24, 24)
+
+
+def _png(path: Path, value: int = 128) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((10, 12, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_caption_folder_reads_csv_and_jsonl_and_groups_equal_captions(tmp_path):
+    for name in ("a.png", "b.png", "sub/c.png"):
+        _png(tmp_path / name)
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,a red  square\nb.png,a blue square\n"
+                                           "sub/c.png,a red square\n")
+    data = CaptionFolder(tmp_path, image_size=16)
+    assert [data[i]["caption"] for i in range(3)] == ["a red square", "a blue square", "a red square"]
+    assert [data[i]["label"] for i in range(3)] == [0, 1, 0]  # equal captions: one group
+    assert data[0]["image"].shape == (3, 16, 16)
+    torch.testing.assert_close(data[0]["image"], torch.full((3, 16, 16), 128 / 255))
+    jl = tmp_path / "caps.jsonl"
+    jl.write_text(json.dumps({"image": "a.png", "caption": "one"}) + "\n\n" + json.dumps({"image": "b.png", "caption": "two"}))
+    assert [data[i]["caption"] for i, data in [(0, CaptionFolder(tmp_path, jl)), (1, CaptionFolder(tmp_path, jl))]] == ["one", "two"]
+    grey = CaptionFolder(tmp_path, jl, channels=1, image_size=4)
+    assert grey[0]["image"].shape == (1, 4, 4)
+    train, val = CaptionFolder(tmp_path, split="train", val_fraction=0.34), CaptionFolder(tmp_path, split="val", val_fraction=0.34)
+    assert len(train) + len(val) == 3 and len(val) == 1
+
+
+@pytest.mark.parametrize("content,error,match", [
+    ("image,caption\na.png,ok\nmissing.png,a cat\n", FileNotFoundError, r"captions.csv line 3: image 'missing.png' not found"),
+    ("image,caption\na.png,  \n", ValueError, r"captions.csv line 2: empty caption for image 'a.png'"),
+    ("file,text\na.png,a cat\n", ValueError, r"must have the columns 'image' and 'caption'; it lacks \['image', 'caption'\]"),
+])
+def test_caption_folder_errors_name_the_file_and_line(tmp_path, content, error, match):
+    _png(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_text(content)
+    with pytest.raises(error, match=match):
+        CaptionFolder(tmp_path)
+
+
+def test_caption_folder_jsonl_and_missing_file_errors(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "c.jsonl").write_text('{"image": "a.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl line 1 must be an object with the keys 'image' and 'caption'"):
+        CaptionFolder(tmp_path, "c.jsonl")
+    (tmp_path / "c.jsonl").write_text('{"image": "a.png", \n')
+    with pytest.raises(ValueError, match=r"c.jsonl line 1 is not valid JSON"):
+        CaptionFolder(tmp_path, "c.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"has no captions.csv or captions.jsonl"):
+        CaptionFolder(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- ITM
+def test_hard_negatives_are_the_most_similar_non_positives():
+    sim = torch.tensor([[0.9, 0.8, 0.1],
+                        [0.7, 0.6, 0.65],
+                        [0.2, 0.3, 0.5]])
+    pos = torch.tensor([[True, True, False],   # image 0 matches texts 0 and 1 (duplicate captions)
+                        [True, True, False],
+                        [False, False, True]])
+    neg_t, has_t, neg_i, has_i = mine_hard_negatives(sim, pos)
+    # image 0: non-positive texts {2} -> 2; image 1 -> 2; image 2: texts {0, 1}, 0.3 > 0.2 -> 1
+    assert neg_t.tolist() == [2, 2, 1] and has_t.tolist() == [True, True, True]
+    # text 0: non-positive images {2} -> 2; text 1 -> 2; text 2: images {0, 1}, 0.65 > 0.1 -> 1
+    assert neg_i.tolist() == [2, 2, 1] and has_i.tolist() == [True, True, True]
+    all_pos = torch.ones(2, 2, dtype=torch.bool)
+    assert mine_hard_negatives(torch.rand(2, 2), all_pos)[1].tolist() == [False, False]
+
+
+def test_itm_head_cross_attends_from_text_tokens_to_image_tokens():
+    torch.manual_seed(0)
+    head = ITMHead(text_dim=16, image_dim=12, depth=2, heads=2).eval()
+    seen = []
+    for m in head.modules():
+        if isinstance(m, CrossAttention):
+            m.register_forward_hook(lambda mod, args, kw, out: seen.append((args[0].shape, kw["context"].shape)),
+                                    with_kwargs=True)
+    text, image = torch.randn(3, 5, 16), torch.randn(3, 7, 12)
+    eos = torch.tensor([4, 2, 3])
+    logits = head(text, image, eos)
+    assert logits.shape == (3,)
+    assert seen == [(torch.Size([3, 5, 16]), torch.Size([3, 7, 16]))] * 2  # queries: text; keys/values: image
+    other = image.clone()
+    other[1] = torch.randn(7, 12)
+    changed = head(text, other, eos)
+    assert torch.equal(changed[[0, 2]], logits[[0, 2]]) and not torch.allclose(changed[1], logits[1])
+    # text is causal: tokens after end-of-text do not change the logit
+    late = text.clone()
+    late[2, 4] += 1.0
+    torch.testing.assert_close(head(late, image, eos)[2], logits[2])
+
+
+def test_rerank_reorders_only_the_top_k_by_the_itm_score():
+    sim = torch.tensor([[0.9, 0.8, 0.7, 0.1],
+                        [0.1, 0.2, 0.3, 0.4]])
+    itm = torch.tensor([[-1.0, 2.0, 5.0, 9.0],     # item 3 is outside query 0's top-3: not re-ranked
+                        [0.0, 0.0, 1.0, -3.0]])
+    calls = []
+
+    def score(q, g):
+        calls.append(len(q))
+        return itm[q, g]
+
+    out = rerank_top_k(sim, 3, score)
+    assert calls == [6]
+    assert out[0].argsort(descending=True).tolist() == [2, 1, 0, 3]
+    assert out[1].argsort(descending=True).tolist() == [2, 1, 3, 0]  # top-3 (3, 2, 1) re-ordered by ITM
+    assert out[0, 3] == sim[0, 3] and out[1, 0] == sim[1, 0]  # the rest keep their similarity
+
+
+def test_training_forward_pairs_each_image_with_its_text_and_mined_negatives(monkeypatch):
+    import vitlab.tasks.clip.model as clip_model
+
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1)
+    ids = torch.tensor([[38, 3, 39, 0, 0, 0, 0, 0], [38, 4, 39, 0, 0, 0, 0, 0], [38, 3, 39, 0, 0, 0, 0, 0],
+                        [38, 5, 6, 39, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 1, 0, 2])  # texts 0 and 2 are the same caption
+    pairs, masks = [], []
+    orig_itm, orig_mine = model.itm_logits, clip_model.mine_hard_negatives
+
+    def spy(img_tok, txt_tok, ids_):
+        pairs.append((img_tok, ids_))
+        return orig_itm(img_tok, txt_tok, ids_)
+
+    def spy_mine(sim, pos):
+        masks.append(pos)
+        return orig_mine(sim, pos)
+
+    model.itm_logits = spy
+    monkeypatch.setattr(clip_model, "mine_hard_negatives", spy_mine)
+    images = torch.rand(4, 1, 16, 16)
+    out = model(images, ids, labels, train_outputs=True)
+    # the positives excluded from mining are all pairs with equal labels, not just the diagonal
+    assert torch.equal(masks[0], labels[:, None] == labels[None, :])
+    sim = out["image_emb"] @ out["text_emb"].t()
+    masked = sim.detach().masked_fill(masks[0], -2.0)
+    exp_texts = torch.cat([torch.arange(4), masked.argmax(1), torch.arange(4)])
+    exp_images = torch.cat([torch.arange(4), torch.arange(4), masked.argmax(0)])
+    img_tok, got_ids = pairs[0]
+    assert torch.equal(got_ids, ids[exp_texts])
+    _, all_tokens = model.image_features(images)
+    torch.testing.assert_close(img_tok, all_tokens[exp_images])
+    assert out["itm_targets"].tolist() == [1.0] * 4 + [0.0] * 8
+    assert all(labels[t] != labels[i] for i, t in zip(exp_images[4:].tolist(), exp_texts[4:].tolist()))
+
+
+# ---------------------------------------------------------------- the task's loss
+def _task_batch(duplicate_aware: bool):
+    tok = CLIPTokenizer.train(["a 1", "a 2", "a 3"], vocab_size=8, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), duplicate_aware=duplicate_aware)
+    raw = {"image": torch.rand(4, 1, 16, 16), "caption": ["a 1", "a 2", "a 1", "a 3"], "label": torch.tensor([1, 2, 1, 3])}
+    batch = task.prepare(raw, torch.device("cpu"), 16, None)
+    return task, batch, tok
+
+
+def test_task_loss_treats_duplicate_captions_as_positives():
+    torch.manual_seed(0)
+    for aware in (True, False):
+        task, batch, tok = _task_batch(aware)
+        model = tiny_clip(vocab=tok.vocab_size).train()
+        out = task.forward(model, batch.inputs)
+        # distinct unit vectors (a fresh model's embeddings are nearly all alike)
+        img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+        out.update(image_emb=img, text_emb=txt)
+        # by hand: image 0 and 2 share a caption, so row 0's target is (1/2, 0, 1/2, 0)
+        logits = model.scale() * img @ txt.t()
+        target = torch.eye(4)
+        if aware:
+            target = torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1.0]])
+        hand = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target.t() * logits.t().log_softmax(1)).sum(1).mean())
+        torch.testing.assert_close(task.loss(batch, out), hand)
+    assert not torch.allclose(clip_loss(img, txt, model.scale(), batch.targets), clip_loss(img, txt, model.scale()))
+
+
+def test_task_prepares_normalised_images_and_clip_token_ids():
+    task, batch, tok = _task_batch(True)
+    images, ids, labels = batch.inputs
+    assert ids.shape == (4, 8) and torch.equal(ids, tok(["a 1", "a 2", "a 1", "a 3"]))
+    assert labels.tolist() == [1, 2, 1, 3] and batch.extra["captions"][3] == "a 3"
+    assert get_task("clip") is CLIPTask
+
+
+# ------------------------------------------------------------------ engine: the clamp
+def test_logit_scale_never_exceeds_100_during_training(tmp_path):
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    cfg = load_config(None, TINY + ["epochs=1", "data.batch_size=256", "optim.warmup_epochs=0", "optim.lr=0.1",
+                                    f"output_dir={tmp_path}"], base=CLIP_DIGITS_RECIPE)
+    cfg.model.overrides["init_logit_scale"] = 99.0
+    trainer = build_trainer(cfg, log=lambda s: None)
+    model = trainer.model
+    # every step pushes the temperature up hard (a gradient of -1 on the log-scale)
+    model.logit_scale.register_hook(lambda g: torch.full_like(g, -1.0))
+    scales = []
+    step = trainer._optimizer_step
+
+    def recorded():
+        step()
+        scales.append(model.logit_scale.exp().item())
+
+    trainer._optimizer_step = recorded
+    trainer.train_epoch()
+    assert len(scales) == trainer.steps_per_epoch == 5
+    assert max(scales) <= 100.0 * (1 + 1e-6)
+    assert scales[-1] == pytest.approx(100.0)  # it was pushed to the cap and held there
+
+
+# ------------------------------------------------------------------------ engine: DDP
+def _run_worker(out: Path, nproc: int, batch: int, extra: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    worker = [str(HERE / "clip_ddp_worker.py"), str(out), "8"]
+    if nproc == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
+    res = subprocess.run(cmd + TINY + extra + [f"data.batch_size={batch}", "epochs=1", f"output_dir={out}"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_equals_one_process_with_the_global_batch(tmp_path):
+    # Global batch 32: 2 ranks x 16 vs 1 process x 32; duplicate captions across the ranks are
+    # positives, and every rank's loss sees all 32 x 32 pairs through the gathered features.
+    # a constant lr (min_lr = lr): the schedule's length does not matter; 8 steps of each run
+    common = ["optim.warmup_epochs=0", "optim.lr=0.002", "optim.min_lr=0.002", "optim.weight_decay=0.0"]
+    _run_worker(tmp_path / "ddp", nproc=2, batch=16, extra=common)
+    _run_worker(tmp_path / "single", nproc=1, batch=32, extra=common)
+    from safetensors.torch import load_file
+
+    init = load_file(str(tmp_path / "single" / "init0.safetensors"))
+    single = load_file(str(tmp_path / "single" / "rank0.safetensors"))
+    r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], single[k], atol=2e-5, rtol=0, msg=k)
+        assert k == "text.pos_embed" or (single[k] - init[k]).abs().max() > 1e-3, f"{k} did not train"
+    ddp, one = (json.loads((tmp_path / n / "loss0.json").read_text()) for n in ("ddp", "single"))
+    assert ddp["step"] == one["step"] == 8
+    assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)  # the global-batch loss on every rank
+
+
+# ---------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip_run")
+    code = cli(["train", "--task", "clip", "--epochs", "1", "--no-progress", "--output-dir", str(out), *TINY[3:]])
+    assert code == 0
+    return out
+
+
+def test_train_task_clip_without_data_arguments_trains_on_digit_captions(clip_run, capsys):
+    cfg = json.loads((clip_run / "config.json").read_text())
+    assert cfg["task"] == "clip" and cfg["data"]["dataset"] == "digits"
+    results = json.loads((clip_run / "results.json").read_text())
+    assert results["primary_metric"] == "zero_shot_top1" and results["test_n"] == len(DigitsDataset("test"))
+    for key in ("test_zero_shot_top1", "test_t2i_R@1", "test_i2t_R@10", "test_t2i_median_rank"):
+        assert key in results
+    assert (clip_run / "similarity_matrix.png").stat().st_size > 5000
+    # the tokenizer travels with the checkpoint: same ids as a BPE trained on the same captions
+    from vitlab.tasks.clip.convert import load_clip_checkpoint
+
+    model, tok = load_clip_checkpoint(clip_run)
+    fresh = CLIPTokenizer.train(DigitCaptions("train").corpus(), vocab_size=64, context_length=16)
+    texts = ["a handwritten 7", "the digit seven", "an unseen word"]
+    assert torch.equal(tok(texts), fresh(texts))
+    assert model.text.config.vocab_size == tok.vocab_size
+
+
+def _digit_png(path: Path, index: int) -> int:
+    from PIL import Image
+
+    d = DigitsDataset("test")
+    img, label = d[index]
+    Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(path)
+    return label
+
+
+def test_zero_shot_cli_ranks_labels_as_the_prompt_ensemble_does(clip_run, tmp_path, capsys):
+    from vitlab.tasks.clip.convert import load_clip_checkpoint
+
+    files = [tmp_path / f"d{i}.png" for i in range(3)]
+    for i, f in enumerate(files):
+        _digit_png(f, i * 40)
+    assert cli(["zero-shot", "--checkpoint", str(clip_run), "--labels", "zero,one,two,three", "--top-k", "4",
+                *map(str, files)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    # by hand: normalised mean of the normalised prompt embeddings per label, cosine with the image
+    model, tok = load_clip_checkpoint(clip_run)
+    mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+    for f, line in zip(files, lines):
+        from PIL import Image
+
+        x = torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None, None]
+        with torch.no_grad():
+            img = F.normalize(model.encode_image((x - mean) / std), dim=-1)[0]
+            scores = []
+            for name in ("zero", "one", "two", "three"):
+                t = F.normalize(model.encode_text(tok([tp.format(name) for tp in DIGIT_TEMPLATES])), dim=-1).mean(0)
+                scores.append(float(img @ F.normalize(t, dim=0)))
+        order = [("zero", "one", "two", "three")[i] for i in np.argsort(scores)[::-1]]
+        printed = [w for w in line.split(": ", 1)[1].split() if not w.endswith("%")]
+        assert printed == order, (line, scores)
+        probs = torch.tensor(scores).mul(model.scale().item()).softmax(0)
+        percents = [float(w[:-1]) for w in line.split(": ", 1)[1].split() if w.endswith("%")]
+        assert percents == pytest.approx(sorted((100 * probs).tolist(), reverse=True), abs=0.051)
+
+
+def test_retrieve_and_eval_cli_on_a_clip_checkpoint(clip_run, tmp_path, capsys):
+    files = [tmp_path / f"d{i}.png" for i in range(2)]
+    for i, f in enumerate(files):
+        _digit_png(f, i)
+    assert cli(["retrieve", "--checkpoint", str(clip_run), "--images", *map(str, files), "--texts", "the digit one",
+                "a handwritten 7", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 4 and out[0].startswith("text 'the digit one': ") and out[2].startswith(f"image {files[0]}: ")
+    # by hand: cosine similarities of the normalised images and texts, best first
+    from PIL import Image
+
+    from vitlab.tasks.clip.convert import load_clip_checkpoint
+
+    model, tok = load_clip_checkpoint(clip_run)
+    mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None] for f in files])
+    with torch.no_grad():
+        cos = F.normalize(model.encode_image((x - mean) / std), dim=-1) @ F.normalize(
+            model.encode_text(tok(["the digit one", "a handwritten 7"])), dim=-1).t()  # (2 images, 2 texts)
+    for j, line in enumerate(out[:2]):
+        order = [str(files[i]) for i in cos[:, j].argsort(descending=True).tolist()]
+        assert [w for w in line.split(": ", 1)[1].split() if not w.startswith("(")] == order
+        assert f"({float(cos[:, j].max()):.3f})" in line
+    assert cli(["eval", "--checkpoint", str(clip_run)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((clip_run / "results.json").read_text())
+    assert f"zero-shot accuracy: top-1 {100 * results['test_zero_shot_top1']:.2f}%" in out
+    assert f"text->image: R@1 {100 * results['test_t2i_R@1']:.2f}%" in out and "median rank" in out
+
+
+def test_clip_cli_errors_are_one_clear_line(clip_run, tmp_path, capsys):
+    f = tmp_path / "d.png"
+    _digit_png(f, 0)
+    cases = [
+        (["zero-shot", "--checkpoint", str(clip_run), "--labels", "cat,,dog", str(f)], "--labels must be comma-separated"),
+        (["zero-shot", "--checkpoint", str(clip_run), "--labels", "cat", str(tmp_path / "nope.png")], "image not found"),
+        (["zero-shot", "--checkpoint", str(clip_run), "--labels", "cat", str(f), "--templates", "no slot"],
+         "must contain '{}'"),
+        (["retrieve", "--checkpoint", str(clip_run), "--images", str(f), "--texts", "a 1", "--rerank", "3"],
+         "needs a CLIP model with an image-text matching head"),
+    ]
+    for argv, msg in cases:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_clip_recipe_file_equals_the_builtin_recipe():
+    import yaml
+
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    assert yaml.safe_load((HERE.parent / "configs" / "clip_digits.yaml").read_text()) == CLIP_DIGITS_RECIPE
+
+
+@pytest.mark.slow
+def test_clip_example_trains_classifies_zero_shot_and_retrieves(tmp_path):
+    res = subprocess.run([sys.executable, str(HERE.parent / "examples" / "clip_training.py"), "--epochs", "1", "--tiny",
+                          "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    engine = json.loads((tmp_path / "results.json").read_text())["test_zero_shot_top1"]
+    # the example's own zero-shot pass over the test digits (class names only) is printed beside the engine's
+    assert f"test zero-shot top-1 (engine): {100 * engine:.2f}%" in res.stdout
+    assert "zero-shot on the 359 held-out digits" in res.stdout and res.stdout.count("top-5 test images") == 3
+
+
+def test_task_eval_metrics_equal_hand_computed_zero_shot_and_retrieval():
+    from vitlab.tasks.clip.task import CLIPEvalMetrics
+
+    tok = CLIPTokenizer.train(["a 1"], vocab_size=4, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=0, prompts=[["x"], ["y"]])
+    metrics = task.eval_metrics()
+    assert isinstance(metrics, CLIPEvalMetrics)
+    s = 2 ** -0.5
+    img = torch.tensor([[1.0, 0.0], [s, s], [0.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [s, -s]])
+    labels = torch.tensor([0, 1, 1])
+    zs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (D, K): class 0 along x, class 1 along y
+    for rows in ([0, 1], [2]):  # two batches
+        batch = Batch(None, labels[rows], len(rows), {"captions": [f"c{i}" for i in rows]})
+        metrics.update(batch, {"image_emb": img[rows], "text_emb": txt[rows], "scale": torch.tensor(1.0), "bias": None,
+                               "zero_shot": zs})
+    res = metrics.compute()
+    # zero-shot: image 0 -> x (class 0, right), image 1 ties -> class 0 (argmax first; wrong), image 2 -> y (right)
+    assert res["zero_shot_top1"] == pytest.approx(2 / 3)
+    # sim = img @ txt.T = [[0, 1, s], [s, s, 0], [1, 0, -s]]; positives: image 0 - text 0; images 1, 2 - texts 1, 2
+    # t2i: text 0 (col 0 = [0, s, 1]) ranks image 0 third; text 1 ([1, s, 0]) ranks image 1 (s) 2nd;
+    #      text 2 ([s, 0, -s]): images 1, 2 score 0 and -s, image 0 above both -> rank 2
+    assert res["t2i_R@1"] == pytest.approx(0.0) and res["t2i_R@5"] == pytest.approx(1.0)
+    assert res["t2i_mean_rank"] == pytest.approx((3 + 2 + 2) / 3) and res["t2i_median_rank"] == 2
+    # i2t: image 0 (row [0, 1, s]) -> text 0 scores 0: rank 3; image 1 ([s, s, 0]) -> text 1 ties text 0: rank 1;
+    #      image 2 ([1, 0, -s]) -> best positive text 1 (0): rank 2
+    assert res["i2t_R@1"] == pytest.approx(1 / 3) and res["i2t_mean_rank"] == pytest.approx(2.0)
+    assert res["n"] == 3 and res["similarity"].shape == (3, 3) and res["similarity_captions"] == ["c0", "c1", "c2"]
+
+
+def test_clip_trains_on_a_user_caption_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["image,caption"]
+    for i in range(12):
+        colour = ("red", "green", "blue")[i % 3]
+        px = np.zeros((20, 20, 3), dtype=np.uint8)
+        px[..., i % 3] = 200 + rng.integers(0, 50)
+        Image.fromarray(px).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {colour} square")
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, TINY + ["epochs=1", "data.batch_size=4", "data.image_size=16", f"data.dataset={tmp_path}",
+                                    f"output_dir={tmp_path / 'run'}"])
+    trainer = build_trainer(cfg, log=lambda s: None)
+    assert trainer.task.primary_metric == "t2i_R@1" and trainer.model.visual.config.in_channels == 3
+    assert len(trainer.train_loader.dataset) + len(trainer.val_loader.dataset) == 12
+    res = trainer.fit()
+    assert res["split"] == "val" and "val_t2i_R@1" in res and res["val_n"] == 1
+    assert (tmp_path / "run" / "similarity_matrix.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["train", "--task", "clip"], ["train", "task=clip"]])
+def test_train_task_clip_starts_from_the_clip_recipe(argv):
+    from vitlab.cli import _train_config, build_parser
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    cfg = _train_config(build_parser().parse_args(argv))
+    assert cfg.task == "clip" and cfg.recipe == "clip_digits" and cfg.data.dataset == "digits"
+    assert cfg.model.overrides == CLIP_DIGITS_RECIPE["model"]["overrides"] and cfg.epochs == CLIP_DIGITS_RECIPE["epochs"]
+    assert _train_config(build_parser().parse_args(["train"])).recipe == "digits"  # classification keeps its own
+
+
+def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1).eval()
+    with torch.no_grad():  # a head whose preferences differ from the similarities (a fresh one mostly agrees)
+        for p in model.itm.parameters():
+            p.normal_(0.0, 0.5)
+    tok = CLIPTokenizer.train(["a 1"], vocab_size=4, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=4)
+    images = torch.rand(6, 1, 16, 16)
+    ids = torch.randint(1, 38, (6, 8))
+    ids[:, 5] = 39  # end of text: the largest id
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    metrics = task.eval_metrics()
+    with torch.no_grad():
+        for rows in ([0, 1, 2], [3, 4, 5]):
+            batch = Batch((images[rows], ids[rows], labels[rows]), labels[rows], 3, {"captions": ["c"] * 3})
+            metrics.update(batch, task.forward(model, batch.inputs))
+        res = metrics.compute()
+        # by hand: every (text, image) ITM logit; each text's 4 most similar images ordered by it, then the rest
+        img, img_tok = model.image_features(images)
+        txt, txt_tok = model.text_features(ids)
+        sim = F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).t()  # (texts, images)
+        itm = torch.stack([model.itm_logits(img_tok, txt_tok[t].expand(6, -1, -1), ids[t].expand(6, -1))
+                           for t in range(6)])  # (texts, images)
+    ranks, plain = [], []
+    for t in range(6):
+        cand = sim[t].topk(4).indices.tolist()
+        rest = [i for i in sim[t].argsort(descending=True).tolist() if i not in cand]
+        order = sorted(cand, key=lambda i: -float(itm[t, i])) + rest
+        ranks.append(1 + next(r for r, i in enumerate(order) if labels[i] == labels[t]))
+        plain.append(1 + next(r for r, i in enumerate(sim[t].argsort(descending=True).tolist())
+                              if labels[i] == labels[t]))
+    assert res["itm_t2i_mean_rank"] == pytest.approx(sum(ranks) / 6)
+    assert res["itm_t2i_R@1"] == pytest.approx(sum(r == 1 for r in ranks) / 6)
+    assert res["t2i_mean_rank"] == pytest.approx(sum(plain) / 6)
+    assert ranks != plain  # the re-ranking changed the ranks here, so the check has teeth
