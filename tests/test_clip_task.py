@@ -109,6 +109,24 @@ def test_scene_captions_are_compositional_and_follow_the_boxes():
         assert s["image"].shape == (1, 24, 24)
 
 
+def test_scene_negative_caption_is_the_mirror_layout_in_the_same_phrasing():
+    data = SceneCaptions("val", num_scenes=40, canvas_size=16, digit_size=(8, 8))
+    seen = 0
+    for i in range(40):
+        s, scene = data[i], data.scenes[i]
+        words = s["caption"].split()
+        if words[1] == "single" or words[1] == words[-1]:  # one digit, or two equal ones: no mirror layout
+            assert s["negative_caption"] == ""
+            continue
+        # by hand: the caption's two numerals exchanged, every other word kept
+        assert s["negative_caption"].split() == [words[0], words[-1], *words[2:-1], words[1]]
+        # and it describes the boxes with their digits exchanged (another layout group)
+        mirror, group = scene_caption(scene["boxes"], scene["labels"].flip(0), converse="right" in words or "below" in words)
+        assert s["negative_caption"] == mirror and group != s["label"]
+        seen += 1
+    assert seen >= 10
+
+
 def _png(path: Path, value: int = 128) -> None:
     from PIL import Image
 
@@ -217,6 +235,17 @@ def test_rerank_reorders_only_the_top_k_by_the_itm_score():
     assert out[0, 3] == sim[0, 3] and out[1, 0] == sim[1, 0]  # the rest keep their similarity
 
 
+def test_rerank_fusion_orders_the_top_k_by_itm_logit_plus_weighted_similarity():
+    sim = torch.tensor([[0.9, 0.5, 0.4, 0.1]])
+    itm = torch.tensor([[0.0, 1.0, 1.2, 9.0]])
+    score = lambda q, g: itm[q, g]  # noqa: E731
+    # by hand, top-3 = items 0, 1, 2: ITM alone 1.2 > 1.0 > 0.0; ITM + 10 x sim: 9.0 > 6.0 > 5.2
+    assert rerank_top_k(sim, 3, score)[0].argsort(descending=True).tolist() == [2, 1, 0, 3]
+    fused = rerank_top_k(sim, 3, score, fusion=10.0)
+    assert fused[0].argsort(descending=True).tolist() == [0, 1, 2, 3]
+    assert fused[0, 3] == sim[0, 3]
+
+
 def test_training_forward_pairs_each_image_with_its_text_and_mined_negatives(monkeypatch):
     import vitlab.tasks.clip.model as clip_model
 
@@ -252,6 +281,38 @@ def test_training_forward_pairs_each_image_with_its_text_and_mined_negatives(mon
     torch.testing.assert_close(img_tok, all_tokens[exp_images])
     assert out["itm_targets"].tolist() == [1.0] * 4 + [0.0] * 8
     assert all(labels[t] != labels[i] for i, t in zip(exp_images[4:].tolist(), exp_texts[4:].tolist()))
+
+
+def test_training_forward_adds_each_scene_with_its_swapped_caption_as_a_negative(monkeypatch):
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.train(SceneCaptions("val", num_scenes=1).corpus(), vocab_size=40, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,))
+    raw = {"image": torch.rand(3, 1, 16, 16), "label": torch.tensor([37, 73, 201]),
+           "caption": ["a 3 to the left of a 7", "a 7 to the left of a 3", "a single 1"],
+           "negative_caption": ["a 7 to the left of a 3", "a 3 to the left of a 7", ""]}
+    batch = task.prepare(raw, torch.device("cpu"), 16, None)
+    model = tiny_clip(itm_depth=1, vocab=tok.vocab_size).train()
+    pairs = []
+    orig_itm = model.itm_logits
+
+    def spy(img_tok, txt_tok, ids_):
+        pairs.append((img_tok, txt_tok, ids_))
+        return orig_itm(img_tok, txt_tok, ids_)
+
+    model.itm_logits = spy
+    out = task.forward(model, batch.inputs)
+    # 3 positives + 3 + 3 mined negatives, then the two scenes that have a mirror caption with it (target 0)
+    assert out["itm_targets"].tolist() == [1.0] * 3 + [0.0] * 8
+    img_tok, txt_tok, ids = pairs[-1]
+    assert torch.equal(ids, tok(["a 7 to the left of a 3", "a 3 to the left of a 7"]))
+    _, all_img_tok = model.image_features(batch.inputs[0])
+    torch.testing.assert_close(img_tok, all_img_tok[:2])
+    torch.testing.assert_close(txt_tok, model.text.forward_features(ids))
+    assert out["itm_logits"].shape == (11,)
+    # switched off: no swapped negatives
+    task_off = CLIPTask(tok, (0.5,), (0.5,), swap_negatives=False)
+    out_off = task_off.forward(model, task_off.prepare(raw, torch.device("cpu"), 16, None).inputs)
+    assert out_off["itm_targets"].tolist() == [1.0] * 3 + [0.0] * 6
 
 
 # ---------------------------------------------------------------- the task's loss
@@ -547,6 +608,9 @@ def test_train_task_clip_starts_from_the_clip_recipe(argv):
     assert _train_config(build_parser().parse_args(["train"])).recipe == "digits"  # classification keeps its own
 
 
+FUSION = 3.0
+
+
 def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
     torch.manual_seed(0)
     model = tiny_clip(itm_depth=1).eval()
@@ -554,7 +618,7 @@ def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
         for p in model.itm.parameters():
             p.normal_(0.0, 0.5)
     tok = CLIPTokenizer.train(["a 1"], vocab_size=4, context_length=8)
-    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=4)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=4, itm_fusion=FUSION)
     images = torch.rand(6, 1, 16, 16)
     ids = torch.randint(1, 38, (6, 8))
     ids[:, 5] = 39  # end of text: the largest id
@@ -571,15 +635,21 @@ def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
         sim = F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).t()  # (texts, images)
         itm = torch.stack([model.itm_logits(img_tok, txt_tok[t].expand(6, -1, -1), ids[t].expand(6, -1))
                            for t in range(6)])  # (texts, images)
-    ranks, plain = [], []
+    ranks, plain, fused = [], [], []
+    scale = FUSION * float(model.scale().detach())
     for t in range(6):
         cand = sim[t].topk(4).indices.tolist()
         rest = [i for i in sim[t].argsort(descending=True).tolist() if i not in cand]
         order = sorted(cand, key=lambda i: -float(itm[t, i])) + rest
         ranks.append(1 + next(r for r, i in enumerate(order) if labels[i] == labels[t]))
+        # fused: ITM logit + itm_fusion x the contrastive logit (scale x cosine)
+        order = sorted(cand, key=lambda i: -float(itm[t, i] + scale * sim[t, i])) + rest
+        fused.append(1 + next(r for r, i in enumerate(order) if labels[i] == labels[t]))
         plain.append(1 + next(r for r, i in enumerate(sim[t].argsort(descending=True).tolist())
                               if labels[i] == labels[t]))
     assert res["itm_t2i_mean_rank"] == pytest.approx(sum(ranks) / 6)
     assert res["itm_t2i_R@1"] == pytest.approx(sum(r == 1 for r in ranks) / 6)
     assert res["t2i_mean_rank"] == pytest.approx(sum(plain) / 6)
     assert ranks != plain  # the re-ranking changed the ranks here, so the check has teeth
+    assert res["itm_fused_t2i_mean_rank"] == pytest.approx(sum(fused) / 6)
+    assert fused != ranks  # the fusion changed them too

@@ -10,6 +10,8 @@ duplicate captions in a batch are never pushed apart.
 - :class:`SceneCaptions`: two-digit scenes (:class:`~vitlab.datasets.digit_scenes.DigitScenes`)
   with compositional captions from the boxes ("a 3 to the left of a 7" is not
   "a 7 to the left of a 3"); the label is the (relation, first digit, second digit) layout.
+  Every scene also carries ``negative_caption``: its caption with the two digits exchanged
+  (the mirror layout, the hardest negative of a bag-of-words model; "" when there is none).
 - :class:`CaptionFolder`: a user's folder of images with ``captions.csv`` or
   ``captions.jsonl`` (columns ``image`` and ``caption``).
 """
@@ -184,8 +186,12 @@ class SceneCaptions(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.scenes[index]
         rng = np.random.default_rng([self.seed, 7, SPLITS.index(self.split), index])
-        caption, group = scene_caption(s["boxes"], s["labels"], converse=bool(rng.random() < self.converse))
-        return {"image": s["image"], "caption": caption, "label": group}
+        converse = bool(rng.random() < self.converse)
+        caption, group = scene_caption(s["boxes"], s["labels"], converse=converse)
+        # the same boxes with the digits exchanged: the mirror layout in the same phrasing
+        negative, neg_group = scene_caption(s["boxes"], s["labels"].flip(0), converse=converse)
+        return {"image": s["image"], "caption": caption, "label": group,
+                "negative_caption": negative if neg_group != group else ""}
 
 
 #: Column names a caption file must have.

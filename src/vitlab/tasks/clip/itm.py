@@ -104,24 +104,28 @@ def itm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Re-rank the top-k gallery items of every query by an ITM score.
+def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor], fusion: float = 0.0) -> Tensor:
+    """Re-rank the top-k gallery items of every query by an ITM score (optionally fused with the similarity).
 
     Args:
         sim: (Q, G) query-gallery similarities (e.g. text -> image).
         k: How many top items of every query are re-ranked (the rest keep their order below them).
         score: ``score(query_index (P,), gallery_index (P,)) -> (P,)`` match logits of pairs.
+        fusion: Weight of the similarity added to the ITM logit of each re-ranked pair
+            (0: the ITM logit alone; the contrastive logit scale x cosine for a sum of logits).
 
     Returns:
-        A (Q, G) score matrix: the top-k items of each query ordered by their ITM score and
-        placed above every other item, whose similarity is unchanged.
+        A (Q, G) score matrix: the top-k items of each query ordered by ``ITM logit + fusion
+        x similarity`` and placed above every other item, whose similarity is unchanged.
     """
     k = min(k, sim.shape[1])
     top = sim.topk(k, dim=1).indices  # (Q, k)
     q = torch.arange(sim.shape[0], device=sim.device)[:, None].expand_as(top)
     # (Q, k) -> (Q * k,) pairs; their logits (Q * k,) -> (Q, k)
-    logits = score(q.reshape(-1), top.reshape(-1)).view(top.shape).float()
+    logits = score(q.reshape(-1), top.reshape(-1)).view(top.shape).float().to(sim.device)
     out = sim.float().clone()
+    if fusion:
+        logits = logits + fusion * out.gather(1, top)  # (Q, k) ITM + weighted similarity
     # above every similarity: shift the ITM logits so that the lowest re-ranked one beats the best rest
     offset = out.max() - logits.min() + 1.0
     out.scatter_(1, top, logits + offset)

@@ -138,8 +138,8 @@ class CLIP(nn.Module):
             names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
         return names
 
-    def forward(self, images: Tensor, ids: Tensor, labels: Tensor | None = None, train_outputs: bool = False
-                ) -> Any:
+    def forward(self, images: Tensor, ids: Tensor, labels: Tensor | None = None, train_outputs: bool = False,
+                negative_ids: Tensor | None = None, has_negative: Tensor | None = None) -> Any:
         """Images (B_i, C, H, W) and token ids (B_t, L) -> logits per image (B_i, B_t) and per text (B_t, B_i).
 
         With ``train_outputs`` (the training task's call, so that DDP sees one forward) it
@@ -148,9 +148,12 @@ class CLIP(nn.Module):
         of every image with its own text (1), of every image with its hardest in-batch
         negative text and every text with its hardest negative image (0). ``labels`` (B,)
         mark positives (same label) that are never mined as negatives (None: the diagonal).
+        ``negative_ids`` (B, L) are given negative captions of the images (a scene's caption
+        with its digits exchanged), paired with their images as further ITM negatives (0)
+        where ``has_negative`` (B,) bool is set (None: all).
         """
         if train_outputs:
-            return self.forward_train(images, ids, labels)
+            return self.forward_train(images, ids, labels, negative_ids, has_negative)
         img = self.encode_image(images, normalize=True)
         txt = self.encode_text(ids, normalize=True)
         logits = self.scale() * img @ txt.t()
@@ -158,7 +161,8 @@ class CLIP(nn.Module):
             logits = logits + self.logit_bias
         return logits, logits.t()
 
-    def forward_train(self, images: Tensor, ids: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+    def forward_train(self, images: Tensor, ids: Tensor, labels: Tensor | None = None,
+                      negative_ids: Tensor | None = None, has_negative: Tensor | None = None) -> dict[str, Any]:
         """See :meth:`forward` with ``train_outputs=True``."""
         img_emb, img_tok = self.image_features(images)
         txt_emb, txt_tok = self.text_features(ids)
@@ -171,6 +175,13 @@ class CLIP(nn.Module):
             ar = torch.arange(b, device=img_emb.device)
             img_idx = torch.cat([ar, ar[has_t], neg_i[has_i]])  # positives, image->hard text, text->hard image
             txt_idx = torch.cat([ar, neg_t[has_t], ar[has_i]])
-            out["itm_logits"] = self.itm_logits(img_tok[img_idx], txt_tok[txt_idx], ids[txt_idx])
-            out["itm_targets"] = (torch.arange(img_idx.shape[0], device=img_emb.device) < b).float()
+            logits = self.itm_logits(img_tok[img_idx], txt_tok[txt_idx], ids[txt_idx])
+            if negative_ids is not None:
+                keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=ids.device)
+                if bool(keep.any()):
+                    neg_ids = negative_ids[keep]  # (B, L) -> (B', L)
+                    neg_tok = self.text.forward_features(neg_ids)  # (B', L, dim)
+                    logits = torch.cat([logits, self.itm_logits(img_tok[keep], neg_tok, neg_ids)])
+            out["itm_logits"] = logits
+            out["itm_targets"] = (torch.arange(logits.shape[0], device=img_emb.device) < b).float()
         return out

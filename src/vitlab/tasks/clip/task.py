@@ -61,7 +61,7 @@ CLIP_DIGITS_RECIPE: dict[str, Any] = {
 CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
-    "init_logit_scale",
+    "init_logit_scale", "itm_fusion", "swap_negatives",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -82,6 +82,7 @@ class CLIPEvalMetrics(Metrics):
         self.captions: list[str] = []
         self.loss_sum, self.n = 0.0, 0
         self.zero_shot: Tensor | None = None
+        self.scale = 1.0
 
     def update(self, batch: Batch, outputs: Any) -> None:
         self.images.append(outputs["image_emb"].float().cpu())
@@ -93,6 +94,7 @@ class CLIPEvalMetrics(Metrics):
             self.text_tokens.append(outputs["text_tokens"])
             self.ids.append(batch.inputs[1])
         self.zero_shot = outputs.get("zero_shot", self.zero_shot)
+        self.scale = float(outputs["scale"])
         self.loss_sum += float(self.task.contrastive(outputs, batch.targets)) * batch.size
         self.n += batch.size
 
@@ -118,13 +120,22 @@ class CLIPEvalMetrics(Metrics):
         model = self.task.eval_model
         img_tok, txt_tok, ids = torch.cat(self.image_tokens), torch.cat(self.text_tokens), torch.cat(self.ids)
 
-        def score(q: Tensor, g: Tensor) -> Tensor:  # text queries q, image gallery g
-            return torch.cat([model.itm_logits(img_tok[g[i : i + 512]], txt_tok[q[i : i + 512]], ids[q[i : i + 512]])
-                              for i in range(0, q.shape[0], 512)]).cpu()
+        cache: dict[str, Tensor] = {}
 
-        reranked = rerank_top_k(sim.t().to(img_tok.device), self.task.itm_top_k, score).cpu()  # (texts, images)
-        res = retrieval_from_similarity(reranked.t(), pos, directions=("t2i",))
-        return {f"itm_{k}": v for k, v in res.items()}
+        def score(q: Tensor, g: Tensor) -> Tensor:  # text queries q, image gallery g; the same pairs both times
+            if "itm" not in cache:
+                cache["itm"] = torch.cat([model.itm_logits(img_tok[g[i : i + 512]], txt_tok[q[i : i + 512]],
+                                                           ids[q[i : i + 512]])
+                                          for i in range(0, q.shape[0], 512)]).cpu()
+            return cache["itm"]
+
+        t2i = sim.t()  # (texts, images)
+        out: dict[str, float] = {}
+        for prefix, fusion in (("itm", 0.0), ("itm_fused", self.task.itm_fusion)):
+            reranked = rerank_top_k(t2i, self.task.itm_top_k, score, fusion=fusion * self.scale)  # (texts, images)
+            res = retrieval_from_similarity(reranked.t(), pos, directions=("t2i",))
+            out.update({f"{prefix}_{k}": v for k, v in res.items()})
+        return out
 
 
 @register_task("clip")
@@ -139,6 +150,12 @@ class CLIPTask(Task):
         duplicate_aware: Pairs with the same label are positives (False: only the diagonal).
         itm_weight: Weight of the image-text matching loss (used when the model has the head).
         itm_top_k: How many images the ITM head re-ranks per text in evaluation (0: none).
+        itm_fusion: Weight of the contrastive logit (scale x cosine similarity) added to the
+            ITM logit for the fused re-ranking (``itm_fused_*`` metrics); the ``itm_*``
+            metrics re-rank by the ITM logit alone.
+        swap_negatives: Pair every image with its given negative caption (a batch's
+            ``negative_caption``: a scene's caption with its digits exchanged) as a further
+            ITM negative.
         prompts: Zero-shot prompts per class (the eval data's labels are the class indices);
             None: no zero-shot metric.
         augment: ``augment(images, generator)`` on [0, 1] batches ending with the normalisation
@@ -149,13 +166,15 @@ class CLIPTask(Task):
 
     def __init__(self, tokenizer: CLIPTokenizer, mean: Sequence[float], std: Sequence[float], loss: str = "clip",
                  duplicate_aware: bool = True, itm_weight: float = 1.0, itm_top_k: int = 10,
-                 prompts: Sequence[Sequence[str]] | None = None, augment: Any = None) -> None:
+                 prompts: Sequence[Sequence[str]] | None = None, augment: Any = None, itm_fusion: float = 1.0,
+                 swap_negatives: bool = True) -> None:
         if loss not in ("clip", "siglip"):
             raise ValueError(f"unknown CLIP loss {loss!r}; choose clip or siglip")
         self.tokenizer = tokenizer
         self.mean, self.std = tuple(mean), tuple(std)
         self.loss_name, self.duplicate_aware = loss, duplicate_aware
         self.itm_weight, self.itm_top_k = float(itm_weight), int(itm_top_k)
+        self.itm_fusion, self.swap_negatives = float(itm_fusion), bool(swap_negatives)
         self.prompts = [list(p) for p in prompts] if prompts is not None else None
         self.augment = augment
         self.primary_metric = "zero_shot_top1" if prompts is not None else "t2i_R@1"
@@ -173,12 +192,19 @@ class CLIPTask(Task):
         captions = list(batch["caption"])
         ids = self.tokenizer(captions).to(device)
         labels = torch.as_tensor(batch["label"]).to(device)
-        return Batch((images, ids, labels), labels, int(labels.shape[0]), {"captions": captions})
+        inputs: tuple[Tensor, ...] = (images, ids, labels)
+        if self.swap_negatives and "negative_caption" in batch:
+            negatives = list(batch["negative_caption"])  # "" where a scene has no mirror layout
+            has = torch.tensor([bool(c) for c in negatives], device=device)
+            inputs += (self.tokenizer(negatives).to(device), has)
+        return Batch(inputs, labels, int(labels.shape[0]), {"captions": captions})
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
-        images, ids, labels = inputs
+        images, ids, labels = inputs[:3]
         if model.training:
-            return model(images, ids, labels, train_outputs=True)
+            negatives = inputs[3:5] if len(inputs) == 5 else (None, None)
+            return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
+                         has_negative=negatives[1])
         # evaluation: the unwrapped model; tokens for ITM re-ranking, the zero-shot classifier once
         self.eval_model = model
         img, img_tok = model.image_features(images)
@@ -299,7 +325,8 @@ class CLIPTask(Task):
             model.pretrained_cfg["scenes"] = {"canvas_size": size, "digit_size": list(dsize)}
         task = cls(tokenizer, train.mean, train.std, loss=loss, duplicate_aware=bool(clip.get("duplicate_aware", True)),
                    itm_weight=float(clip.get("itm_weight", 1.0)), itm_top_k=int(clip.get("itm_top_k", 10)),
-                   prompts=prompts, augment=augment)
+                   prompts=prompts, augment=augment, itm_fusion=float(clip.get("itm_fusion", 1.0)),
+                   swap_negatives=bool(clip.get("swap_negatives", True)))
         return TaskSetup(task, model, train, val, test)
 
 
