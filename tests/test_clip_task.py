@@ -217,6 +217,34 @@ def test_itm_head_cross_attends_from_text_tokens_to_image_tokens():
     torch.testing.assert_close(head(late, image, eos)[2], logits[2])
 
 
+def test_itm_head_reads_the_backbones_patch_tokens_and_their_positions():
+    # "a 3 to the left of a 7" needs where things are: the head must cross-attend to every
+    # patch token of the backbone (not a pooled vector), and those tokens carry position
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1).eval()
+    contexts = []
+    for m in model.itm.modules():
+        if isinstance(m, CrossAttention):
+            m.register_forward_hook(lambda mod, args, kw, out: contexts.append(kw["context"]), with_kwargs=True)
+    images = torch.rand(2, 1, 16, 16)
+    ids = torch.tensor([[38, 3, 4, 39, 0, 0, 0, 0]] * 2)
+    _, txt_tok = model.text_features(ids)
+
+    def logit(x: torch.Tensor) -> torch.Tensor:
+        _, img_tok = model.image_features(x)
+        return model.itm_logits(img_tok, txt_tok, ids)
+
+    with torch.no_grad():
+        base = logit(images)
+        expected = model.itm.image_norm(model.itm.image_proj(model.visual.forward_features(images)))
+        torch.testing.assert_close(contexts[-1], expected)
+        assert contexts[-1].shape == (2, 1 + 16, 16)  # class token + a 4 x 4 grid of patches
+        mirrored = torch.cat([images[..., 8:], images[..., :8]], dim=-1)  # left and right halves exchanged
+        assert (logit(mirrored) - base).abs().min() > 1e-4  # the head tells a layout from its mirror
+        model.visual.pos_embed.weight.zero_()  # without positions the patches are a set: no difference
+        torch.testing.assert_close(logit(mirrored), logit(images), atol=1e-5, rtol=1e-5)
+
+
 def test_rerank_reorders_only_the_top_k_by_the_itm_score():
     sim = torch.tensor([[0.9, 0.8, 0.7, 0.1],
                         [0.1, 0.2, 0.3, 0.4]])
