@@ -15,6 +15,8 @@ Options come from ``model.overrides`` (the rest of it configures the image backb
 ``model.name``): ``text`` (a text-tower variant, ``clip_text_tiny``), ``text_overrides``,
 ``embed_dim`` (64), ``loss`` (``clip`` | ``siglip``), ``duplicate_aware`` (true), ``itm_depth``
 (0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_weight`` (1.0), ``itm_top_k`` (10),
+``itm_fusion`` (1.0: weight of the contrastive logit in the fused re-ranking),
+``swap_negatives`` (true: each scene's digit-swapped caption is an ITM negative),
 ``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
 ``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
 4000; val/test a quarter), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
