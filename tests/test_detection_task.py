@@ -291,3 +291,25 @@ def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys):
     assert (out / "predictions.png").is_file()
     assert main(["eval", "--checkpoint", str(latest_checkpoint(out)), "--device", "cpu"]) == 0
     assert "AP @.50" in capsys.readouterr().out
+
+
+def test_group_detr_loss_matches_every_group_on_its_own():
+    from vitlab.tasks.detection.losses import DETRLoss
+
+    task = DetectionTask(10, criterion=DETRLoss(10))
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.7, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+
+    def layers():  # two decoder layers of 4 queries
+        return [{"logits": torch.randn(2, 4, 11), "boxes": torch.rand(2, 4, 4) * 0.5 + 0.25} for _ in range(2)]
+
+    g1, g2, g3 = layers(), layers(), layers()
+    outputs = {"logits": g1[-1]["logits"], "boxes": g1[-1]["boxes"], "aux": g1[:-1], "dn": None, "groups": [g2, g3]}
+    batch = Batch(None, targets, 2, {})
+    total = task.loss(batch, outputs)
+    # each group matched one-to-one by itself (a fresh loss on that group alone), the group losses summed
+    expected = sum(float(DETRLoss(10)(g, targets)["loss"]) for g in (g1, g2, g3))
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    # and the groups' matchings differ from one matching applied to all (the point of matching each alone)
+    assert float(total) != pytest.approx(3 * float(DETRLoss(10)(g1, targets)["loss"]), rel=1e-3)

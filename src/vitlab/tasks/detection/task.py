@@ -299,6 +299,8 @@ class DetectionTask(Task):
         layers = list(outputs.get("aux", [])) + [{"logits": outputs["logits"], "boxes": outputs["boxes"]}]
         terms = self.criterion(layers, batch.targets)
         total = terms["loss"]
+        for group in outputs.get("groups") or []:  # Group DETR: every extra group is matched on its own
+            total = total + self.criterion(group, batch.targets)["loss"]
         dn = outputs.get("dn")
         if dn is not None:
             num_boxes = _num_boxes(batch.targets, outputs["logits"].device)
