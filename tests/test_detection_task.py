@@ -313,3 +313,28 @@ def test_group_detr_loss_matches_every_group_on_its_own():
     assert float(total) == pytest.approx(expected, rel=1e-6)
     # and the groups' matchings differ from one matching applied to all (the point of matching each alone)
     assert float(total) != pytest.approx(3 * float(DETRLoss(10)(g1, targets)["loss"]), rel=1e-3)
+
+
+def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embedding(tmp_path):
+    from vitlab.components.embeddings import interpolate_pos_embed
+    from vitlab.pretrained import create_model
+
+    # a "digits classifier" at 16x16 (2x2 patches of 8), saved as a run's latest checkpoint folder
+    torch.manual_seed(1)
+    clf = create_model("vit_tiny_patch16_224", num_classes=10, in_channels=1, image_size=16, patch_size=8, dim=32,
+                       depth=1, heads=2, mlp_dim=64)
+    run = tmp_path / "clf"
+    (run / "checkpoints" / "epoch-3").mkdir(parents=True)
+    save_checkpoint(clf, run / "checkpoints" / "epoch-3")
+    (run / "checkpoints" / "latest").write_text("epoch-3")  # the engine's pointer file
+    setup = build_trainer(tiny_config(f"model.pretrained={run}"), output_dir=tmp_path / "det").model
+    bb = setup.backbone
+    src = clf.state_dict()
+    for k, v in bb.state_dict().items():
+        if k == "pos_embed":  # 2x2 grid -> the detector's 4x4 (32 px): resampled, not copied
+            ref = interpolate_pos_embed(src[k], (4, 4), num_prefix_tokens=src[k].shape[1] - 4)
+            torch.testing.assert_close(v, ref)
+        else:
+            torch.testing.assert_close(v, src[k], msg=k)
+    with pytest.raises(ValueError, match="DETR's backbone only"):
+        build_trainer(tiny_config(f"model.pretrained={run}", "detection.detector=yolos"), output_dir=tmp_path / "y")

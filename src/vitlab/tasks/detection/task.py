@@ -353,7 +353,7 @@ class DetectionTask(Task):
         channels = int(train_set[0]["image"].shape[0])
         num_classes = train_set.num_classes
         model = build_detector(cfg.model.name, dict(cfg.model.overrides), detector, size, channels, num_classes,
-                               opts)
+                               opts, pretrained=cfg.model.pretrained)
         model.pretrained_cfg = {"input_size": [channels, size, size], "mean": [MEAN_STD] * channels,
                                 "std": [MEAN_STD] * channels, "task": "detection", "data": data_record}
         augment = build_dense_augment(opts.get("augment", {}), size)
@@ -388,13 +388,30 @@ def build_dense_augment(options: Mapping[str, Any] | bool, size: int) -> Any:
 
 
 def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, size: int, channels: int,
-                   num_classes: int, options: Mapping[str, Any]) -> nn.Module:
+                   num_classes: int, options: Mapping[str, Any], pretrained: str | None = None) -> nn.Module:
     """DETR on ``backbone`` (any registered model) or YOLOS on a ViT built like ``backbone``.
 
+    Args:
+        backbone: A registered model name.
+        overrides: Config overrides of the backbone.
+        detector: ``detr`` or ``yolos``.
+        size: Input side in pixels.
+        channels: Input channels.
+        num_classes: Object classes.
+        options: The ``detection`` section.
+        pretrained: DETR only: the backbone's initial weights (``model.pretrained``): a
+            checkpoint file or folder that :func:`~vitlab.pretrained.create_model` reads, or a
+            ``vitlab train`` run directory (its latest checkpoint), e.g. a digits classifier;
+            the classifier is dropped and the position embedding resampled to this input size.
+
     Raises:
-        ValueError: Unknown DETR options, or YOLOS on a backbone that is not a plain ViT.
+        ValueError: Unknown DETR options, YOLOS on a backbone that is not a plain ViT, or
+            ``pretrained`` with YOLOS.
     """
     num_queries = int(options.get("num_queries", 10))
+    if pretrained is not None and detector != "detr":
+        raise ValueError("model.pretrained initialises DETR's backbone only; YOLOS starts from random weights "
+                         "(drop model.pretrained or use detection.detector=detr)")
     if detector == "detr":
         detr = dict(options.get("detr", {}))
         valid = [f.name for f in fields(DETRConfig) if f.name not in
@@ -404,7 +421,15 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
             detr["pyramid_scales"] = tuple(float(s) for s in detr["pyramid_scales"])
         config = DETRConfig(backbone=backbone, backbone_overrides=dict(overrides), image_size=size,
                             in_channels=channels, num_classes=num_classes, num_queries=num_queries, **detr)
-        model: nn.Module = DETR(config)
+        built = None
+        if pretrained is not None:
+            from ...pretrained import create_model
+            from ..mae.downstream import run_checkpoint
+
+            weights = run_checkpoint(pretrained) or pretrained  # a run directory -> its latest checkpoint
+            built = create_model(backbone, pretrained=str(weights), num_classes=0, in_channels=channels,
+                                 image_size=size, **dict(overrides))
+        model: nn.Module = DETR(config, backbone=built)
         model.model_name = f"detr_{backbone}"
         return model
     from ...models.vit import ViTConfig
