@@ -5,7 +5,10 @@ and on a hierarchical backbone, with training time and inference throughput.
     python benchmarks/detection.py                         # the full table (see benchmarks/README.md)
     python benchmarks/detection.py --configs detr_dn_vit   # one configuration
     python benchmarks/detection.py --output results.json
-    python benchmarks/detection.py --configs detr_plain_vit --overfit 64 epochs=60   # the overfitting check
+    python benchmarks/detection.py epochs=60 data.batch_size=16 --overfit 64 --configs detr_plain_vit   # overfitting check
+    python benchmarks/detection.py model.pretrained=RUN_DIR --configs detr_plain_vit   # backbone from a classifier run
+
+(``KEY=VALUE`` overrides go before ``--configs``, which takes several names.)
 
 Every configuration trains with the engine from the detection recipe
 (:data:`vitlab.tasks.detection.task.DETECTION_RECIPE`) and is evaluated on the **test**
@@ -37,13 +40,13 @@ from vitlab.training import build_trainer, load_config
 #: name -> (description, overrides on top of the recipe)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "detr_plain_vit": ("DETR (plain), ViT", ["detection.detr.remedy=none"]),
-    "detr_dn_vit": ("DETR + DN (remedy), ViT", ["detection.detr.query_groups=1"]),
+    "detr_dn_vit": ("DETR + DN (remedy), ViT", ["detection.detr.remedy=dn"]),
     "detr_group_vit": ("DETR + Group DETR (K=3), ViT", ["detection.detr.remedy=none", "detection.detr.query_groups=3"]),
     "yolos_vit": ("YOLOS, ViT", ["detection.detector=yolos"]),
     "detr_plain_pvt": ("DETR (plain), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
                                                    "detection.detr.remedy=none", "detection.detr.num_levels=2"]),
     "detr_dn_pvt": ("DETR + DN (remedy), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
-                                                      "detection.detr.num_levels=2"]),
+                                                      "detection.detr.remedy=dn", "detection.detr.num_levels=2"]),
 }
 QUICK = ["epochs=1", "detection.scenes.num_train=32", "detection.scenes.num_val=8",
          "detection.scenes.num_test=16", "data.batch_size=16", "model.overrides.depth=1",

@@ -57,7 +57,7 @@ def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
 
     cfg = _train_config(build_parser().parse_args(["train", "--task", "detection"]))
     assert cfg.task == "detection" and cfg.data.dataset == "digit_scenes" and cfg.recipe == "detection_digits"
-    assert cfg.detection["detr"]["remedy"] == "dn"
+    assert cfg.detection["detr"]["remedy"] == "none"  # the measured best on a classifier backbone
 
 
 def test_unknown_option_names_the_valid_ones():
@@ -174,7 +174,8 @@ def test_coco_metrics_perfect_predictions_give_ap_one_and_shifted_ones_match_coc
 
 @pytest.mark.slow
 def test_detection_kill_and_resume_is_bit_exact(tmp_path):
-    extra = ["epochs=3", "optim.warmup_epochs=1", "detection.augment.hflip=0.5"]
+    # DN on: its noise is drawn in training too, the harder case for an exact resume
+    extra = ["epochs=3", "optim.warmup_epochs=1", "detection.augment.hflip=0.5", "detection.detr.remedy=dn"]
     full = build_trainer(tiny_config(*extra), output_dir=tmp_path / "full", log=lambda s: None)
     full_results = full.fit()
 
