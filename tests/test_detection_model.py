@@ -170,3 +170,48 @@ def test_anchor_queries_are_refined_layer_by_layer():
     out = model(torch.rand(2, 1, 32, 32))
     first = out["aux"][0]["boxes"]  # the first layer's boxes are the second layer's anchors
     torch.testing.assert_close(seen[0], model.box_pos(box_sine_embedding(first, 32)), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ Group DETR (one-to-many via query groups)
+def test_group_attention_mask_by_hand():
+    from vitlab.tasks.detection.detr import group_attention_mask
+
+    x, o = True, False  # 3 groups of 2 queries; True = blocked
+    expected = torch.tensor([
+        [o, o, x, x, x, x],
+        [o, o, x, x, x, x],
+        [x, x, o, o, x, x],
+        [x, x, o, o, x, x],
+        [x, x, x, x, o, o],
+        [x, x, x, x, o, o],
+    ])
+    assert torch.equal(group_attention_mask(3, 2), expected)
+
+
+@pytest.mark.parametrize("remedy", ["none", "dn"])
+def test_query_groups_do_not_see_each_other_and_inference_runs_the_first_group_only(remedy):
+    model = tiny(remedy=remedy, query_groups=3)
+    if remedy == "dn":  # zero at init: make the refined anchors depend on the queries' outputs
+        torch.nn.init.normal_(model.box_head[-1].weight, std=0.1)
+    x = torch.rand(2, 1, 32, 32)
+    model.train()
+    trained = model(x, _targets())
+    assert len(trained["groups"]) == 2 and len(trained["groups"][0]) == 3  # groups 2 and 3, 3 layers each
+    model.eval()
+    alone = model(x)
+    assert alone["groups"] == [] and alone["logits"].shape == (2, 5, 11)
+    # group 1 in training (next to groups 2, 3 and, with DN, the denoising queries) == group 1 alone
+    torch.testing.assert_close(trained["logits"], alone["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained["boxes"], alone["boxes"], atol=1e-5, rtol=1e-5)
+    # group 3 == its own queries decoded alone (swap its parameters into group 1's slots)
+    with torch.no_grad():
+        if remedy == "dn":
+            model.anchors[:5] = model.anchors[10:15].clone()
+            model.query_content[:5] = model.query_content[10:15].clone()
+        else:
+            model.query_pos[:5] = model.query_pos[10:15].clone()
+    third = model(x)
+    torch.testing.assert_close(trained["groups"][1][-1]["logits"], third["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained["groups"][1][-1]["boxes"], third["boxes"], atol=1e-5, rtol=1e-5)
+    for k, aux in enumerate(third["aux"]):
+        torch.testing.assert_close(trained["groups"][1][k]["boxes"], aux["boxes"], atol=1e-5, rtol=1e-5)

@@ -29,6 +29,13 @@ decoder as extra queries that must reconstruct their original object; an attenti
 keeps the matching queries from seeing them and the groups from seeing each other
 (:func:`~vitlab.tasks.detection.denoising.build_denoising_queries`). ``remedy="none"`` is
 the original DETR: learned query positions, zero content, boxes as a sigmoid of the head.
+
+``query_groups=K > 1`` adds Group DETR (Chen et al., 2023), with either remedy: in training
+the decoder holds ``K`` independent groups of ``num_queries`` matching queries (their own
+learned positions / anchors), a self-attention mask keeps each group from seeing the others,
+and every group is matched one-to-one to the ground truth on its own, so each object
+supervises ``K`` queries per step (one-to-many assignment) at a decoder-only cost. At
+inference only the first group runs: the same network and cost as ``K = 1``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,17 @@ from .denoising import DenoisingQueries, build_denoising_queries
 from .yolos import MLPHead
 
 REMEDIES = ("none", "dn")
+
+
+def group_attention_mask(groups: int, per_group: int, device: torch.device | None = None) -> Tensor:
+    """Group DETR's self-attention mask over ``groups`` blocks of ``per_group`` queries.
+
+    Returns:
+        (groups * per_group, groups * per_group) bool, True = blocked: a query sees only the
+        queries of its own group.
+    """
+    g = torch.arange(groups * per_group, device=device) // per_group  # (n,) group of each query
+    return g[:, None] != g[None, :]
 
 
 def sine_position_encoding_2d(height: int, width: int, dim: int, temperature: float = 10000.0,
@@ -197,6 +215,8 @@ class DETRConfig:
         pos_temperature: Temperature of the memory's 2-D sine encoding (DETR: 10000).
         anchor_temperature: Temperature of the anchor boxes' sine embedding (DAB-DETR: 10000);
             small maps and boxes get more varying channels from a lower one (e.g. 20).
+        query_groups: Group DETR: groups of matching queries in training (1: off); only the
+            first group is used at inference.
     """
 
     backbone: str = "vit_tiny_patch16_224"
@@ -219,13 +239,14 @@ class DETRConfig:
     dn_box_noise: float = 0.4
     pos_temperature: float = 10000.0
     anchor_temperature: float = 10000.0
+    query_groups: int = 1
 
     def __post_init__(self) -> None:
         problems = []
         if self.remedy not in REMEDIES:
             problems.append(f"remedy must be one of {', '.join(REMEDIES)}, got {self.remedy!r}")
         for name in ("num_classes", "num_queries", "dim", "heads", "mlp_dim", "dec_layers", "num_levels",
-                     "image_size", "in_channels"):
+                     "image_size", "in_channels", "query_groups"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.enc_layers < 0 or self.dn_groups < 0:
@@ -293,16 +314,17 @@ class DETR(nn.Module):
         self.dec_norm = nn.LayerNorm(c.dim)
         self.class_head = nn.Linear(c.dim, c.num_classes + 1)
         self.box_head = MLPHead(c.dim, c.dim, 4)
+        nq = c.num_queries * c.query_groups  # Group DETR: group k holds queries k * Q ... (k + 1) * Q - 1
         if c.remedy == "dn":
             # DAB-style anchors (logit space) and the embedding of a box into a query position
-            self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(c.num_queries, 4) * torch.tensor([1, 1, 0.5, 0.5])
+            self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(nq, 4) * torch.tensor([1, 1, 0.5, 0.5])
                                                         + torch.tensor([0, 0, 0.05, 0.05])))
-            self.query_content = nn.Parameter(torch.zeros(c.num_queries, c.dim))
+            self.query_content = nn.Parameter(torch.zeros(nq, c.dim))
             self.box_pos = MLPHead(c.dim, c.dim, c.dim, num_layers=2)
             self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
             self.query_pos = None
         else:
-            self.query_pos = nn.Parameter(torch.randn(c.num_queries, c.dim))
+            self.query_pos = nn.Parameter(torch.randn(nq, c.dim))
         nn.init.normal_(self.level_embed)
         nn.init.zeros_(self.box_head[-1].weight)
         nn.init.zeros_(self.box_head[-1].bias)
@@ -344,19 +366,29 @@ class DETR(nn.Module):
             mem = blk(mem)
         return self.enc_norm(mem), grids
 
-    def _queries(self, b: int, dn: DenoisingQueries | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Content (B, D+Q, C), position (B, D+Q, C), reference boxes (B, D+Q, 4) or None, self-attention bias."""
+    def _queries(self, b: int, dn: DenoisingQueries | None,
+                 groups: int = 1) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Content (B, D+G*Q, C), position (B, D+G*Q, C), reference boxes (B, D+G*Q, 4) or None,
+        self-attention bias (D+G*Q, D+G*Q) or None, for ``groups`` (G) Group DETR groups."""
         c = self.config
+        n = c.num_queries * groups
+        group_bias = None
+        if groups > 1:
+            group_bias = torch.zeros(n, n).masked_fill(group_attention_mask(groups, c.num_queries), float("-inf"))
         if self.query_pos is not None:
-            pos = self.query_pos[None].expand(b, -1, -1)
-            return torch.zeros_like(pos), pos, None, None
-        ref = self.anchors.sigmoid()[None].expand(b, -1, -1)  # (B, Q, 4)
-        content = self.query_content[None].expand(b, -1, -1)
-        bias = None
+            pos = self.query_pos[None, :n].expand(b, -1, -1)
+            return torch.zeros_like(pos), pos, None, group_bias.to(pos.device) if group_bias is not None else None
+        ref = self.anchors[:n].sigmoid()[None].expand(b, -1, -1)  # (B, G*Q, 4)
+        content = self.query_content[None, :n].expand(b, -1, -1)
+        bias = group_bias.to(ref.device) if group_bias is not None else None
         if dn is not None:
-            content = torch.cat([self.label_embed(dn.labels), content], dim=1)  # (B, D + Q, C)
+            content = torch.cat([self.label_embed(dn.labels), content], dim=1)  # (B, D + G*Q, C)
             ref = torch.cat([dn.boxes, ref], dim=1)
             bias = dn.attn_bias
+            if group_bias is not None:  # the matching groups do not see each other either
+                d = dn.num_queries
+                bias = bias.clone()
+                bias[d:, d:] = group_bias.to(bias.device)
         pos = self.box_pos(box_sine_embedding(ref, c.dim, c.anchor_temperature))
         return content, pos, ref, bias
 
@@ -403,14 +435,20 @@ class DETR(nn.Module):
         mem, _ = self.memory(x)
         b = x.shape[0]
         dn = None
+        groups = c.query_groups if self.training else 1
         if targets is not None and self.training and c.remedy == "dn" and c.dn_groups > 0:
-            dn = build_denoising_queries(targets, c.num_classes, c.num_queries, c.dn_groups, c.dn_label_noise,
-                                         c.dn_box_noise, device=x.device)
-        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn))
+            dn = build_denoising_queries(targets, c.num_classes, c.num_queries * groups, c.dn_groups,
+                                         c.dn_label_noise, c.dn_box_noise, device=x.device)
+        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups))
         d = dn.num_queries if dn is not None else 0
-        outs = [{"logits": lg[:, d:], "boxes": bx[:, d:]} for lg, bx in zip(layers_logits, layers_boxes)]
+        q = c.num_queries
+        # per Group DETR group k, per layer: the (B, Q, ...) slice of that group's queries
+        per_group = [[{"logits": lg[:, d + k * q: d + (k + 1) * q], "boxes": bx[:, d + k * q: d + (k + 1) * q]}
+                      for lg, bx in zip(layers_logits, layers_boxes)] for k in range(groups)]
+        outs = per_group[0]
         result: dict[str, Any] = {"logits": outs[-1]["logits"], "boxes": outs[-1]["boxes"],
-                                  "pred_boxes": outs[-1]["boxes"], "aux": outs[:-1], "dn": None}
+                                  "pred_boxes": outs[-1]["boxes"], "aux": outs[:-1], "dn": None,
+                                  "groups": per_group[1:]}
         if dn is not None:
             result["dn"] = {"logits": torch.stack([lg[:, :d] for lg in layers_logits]),  # (L, B, D, C+1)
                             "boxes": torch.stack([bx[:, :d] for bx in layers_boxes]),  # (L, B, D, 4)
@@ -419,4 +457,4 @@ class DETR(nn.Module):
 
 
 __all__ = ["DETR", "DETRConfig", "DecoderLayer", "REMEDIES", "SimpleFeaturePyramid", "box_sine_embedding",
-           "inverse_sigmoid", "sine_position_encoding_2d"]
+           "group_attention_mask", "inverse_sigmoid", "sine_position_encoding_2d"]

@@ -13,9 +13,11 @@ What it owns:
 - **augmentation** on the device: :class:`~vitlab.datasets.augment.dense.DenseAugment`
   (crop / flip / affine moving the boxes), drawn from the engine's generator;
 - **model**: DETR on ``model.name`` (any registered backbone, ``model.overrides`` fitting
-  it) or YOLOS on a ViT (``detection.detector``);
+  it; ``model.pretrained``, e.g. a classifier run, initialises the backbone) or YOLOS on a
+  ViT (``detection.detector``);
 - **loss**: :class:`~vitlab.tasks.detection.DETRLoss` on every decoder layer, plus DN-DETR's
-  reconstruction losses when the remedy is on;
+  reconstruction losses when the remedy is on, plus one more ``DETRLoss`` (matched on its
+  own) per extra Group DETR query group (``detection.detr.query_groups``);
 - **metrics**: COCO box mAP from pycocotools on the evaluated split; ``AP50`` (AP at IoU
   0.5) is primary, ``AP`` (AP@[.5:.95]) and the rest are logged;
 - **plots**: loss / AP curves and ``predictions.png`` (predictions vs ground truth on the
@@ -54,8 +56,11 @@ from .losses import DETRLoss, _num_boxes
 from .postprocess import postprocess_detections
 from .yolos import YOLOS, YOLOSConfig
 
-#: ``vitlab train --task detection`` without ``--config``: DN-DETR on a small ViT (patch 8)
+#: ``vitlab train --task detection`` without ``--config``: plain DETR on a small ViT (patch 8)
 #: over 64x64 digit scenes of 1 to 3 digits (configs/detection_digits.yaml holds the same).
+#: The measured configuration adds ``model.pretrained=RUN_DIR``, a digits classifier of the
+#: same backbone (configs/detection_backbone_digits.yaml); on that backbone plain DETR beat
+#: DN-DETR (benchmarks/README.md), so the remedy is off by default (``detection.detr.remedy``).
 DETECTION_RECIPE: dict[str, Any] = {
     "recipe": "detection_digits",
     "task": "detection",
@@ -68,7 +73,7 @@ DETECTION_RECIPE: dict[str, Any] = {
     "detection": {
         "detector": "detr",
         "num_queries": 10,
-        "detr": {"remedy": "dn", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
+        "detr": {"remedy": "none", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
                  "pyramid_scales": [1.0, 0.5], "pos_temperature": 20.0, "anchor_temperature": 20.0},
         "scenes": {"num_train": 2000, "num_val": 200, "num_test": 400, "min_digits": 1, "max_digits": 3,
                    "digit_size": [14, 24]},
@@ -299,6 +304,8 @@ class DetectionTask(Task):
         layers = list(outputs.get("aux", [])) + [{"logits": outputs["logits"], "boxes": outputs["boxes"]}]
         terms = self.criterion(layers, batch.targets)
         total = terms["loss"]
+        for group in outputs.get("groups") or []:  # Group DETR: every extra group is matched on its own
+            total = total + self.criterion(group, batch.targets)["loss"]
         dn = outputs.get("dn")
         if dn is not None:
             num_boxes = _num_boxes(batch.targets, outputs["logits"].device)
@@ -351,7 +358,7 @@ class DetectionTask(Task):
         channels = int(train_set[0]["image"].shape[0])
         num_classes = train_set.num_classes
         model = build_detector(cfg.model.name, dict(cfg.model.overrides), detector, size, channels, num_classes,
-                               opts)
+                               opts, pretrained=cfg.model.pretrained)
         model.pretrained_cfg = {"input_size": [channels, size, size], "mean": [MEAN_STD] * channels,
                                 "std": [MEAN_STD] * channels, "task": "detection", "data": data_record}
         augment = build_dense_augment(opts.get("augment", {}), size)
@@ -386,13 +393,30 @@ def build_dense_augment(options: Mapping[str, Any] | bool, size: int) -> Any:
 
 
 def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, size: int, channels: int,
-                   num_classes: int, options: Mapping[str, Any]) -> nn.Module:
+                   num_classes: int, options: Mapping[str, Any], pretrained: str | None = None) -> nn.Module:
     """DETR on ``backbone`` (any registered model) or YOLOS on a ViT built like ``backbone``.
 
+    Args:
+        backbone: A registered model name.
+        overrides: Config overrides of the backbone.
+        detector: ``detr`` or ``yolos``.
+        size: Input side in pixels.
+        channels: Input channels.
+        num_classes: Object classes.
+        options: The ``detection`` section.
+        pretrained: DETR only: the backbone's initial weights (``model.pretrained``): a
+            checkpoint file or folder that :func:`~vitlab.pretrained.create_model` reads, or a
+            ``vitlab train`` run directory (its latest checkpoint), e.g. a digits classifier;
+            the classifier is dropped and the position embedding resampled to this input size.
+
     Raises:
-        ValueError: Unknown DETR options, or YOLOS on a backbone that is not a plain ViT.
+        ValueError: Unknown DETR options, YOLOS on a backbone that is not a plain ViT, or
+            ``pretrained`` with YOLOS.
     """
     num_queries = int(options.get("num_queries", 10))
+    if pretrained is not None and detector != "detr":
+        raise ValueError("model.pretrained initialises DETR's backbone only; YOLOS starts from random weights "
+                         "(drop model.pretrained or use detection.detector=detr)")
     if detector == "detr":
         detr = dict(options.get("detr", {}))
         valid = [f.name for f in fields(DETRConfig) if f.name not in
@@ -402,7 +426,15 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
             detr["pyramid_scales"] = tuple(float(s) for s in detr["pyramid_scales"])
         config = DETRConfig(backbone=backbone, backbone_overrides=dict(overrides), image_size=size,
                             in_channels=channels, num_classes=num_classes, num_queries=num_queries, **detr)
-        model: nn.Module = DETR(config)
+        built = None
+        if pretrained is not None:
+            from ...pretrained import create_model
+            from ..mae.downstream import run_checkpoint
+
+            weights = run_checkpoint(pretrained) or pretrained  # a run directory -> its latest checkpoint
+            built = create_model(backbone, pretrained=str(weights), num_classes=0, in_channels=channels,
+                                 image_size=size, **dict(overrides))
+        model: nn.Module = DETR(config, backbone=built)
         model.model_name = f"detr_{backbone}"
         return model
     from ...models.vit import ViTConfig
