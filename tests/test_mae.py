@@ -178,6 +178,24 @@ def test_linear_probe_batchnorm_without_affine_over_frozen_encoder():
     assert all(p.grad is None for p in enc.parameters())
 
 
+def test_linear_probe_mean_pool_reads_the_patch_tokens_not_the_class_token():
+    torch.manual_seed(0)
+    enc = VisionTransformer(ViTConfig(**TINY)).eval()
+    seen = {}
+    enc.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o))  # (B, 1 + 16, C) final tokens
+    x = torch.randn(6, 3, 32, 32)
+    mean_probe = LinearProbe(enc, num_classes=5, pool="mean")
+    feats = mean_probe.features(x)
+    tokens = seen["tokens"]
+    assert tokens.shape[1] == 1 + 16
+    expected = torch.stack([tokens[b, 1:].sum(0) / 16 for b in range(6)])  # patch tokens only, by hand
+    torch.testing.assert_close(feats, expected, rtol=1e-6, atol=1e-6)
+    # the default reads the class token (the encoder's own pre-logits), which the mean does not
+    torch.testing.assert_close(LinearProbe(enc, num_classes=5).features(x), tokens[:, 0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="probe pool must be one of head, mean, got 'max'"):
+        LinearProbe(enc, num_classes=5, pool="max")
+
+
 # ------------------------------------------------------------------ checkpoints of others
 @pytest.fixture(scope="module")
 def hf_mae_dir(tmp_path_factory):

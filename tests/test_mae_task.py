@@ -243,6 +243,16 @@ def test_linear_probe_task_freezes_the_encoder(mae_run, tmp_path):
     assert trained == {id(probe.head.weight), id(probe.head.bias)}
 
 
+def test_linear_probe_task_reads_mae_probe_pool(mae_run, tmp_path):
+    cfg = _classification_cfg(mae_run, tmp_path / "probe", "mae.probe_pool=mean", task="linear_probe")
+    probe = get_task(cfg.task).from_config(cfg).model
+    x = torch.rand(4, 1, 16, 16)
+    tokens = probe.encoder.forward_features(x)  # (B, 1 + N, C)
+    torch.testing.assert_close(probe.features(x), tokens[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="mae.probe_pool must be head or mean, got 'cls'"):
+        _classification_cfg(mae_run, tmp_path / "bad", "mae.probe_pool=cls", task="linear_probe")
+
+
 def test_overwrite_removes_an_mae_run_outputs(tmp_path):
     from vitlab.training.run import prepare_output_dir
 

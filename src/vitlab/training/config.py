@@ -124,7 +124,9 @@ class MAESection:
 
     ``mask_ratio`` is the fraction of patches hidden (MAE: 0.75; SimMIM: 0.6 in its paper);
     ``decoder_*`` shape MAE's light decoder (``decoder_mlp_dim`` None: 4 x ``decoder_dim``);
-    ``norm_pix_loss`` regresses per-patch normalised pixels; ``simmim_loss`` is ``l1`` or ``l2``.
+    ``norm_pix_loss`` regresses per-patch normalised pixels; ``simmim_loss`` is ``l1`` or ``l2``;
+    ``probe_pool`` is the feature ``task: linear_probe`` reads: ``head`` (the encoder's pooled
+    pre-logits, a ViT's class token) or ``mean`` (the mean of the patch tokens).
     """
 
     mask_ratio: float = 0.75
@@ -134,6 +136,7 @@ class MAESection:
     decoder_mlp_dim: int | None = None
     norm_pix_loss: bool = False
     simmim_loss: str = "l1"
+    probe_pool: str = "head"
 
 
 @dataclass
@@ -199,6 +202,8 @@ class TrainConfig:
             errors.append(f"data.batch_size must be positive, got {self.data.batch_size}")
         if self.mae.simmim_loss not in ("l1", "l2"):
             errors.append(f"mae.simmim_loss must be l1 or l2, got {self.mae.simmim_loss!r}")
+        if self.mae.probe_pool not in ("head", "mean"):
+            errors.append(f"mae.probe_pool must be head or mean, got {self.mae.probe_pool!r}")
         errors += range_errors(self)
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))

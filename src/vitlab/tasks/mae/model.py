@@ -216,21 +216,38 @@ class MAE(nn.Module):
                                       self.config.norm_pix_loss)
 
 
+#: Features a :class:`LinearProbe` can read (see its docstring).
+PROBE_POOLS = ("head", "mean")
+
+
 class LinearProbe(nn.Module):
     """MAE's linear probe: BatchNorm without affine, then a linear classifier, over a frozen encoder.
 
-    The encoder's parameters are frozen and it stays in eval mode (``train()`` leaves it there);
-    features are its pooled pre-logits (``forward_head(..., pre_logits=True)``).
+    The encoder's parameters are frozen and it stays in eval mode (``train()`` leaves it there).
+    The feature is chosen by ``pool``: ``"head"``, the encoder's own pooled pre-logits
+    (``forward_head(..., pre_logits=True)``: a ViT's class token, as the MAE paper probes a
+    model pre-trained for 800+ epochs), or ``"mean"``, the mean of the final (normed) patch
+    tokens, prefix tokens left out (the common choice after short schedules, where the class
+    token, which no loss reaches directly, has learned little; a map output is averaged
+    over its positions).
 
     Args:
         encoder: A backbone (its own classifier is ignored).
         num_classes: Classifier outputs.
+        pool: ``"head"`` or ``"mean"``.
+
+    Raises:
+        ValueError: ``num_classes`` not positive or an unknown ``pool``.
     """
 
-    def __init__(self, encoder: Backbone, num_classes: int) -> None:
+    def __init__(self, encoder: Backbone, num_classes: int, pool: str = "head") -> None:
         super().__init__()
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if pool not in PROBE_POOLS:
+            raise ValueError(f"probe pool must be one of {', '.join(PROBE_POOLS)}, got {pool!r}")
+        self.pool = pool
+        self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens", 0))
         self.encoder = encoder
         self.config = encoder.config  # what checkpoints record about the model
         for p in self.encoder.parameters():
@@ -250,8 +267,17 @@ class LinearProbe(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
         with torch.no_grad():
-            feats = self.encoder.forward_head(self.encoder.forward_features(images), pre_logits=True)
+            feats = self.features(images)
         return self.head(self.norm(feats))
 
+    def features(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> the probed features (B, num_features), by ``pool``."""
+        out = self.encoder.forward_features(images)
+        if self.pool == "head":
+            return self.encoder.forward_head(out, pre_logits=True)
+        if out.ndim == 4:  # a map (B, C, h, w): its mean over positions
+            return out.mean(dim=(2, 3))
+        return out[:, self.num_prefix_tokens:].mean(dim=1)  # tokens (B, P + N, C) -> patch mean (B, C)
 
-__all__ = ["MAE", "MAEConfig", "LinearProbe", "compose_reconstruction", "patchify", "unpatchify"]
+
+__all__ = ["MAE", "MAEConfig", "LinearProbe", "PROBE_POOLS", "compose_reconstruction", "patchify", "unpatchify"]

@@ -182,13 +182,15 @@ class LinearProbeTask(ClassificationTask):
 
     The encoder comes from ``model.pretrained`` (``--init-from RUN_DIR``: a pre-training run
     directory; without it the encoder is randomly initialised, the baseline of a probe).
+    ``mae.probe_pool`` picks the feature: ``head`` (the encoder's pooled pre-logits, a ViT's
+    class token) or ``mean`` (the mean of the patch tokens).
     """
 
     @classmethod
     def from_config(cls, cfg: Any) -> TaskSetup:
         setup = super().from_config(cfg)
         backbone = setup.model
-        probe = LinearProbe(backbone, int(backbone.config.num_classes))
+        probe = LinearProbe(backbone, int(backbone.config.num_classes), pool=cfg.mae.probe_pool)
         probe.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}))
         setup.model = probe
         return setup
