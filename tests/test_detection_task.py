@@ -16,6 +16,7 @@ pytest.importorskip("kornia")
 pytest.importorskip("pycocotools")
 pytest.importorskip("scipy")
 
+from resume_helpers import kill_after_epoch  # noqa: E402
 from vitlab.cli import build_parser, main  # noqa: E402
 from vitlab.datasets.digit_scenes import DigitScenes  # noqa: E402
 from vitlab.tasks.base import Batch  # noqa: E402
@@ -179,21 +180,8 @@ def test_detection_kill_and_resume_is_bit_exact(tmp_path):
     full = build_trainer(tiny_config(*extra), output_dir=tmp_path / "full", log=lambda s: None)
     full_results = full.fit()
 
-    class Killed(Exception):
-        pass
-
     cut = build_trainer(tiny_config(*extra), output_dir=tmp_path / "cut", log=lambda s: None)
-    original_save = cut.save
-
-    def save_then_die():
-        path = original_save()
-        if cut.epoch == 2:
-            raise Killed
-        return path
-
-    cut.save = save_then_die
-    with pytest.raises(Killed):
-        cut.fit()
+    kill_after_epoch(cut, 2)
     assert latest_checkpoint(tmp_path / "cut").name == "epoch-0002"
     resumed = build_trainer(tiny_config(*extra), output_dir=tmp_path / "cut", log=lambda s: None)
     assert resumed.resume() and resumed.epoch == 2

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import toy_task  # noqa: F401  (registers "toy_regression")
+from resume_helpers import kill_after_epoch
 from vitlab.cli import main as cli
 from vitlab.tasks import ClassificationTask, UnknownTaskError, get_task, list_tasks
 from vitlab.training import Trainer, build_trainer, load_config
@@ -91,21 +92,8 @@ def test_toy_task_kill_and_resume_is_bit_exact(tmp_path):
     full = toy_trainer(tmp_path / "full", *RESUME)
     full_results = full.fit()
 
-    class Killed(Exception):
-        pass
-
     cut = toy_trainer(tmp_path / "cut", *RESUME)
-    original_save = cut.save
-
-    def save_then_die():
-        path = original_save()
-        if cut.epoch == 2:
-            raise Killed
-        return path
-
-    cut.save = save_then_die
-    with pytest.raises(Killed):
-        cut.fit()
+    kill_after_epoch(cut, 2)
     assert latest_checkpoint(tmp_path / "cut").name == "epoch-0002"
     resumed = toy_trainer(tmp_path / "cut", *RESUME)
     assert resumed.resume() and resumed.epoch == 2

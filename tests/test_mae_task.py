@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import Subset
 
+from resume_helpers import kill_after_epoch
 from vitlab.cli import _train_config, build_parser
 from vitlab.tasks import get_task
 from vitlab.tasks.mae import MAE, LinearProbe, SimMIM, encoder_from_run, init_from_overrides
@@ -64,21 +65,8 @@ def test_mae_resume_after_kill_is_bit_exact(tmp_path):
     full = small_trainer(mae_cfg(tmp_path / "full"))
     full_results = full.fit()
 
-    class Killed(Exception):
-        pass
-
     cut = small_trainer(mae_cfg(tmp_path / "cut"))
-    original_save = cut.save
-
-    def save_then_die():
-        path = original_save()
-        if cut.epoch == 2:
-            raise Killed
-        return path
-
-    cut.save = save_then_die
-    with pytest.raises(Killed):
-        cut.fit()
+    kill_after_epoch(cut, 2)
     resumed = small_trainer(mae_cfg(tmp_path / "cut"))
     assert resumed.resume() and resumed.epoch == 2
     res = resumed.fit()

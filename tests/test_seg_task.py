@@ -16,6 +16,7 @@ from PIL import Image
 
 pytest.importorskip("kornia")
 
+from resume_helpers import kill_after_epoch  # noqa: E402
 from vitlab.datasets.transforms import normalize  # noqa: E402
 from vitlab.pretrained import save_checkpoint  # noqa: E402
 from vitlab.tasks import Batch, get_task  # noqa: E402
@@ -171,21 +172,8 @@ def test_segmentation_kill_and_resume_is_bit_exact(tmp_path):
     full = seg_trainer(tmp_path / "full", *RESUME, epochs=3)
     full_results = full.fit()
 
-    class Killed(Exception):
-        pass
-
     cut = seg_trainer(tmp_path / "cut", *RESUME, epochs=3)
-    original_save = cut.save
-
-    def save_then_die():
-        path = original_save()
-        if cut.epoch == 2:
-            raise Killed
-        return path
-
-    cut.save = save_then_die
-    with pytest.raises(Killed):
-        cut.fit()
+    kill_after_epoch(cut, 2)
     assert latest_checkpoint(tmp_path / "cut").name == "epoch-0002"
     resumed = seg_trainer(tmp_path / "cut", *RESUME, epochs=3)
     assert resumed.resume() and resumed.epoch == 2

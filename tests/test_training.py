@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from resume_helpers import kill_after_epoch
 import vitlab
 from vitlab.cli import main as cli
 from vitlab.training import (
@@ -120,21 +121,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     full = build_trainer(tiny_cfg(tmp_path / "full", *common, epochs=3), log=lambda s: None)
     full_results = full.fit()
 
-    class Killed(Exception):
-        pass
-
     first = build_trainer(tiny_cfg(tmp_path / "cut", *common, epochs=3), log=lambda s: None)
-    original_save = first.save
-
-    def save_then_die():
-        path = original_save()
-        if first.epoch == 2:
-            raise Killed
-        return path
-
-    first.save = save_then_die
-    with pytest.raises(Killed):
-        first.fit()
+    kill_after_epoch(first, 2)
     assert latest_checkpoint(tmp_path / "cut").name == "epoch-0002"
     resumed = build_trainer(tiny_cfg(tmp_path / "cut", *common, epochs=3), log=lambda s: None)
     assert resumed.resume()

@@ -41,4 +41,32 @@ def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
     return mask, ids_restore
 
 
-__all__ = ["num_visible", "random_masking"]
+class RandomMasking:
+    """What MAE and SimMIM share: a mask of ``grid`` cells at ``config.mask_ratio`` from per-sample noise.
+
+    Mixed into a module that sets ``self.grid`` (gh, gw) and ``self.config.mask_ratio``.
+    """
+
+    grid: tuple[int, int]
+    config: object
+
+    @property
+    def num_patches(self) -> int:
+        """Mask cells per image (gh * gw)."""
+        return self.grid[0] * self.grid[1]
+
+    def random_mask(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The (B, N) mask (True: hidden) for a batch, from ``noise`` (B, N) or fresh uniform noise.
+
+        Raises:
+            ValueError: ``noise`` of another shape.
+        """
+        b = images.shape[0]
+        if noise is None:
+            noise = torch.rand(b, self.num_patches, device=images.device)
+        elif noise.shape != (b, self.num_patches):
+            raise ValueError(f"noise must have shape (B, N) = ({b}, {self.num_patches}), got {tuple(noise.shape)}")
+        return random_masking(noise, self.config.mask_ratio)[0]
+
+
+__all__ = ["RandomMasking", "num_visible", "random_masking"]

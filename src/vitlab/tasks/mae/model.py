@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ...models.base import Backbone, check_config
 from .decoder import MAEDecoder
-from .masking import num_visible, random_masking
+from .masking import RandomMasking, num_visible
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def compose_reconstruction(images: Tensor, pred: Tensor, mask: Tensor, patch_siz
     return recon, masked
 
 
-class MAE(nn.Module):
+class MAE(RandomMasking, nn.Module):
     """Masked autoencoder: an encoder that sees only the visible patches and a light decoder.
 
     The encoder is any :class:`~vitlab.models.base.Backbone` whose ``forward_features(x, mask)``
@@ -132,20 +132,6 @@ class MAE(nn.Module):
             encoder.num_features, self.grid, patch * patch * self.in_channels, c.decoder_dim, c.decoder_depth,
             c.decoder_heads, int(c.decoder_mlp_dim), qkv_bias=c.qkv_bias, norm_eps=c.norm_eps,
         )
-
-    @property
-    def num_patches(self) -> int:
-        """Patches per image (gh * gw)."""
-        return self.grid[0] * self.grid[1]
-
-    def random_mask(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
-        """The (B, N) mask (True: hidden) for a batch, from ``noise`` or fresh uniform noise."""
-        b = images.shape[0]
-        if noise is None:
-            noise = torch.rand(b, self.num_patches, device=images.device)
-        elif noise.shape != (b, self.num_patches):
-            raise ValueError(f"noise must have shape (B, N) = ({b}, {self.num_patches}), got {tuple(noise.shape)}")
-        return random_masking(noise, self.config.mask_ratio)[0]
 
     def targets(self, images: Tensor) -> Tensor:
         """Regression targets (B, N, p*p*C): the patches, per-patch normalised with ``norm_pix_loss``."""

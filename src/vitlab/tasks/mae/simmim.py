@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ...models.base import Backbone, check_config
-from .masking import random_masking
+from .masking import RandomMasking
 from .model import compose_reconstruction, patchify
 
 
@@ -41,7 +41,7 @@ class SimMIMConfig:
         ])
 
 
-class SimMIM(nn.Module):
+class SimMIM(RandomMasking, nn.Module):
     """SimMIM pre-training of a hierarchical backbone: mask token in, pixels of hidden cells out.
 
     Uses the encoder only through the contract: ``config.image_size`` / ``in_channels``,
@@ -75,20 +75,6 @@ class SimMIM(nn.Module):
         self.head = nn.Linear(encoder.num_features, self.stride * self.stride * self.in_channels)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-
-    @property
-    def num_patches(self) -> int:
-        """Mask cells per image (cells of the final feature map)."""
-        return self.grid[0] * self.grid[1]
-
-    def random_mask(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
-        """The (B, cells) mask (True: hidden) from ``noise`` (B, cells) or fresh uniform noise."""
-        b = images.shape[0]
-        if noise is None:
-            noise = torch.rand(b, self.num_patches, device=images.device)
-        elif noise.shape != (b, self.num_patches):
-            raise ValueError(f"noise must have shape (B, N) = ({b}, {self.num_patches}), got {tuple(noise.shape)}")
-        return random_masking(noise, self.config.mask_ratio)[0]
 
     def patch_mask(self, mask: Tensor) -> Tensor:
         """Cell mask (B, gh*gw) -> the encoder's patch mask (B, gh*r * gw*r), r = stride / patch stride."""
