@@ -16,9 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("sklearn")
-
 from vitlab.cli import main as cli  # noqa: E402
 from vitlab.components.attention import CrossAttention  # noqa: E402
 from vitlab.datasets.captions import (  # noqa: E402
@@ -45,6 +42,20 @@ TINY = ["task=clip", "progress=false", "device=cpu", "augment.affine_p=0.0",
         "text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, captions_per_image: 1, vocab_size: 64}"]
 
 
+def _importable(*names: str) -> bool:
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            return False
+    return True
+
+
+#: The CLIP tokenizer (tokenizers) and the digits (scikit-learn); the other tests run without them.
+needs_tokenizers_and_digits = pytest.mark.skipif(not _importable("tokenizers", "sklearn.datasets"),
+                                                 reason="needs tokenizers and scikit-learn")
+
+
 def tiny_clip(itm_depth: int = 0, vocab: int = 40, channels: int = 1) -> CLIP:
     cfg = CLIPConfig(image_model="vit_tiny_patch16_224",
                      image_overrides=dict(image_size=16, patch_size=4, in_channels=channels, dim=16, depth=1, heads=2,
@@ -56,6 +67,7 @@ def tiny_clip(itm_depth: int = 0, vocab: int = 40, channels: int = 1) -> CLIP:
 
 
 # ------------------------------------------------------------------------ caption datasets
+@needs_tokenizers_and_digits
 def test_digit_captions_vary_templates_and_keep_the_class():
     data = DigitCaptions("train", captions_per_image=2)
     digits = DigitsDataset("train")
@@ -78,6 +90,7 @@ def test_digit_captions_vary_templates_and_keep_the_class():
     assert not set(DigitCaptions("test").digits.indices.tolist()) & set(digits.indices.tolist())
 
 
+@needs_tokenizers_and_digits
 def test_scene_captions_are_compositional_and_follow_the_boxes():
     boxes = torch.tensor([[20.0, 2, 30, 12], [1, 4, 11, 14]])  # digit 3 on the right, 7 on the left
     labels = torch.tensor([3, 7])
@@ -109,6 +122,7 @@ def test_scene_captions_are_compositional_and_follow_the_boxes():
         assert s["image"].shape == (1, 24, 24)
 
 
+@needs_tokenizers_and_digits
 def test_scene_negative_caption_is_the_mirror_layout_in_the_same_phrasing():
     data = SceneCaptions("val", num_scenes=40, canvas_size=16, digit_size=(8, 8))
     seen = 0
@@ -311,6 +325,7 @@ def test_training_forward_pairs_each_image_with_its_text_and_mined_negatives(mon
     assert all(labels[t] != labels[i] for i, t in zip(exp_images[4:].tolist(), exp_texts[4:].tolist()))
 
 
+@needs_tokenizers_and_digits
 def test_training_forward_adds_each_scene_with_its_swapped_caption_as_a_negative(monkeypatch):
     torch.manual_seed(0)
     tok = CLIPTokenizer.train(SceneCaptions("val", num_scenes=1).corpus(), vocab_size=40, context_length=8)
@@ -352,6 +367,7 @@ def _task_batch(duplicate_aware: bool):
     return task, batch, tok
 
 
+@needs_tokenizers_and_digits
 def test_task_loss_treats_duplicate_captions_as_positives():
     torch.manual_seed(0)
     for aware in (True, False):
@@ -371,6 +387,7 @@ def test_task_loss_treats_duplicate_captions_as_positives():
     assert not torch.allclose(clip_loss(img, txt, model.scale(), batch.targets), clip_loss(img, txt, model.scale()))
 
 
+@needs_tokenizers_and_digits
 def test_task_prepares_normalised_images_and_clip_token_ids():
     task, batch, tok = _task_batch(True)
     images, ids, labels = batch.inputs
@@ -380,6 +397,7 @@ def test_task_prepares_normalised_images_and_clip_token_ids():
 
 
 # ------------------------------------------------------------------ engine: the clamp
+@needs_tokenizers_and_digits
 def test_logit_scale_never_exceeds_100_during_training(tmp_path):
     from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
 
@@ -417,6 +435,7 @@ def _run_worker(out: Path, nproc: int, batch: int, extra: list[str]) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+@needs_tokenizers_and_digits
 @pytest.mark.slow
 def test_two_rank_ddp_equals_one_process_with_the_global_batch(tmp_path):
     # Global batch 32: 2 ranks x 16 vs 1 process x 32; duplicate captions across the ranks are
@@ -448,6 +467,7 @@ def clip_run(tmp_path_factory):
     return out
 
 
+@needs_tokenizers_and_digits
 def test_train_task_clip_without_data_arguments_trains_on_digit_captions(clip_run, capsys):
     cfg = json.loads((clip_run / "config.json").read_text())
     assert cfg["task"] == "clip" and cfg["data"]["dataset"] == "digits"
@@ -475,6 +495,7 @@ def _digit_png(path: Path, index: int) -> int:
     return label
 
 
+@needs_tokenizers_and_digits
 def test_zero_shot_cli_ranks_labels_as_the_prompt_ensemble_does(clip_run, tmp_path, capsys):
     from vitlab.tasks.clip.convert import load_clip_checkpoint
 
@@ -506,6 +527,7 @@ def test_zero_shot_cli_ranks_labels_as_the_prompt_ensemble_does(clip_run, tmp_pa
         assert percents == pytest.approx(sorted((100 * probs).tolist(), reverse=True), abs=0.051)
 
 
+@needs_tokenizers_and_digits
 def test_retrieve_and_eval_cli_on_a_clip_checkpoint(clip_run, tmp_path, capsys):
     files = [tmp_path / f"d{i}.png" for i in range(2)]
     for i, f in enumerate(files):
@@ -536,6 +558,7 @@ def test_retrieve_and_eval_cli_on_a_clip_checkpoint(clip_run, tmp_path, capsys):
     assert f"text->image: R@1 {100 * results['test_t2i_R@1']:.2f}%" in out and "median rank" in out
 
 
+@needs_tokenizers_and_digits
 def test_clip_cli_errors_are_one_clear_line(clip_run, tmp_path, capsys):
     f = tmp_path / "d.png"
     _digit_png(f, 0)
@@ -561,6 +584,7 @@ def test_clip_recipe_file_equals_the_builtin_recipe():
     assert yaml.safe_load((HERE.parent / "configs" / "clip_digits.yaml").read_text()) == CLIP_DIGITS_RECIPE
 
 
+@needs_tokenizers_and_digits
 @pytest.mark.slow
 def test_clip_example_trains_classifies_zero_shot_and_retrieves(tmp_path):
     res = subprocess.run([sys.executable, str(HERE.parent / "examples" / "clip_training.py"), "--epochs", "1", "--tiny",
@@ -573,6 +597,7 @@ def test_clip_example_trains_classifies_zero_shot_and_retrieves(tmp_path):
     assert "zero-shot on the 359 held-out digits" in res.stdout and res.stdout.count("top-5 test images") == 3
 
 
+@needs_tokenizers_and_digits
 def test_task_eval_metrics_equal_hand_computed_zero_shot_and_retrieval():
     from vitlab.tasks.clip.task import CLIPEvalMetrics
 
@@ -603,6 +628,7 @@ def test_task_eval_metrics_equal_hand_computed_zero_shot_and_retrieval():
     assert res["n"] == 3 and res["similarity"].shape == (3, 3) and res["similarity_captions"] == ["c0", "c1", "c2"]
 
 
+@needs_tokenizers_and_digits
 def test_clip_trains_on_a_user_caption_folder(tmp_path):
     from PIL import Image
 
@@ -639,6 +665,7 @@ def test_train_task_clip_starts_from_the_clip_recipe(argv):
 FUSION = 3.0
 
 
+@needs_tokenizers_and_digits
 def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
     torch.manual_seed(0)
     model = tiny_clip(itm_depth=1).eval()

@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-pytest.importorskip("kornia")
-
 from vitlab.datasets.augment.dense import DenseAugment  # noqa: E402
 
 

@@ -12,10 +12,6 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("kornia")
-pytest.importorskip("pycocotools")
-pytest.importorskip("scipy")
-
 from resume_helpers import kill_after_epoch  # noqa: E402
 from vitlab.cli import build_parser, main  # noqa: E402
 from vitlab.datasets.digit_scenes import DigitScenes  # noqa: E402
@@ -35,6 +31,22 @@ from vitlab.training.checkpoint import latest_checkpoint  # noqa: E402
 from vitlab.training.config import load_config  # noqa: E402
 from vitlab.training.run import build_trainer  # noqa: E402
 from vitlab.pretrained.io import save_checkpoint  # noqa: E402
+
+
+def _importable(*names: str) -> bool:
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            return False
+    return True
+
+
+#: Matching (scipy) and COCO evaluation (pycocotools): the `detection` extra. The tests without
+#: it (batching, recipe, CLI defaults) run anyway.
+needs_detection_extra = pytest.mark.skipif(not _importable("scipy.optimize", "pycocotools.cocoeval"),
+                                           reason="needs scipy and pycocotools: pip install 'vitlab[detection]'")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.overrides.dim=32", "model.overrides.depth=1", "model.overrides.heads=2", "model.overrides.mlp_dim=64",
@@ -61,11 +73,13 @@ def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
     assert cfg.detection["detr"]["remedy"] == "none"  # the measured best on a classifier backbone
 
 
+@needs_detection_extra
 def test_unknown_option_names_the_valid_ones():
     with pytest.raises(ValueError, match="detection.detr.remdy.*remedy"):
         DetectionTask.from_config(tiny_config("detection.detr.remdy=none"))
 
 
+@needs_detection_extra
 def test_yolos_by_config():
     setup = DetectionTask.from_config(tiny_config("detection.detector=yolos"))
     from vitlab.tasks.detection.yolos import YOLOS
@@ -73,6 +87,7 @@ def test_yolos_by_config():
     assert isinstance(setup.model, YOLOS) and setup.model.num_detection_tokens == 4
 
 
+@needs_detection_extra
 @pytest.mark.parametrize("detector", ["detr", "yolos"])
 def test_detector_checkpoint_round_trip(tmp_path, detector):
     setup = DetectionTask.from_config(tiny_config(f"detection.detector={detector}"))
@@ -107,6 +122,7 @@ def test_collate_pads_variable_box_counts_and_prepare_unpads():
     assert torch.allclose(prepared.inputs.images, (batch["image"] - 0.5) / 0.5)
 
 
+@needs_detection_extra
 def test_augmentation_is_drawn_from_the_engine_generator_and_drops_labels_with_boxes():
     scenes = DigitScenes("train", 8, canvas_size=32, digit_size=(10, 14), max_digits=3)
     from vitlab.tasks.detection.task import DetectionSamples
@@ -144,6 +160,7 @@ def _eval_batch(boxes, labels, size=32):
                  {"boxes": boxes, "labels": labels, "raw": images, "image_id": torch.arange(len(boxes))})
 
 
+@needs_detection_extra
 def test_coco_metrics_perfect_predictions_give_ap_one_and_shifted_ones_match_cocoeval():
     boxes = [torch.tensor([[2.0, 3, 12, 15], [16, 16, 30, 28]]), torch.tensor([[5.0, 5, 20, 25]])]
     labels = [torch.tensor([3, 7]), torch.tensor([0])]
@@ -173,6 +190,7 @@ def test_coco_metrics_perfect_predictions_give_ap_one_and_shifted_ones_match_coc
         assert res[k] == pytest.approx(expected[k]), k
 
 
+@needs_detection_extra
 @pytest.mark.slow
 def test_detection_kill_and_resume_is_bit_exact(tmp_path):
     # DN on: its noise is drawn in training too, the harder case for an exact resume
@@ -197,6 +215,7 @@ def test_detection_kill_and_resume_is_bit_exact(tmp_path):
     assert (tmp_path / "full" / "predictions.png").is_file() and (tmp_path / "full" / "curves.png").is_file()
 
 
+@needs_detection_extra
 def test_coco_folder_run_reads_what_write_coco_wrote(tmp_path):
     from vitlab.datasets.coco import write_coco
 
@@ -221,6 +240,7 @@ def _tiny_checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module, DigitScenes
     return path, setup.model.eval(), setup.test_data
 
 
+@needs_detection_extra
 def test_predict_detection_writes_png_and_json_in_original_pixels(tmp_path):
     from PIL import Image
 
@@ -244,6 +264,7 @@ def test_predict_detection_writes_png_and_json_in_original_pixels(tmp_path):
     assert drawn.shape == (48, 80, 3) and ((drawn[..., 0] == 255) & (drawn[..., 1] == 0)).any()  # red boxes
 
 
+@needs_detection_extra
 def test_eval_detection_checkpoint_prints_the_coco_table(tmp_path, capsys):
     from vitlab.tasks.detection.task import evaluate_detector
 
@@ -270,6 +291,7 @@ def test_detection_example_runs(tmp_path):
     assert (tmp_path / "example_detections.png").is_file() and (tmp_path / "predictions.png").is_file()
 
 
+@needs_detection_extra
 @pytest.mark.slow
 def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
@@ -282,6 +304,7 @@ def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys):
     assert "AP @.50" in capsys.readouterr().out
 
 
+@needs_detection_extra
 def test_group_detr_loss_matches_every_group_on_its_own():
     from vitlab.tasks.detection.losses import DETRLoss
 
@@ -304,6 +327,7 @@ def test_group_detr_loss_matches_every_group_on_its_own():
     assert float(total) != pytest.approx(3 * float(DETRLoss(10)(g1, targets)["loss"]), rel=1e-3)
 
 
+@needs_detection_extra
 def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embedding(tmp_path):
     from vitlab.components.embeddings import interpolate_pos_embed
     from vitlab.pretrained import create_model

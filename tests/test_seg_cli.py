@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("kornia")
 
 from vitlab.cli import main as cli  # noqa: E402
 from vitlab.datasets.digit_scenes import DigitScenes  # noqa: E402

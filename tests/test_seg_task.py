@@ -14,8 +14,6 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-pytest.importorskip("kornia")
-
 from resume_helpers import kill_after_epoch  # noqa: E402
 from vitlab.datasets.transforms import normalize  # noqa: E402
 from vitlab.pretrained import save_checkpoint  # noqa: E402

@@ -19,7 +19,7 @@ around it:
   transform brings in from outside the image get ``fill_label`` (the ignore index), not
   class 0.
 
-Needs ``kornia`` (the ``detection`` extra).
+Needs ``kornia`` (a dependency of vitlab).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class DenseAugment:
         try:
             import kornia.augmentation as K
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("box- and mask-aware augmentation needs kornia: pip install 'vitlab[detection]'") from e
+            raise ImportError("box- and mask-aware augmentation needs kornia (a vitlab dependency): pip install kornia") from e
         if size < 1:
             raise ValueError(f"size must be a positive number of pixels, got {size}")
         if not (0 < scale[0] <= scale[1] <= 1):
