@@ -4,6 +4,7 @@ Swin and PVT v2, bilinear vs attention upsampling; test mIoU and training time.
     PYTHONPATH=src python benchmarks/segmentation.py --quick           # minutes: checks every config runs
     PYTHONPATH=src python benchmarks/segmentation.py                   # the full table (see benchmarks/README.md)
     PYTHONPATH=src python benchmarks/segmentation.py --only pvt_v2_mlp --epochs 12
+    PYTHONPATH=src python benchmarks/segmentation.py --epochs 1 --threads 1 optim.warmup_epochs=0.2   # reduced, equal budget
 
 Each configuration is the built-in segmentation recipe (``vitlab train --task segmentation``:
 64x64 scenes, 2,000 training / 200 val / 500 test scenes, background + 10 digit classes)
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(name, args.quick, epochs, args.output_dir, list(args.overrides))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.json:  # after every row: a run stopped part-way keeps the rows it finished
+            args.json.write_text(json.dumps(rows, indent=2))
     print(("quick mode (tiny models, 1 epoch): the numbers only show that each configuration runs\n\n"
            if args.quick else "") + table(rows, args.threads))
     if args.json:

@@ -162,3 +162,23 @@ def test_benchmark_quick_mode_prints_the_table(tmp_path):
     for r in rows:  # each row is that run's own results.json
         res = json.loads((tmp_path / r["name"] / "results.json").read_text())
         assert r["test_mIoU"] == res["test_mIoU"] and r["epochs"] == res["epochs"] == 1
+
+
+def test_benchmark_keeps_the_finished_rows_when_a_later_one_fails(tmp_path, monkeypatch):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("seg_bench_rows", root / "benchmarks" / "segmentation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def fake_run(name, quick, epochs, out_root, extra):
+        if name == "swin_fpn":
+            raise KeyboardInterrupt  # a long table stopped by hand during its second row
+        return {"name": name, "epochs": epochs}
+
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--threads", "1", "--epochs", "3", "--only", "swin_mlp", "swin_fpn", "--json", str(out)])
+    assert json.loads(out.read_text()) == [{"name": "swin_mlp", "epochs": 3}]
