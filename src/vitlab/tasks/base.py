@@ -114,7 +114,6 @@ class Task(abc.ABC):
             image_size: The side the engine wants this epoch (progressive resizing), or None.
             generator: The training RNG (on ``device``) for augmentation; None in evaluation.
         """
-        raise NotImplementedError
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         """The model's outputs for ``inputs`` (run under the engine's autocast)."""
