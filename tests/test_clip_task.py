@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from optional import needs  # noqa: E402
 from vitlab.cli import main as cli  # noqa: E402
 from vitlab.components.attention import CrossAttention  # noqa: E402
 from vitlab.datasets.captions import (  # noqa: E402
@@ -42,18 +43,8 @@ TINY = ["task=clip", "progress=false", "device=cpu", "augment.affine_p=0.0",
         "text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, captions_per_image: 1, vocab_size: 64}"]
 
 
-def _importable(*names: str) -> bool:
-    for name in names:
-        try:
-            __import__(name)
-        except ImportError:
-            return False
-    return True
-
-
 #: The CLIP tokenizer (tokenizers) and the digits (scikit-learn); the other tests run without them.
-needs_tokenizers_and_digits = pytest.mark.skipif(not _importable("tokenizers", "sklearn.datasets"),
-                                                 reason="needs tokenizers and scikit-learn")
+needs_tokenizers_and_digits = needs("tokenizers", "sklearn.datasets", extra="pip install 'vitlab[clip,digits]'")
 
 
 def tiny_clip(itm_depth: int = 0, vocab: int = 40, channels: int = 1) -> CLIP:

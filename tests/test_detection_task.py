@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from optional import needs
 from resume_helpers import kill_after_epoch  # noqa: E402
 from vitlab.cli import build_parser, main  # noqa: E402
 from vitlab.datasets.digit_scenes import DigitScenes  # noqa: E402
@@ -33,19 +34,9 @@ from vitlab.training.run import build_trainer  # noqa: E402
 from vitlab.pretrained.io import save_checkpoint  # noqa: E402
 
 
-def _importable(*names: str) -> bool:
-    for name in names:
-        try:
-            __import__(name)
-        except ImportError:
-            return False
-    return True
-
-
 #: Matching (scipy) and COCO evaluation (pycocotools): the `detection` extra. The tests without
 #: it (batching, recipe, CLI defaults) run anyway.
-needs_detection_extra = pytest.mark.skipif(not _importable("scipy.optimize", "pycocotools.cocoeval"),
-                                           reason="needs scipy and pycocotools: pip install 'vitlab[detection]'")
+needs_detection_extra = needs("scipy.optimize", "pycocotools.cocoeval", extra="pip install 'vitlab[detection]'")
 
 
 ROOT = Path(__file__).resolve().parents[1]
