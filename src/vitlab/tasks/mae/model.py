@@ -52,6 +52,13 @@ class MAEConfig:
         )
 
 
+def normalize_patches(patches: Tensor) -> Tensor:
+    """``norm_pix_loss`` targets: each patch (last dim) minus its mean, over its std (unbiased, as in MAE's code)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1e-6) ** 0.5
+
+
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """Images (B, C, H, W) -> patches (B, N, p*p*C), each patch flattened (row, column, channel) as in MAE."""
     b, c, h, w = images.shape
@@ -137,9 +144,7 @@ class MAE(RandomMasking, nn.Module):
         """Regression targets (B, N, p*p*C): the patches, per-patch normalised with ``norm_pix_loss``."""
         target = patchify(images, self.patch_size)
         if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as in the paper's code
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            target = normalize_patches(target)
         return target
 
     def forward(self, images: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ...models.base import Backbone, check_config
 from .masking import RandomMasking
-from .model import compose_reconstruction, patchify
+from .model import compose_reconstruction, normalize_patches, patchify
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,7 @@ class SimMIM(RandomMasking, nn.Module):
         """Targets (B, cells, s*s*C): the pixels of every cell, normalised per cell with ``norm_pix_loss``."""
         target = patchify(images, self.stride)
         if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            target = normalize_patches(target)
         return target
 
     def forward(self, images: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
