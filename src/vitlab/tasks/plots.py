@@ -24,20 +24,17 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        vals = [h.get(key) for h in history]
-        if any(v is not None for v in vals):
-            ax1.plot(epochs, vals, marker=".", label=label)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    for key, label in (("val_top1", "val top-1"), ("ema_val_top1", "EMA val top-1"), ("train_top1", "train top-1")):
-        vals = [h.get(key) for h in history]
-        if any(v is not None for v in vals):
-            ax2.plot(epochs, vals, marker=".", label=label)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (%)")
-    ax2.legend()
+    panels = ((ax1, "loss", (("train_loss", "train"), ("val_loss", "val"))),
+              (ax2, "accuracy (%)", (("val_top1", "val top-1"), ("ema_val_top1", "EMA val top-1"),
+                                     ("train_top1", "train top-1"))))
+    for ax, ylabel, series in panels:
+        for key, label in series:
+            vals = [h.get(key) for h in history]
+            if any(v is not None for v in vals):
+                ax.plot(epochs, vals, marker=".", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -41,13 +41,33 @@ def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
     return mask, ids_restore
 
 
+def normalize_patches(patches: Tensor) -> Tensor:
+    """``norm_pix_loss`` targets: each patch (last dim) minus its mean, over its std (unbiased, as in MAE's code)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1e-6) ** 0.5
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Images (B, C, H, W) -> patches (B, N, p*p*C), each patch flattened (row, column, channel) as in MAE."""
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    gh, gw = h // p, w // p
+    # (B, C, gh*p, gw*p) -> (B, C, gh, p, gw, p) -> (B, gh, gw, p, p, C) -> (B, gh*gw, p*p*C)
+    return images.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+
+
 class RandomMasking:
     """What MAE and SimMIM share: a mask of ``grid`` cells at ``config.mask_ratio`` from per-sample noise.
 
-    Mixed into a module that sets ``self.grid`` (gh, gw) and ``self.config.mask_ratio``.
+    Mixed into a module that sets ``self.grid`` (gh, gw), ``self.target_size`` (the side of a
+    cell in pixels) and ``self.config`` (``mask_ratio``, ``norm_pix_loss``).
     """
 
     grid: tuple[int, int]
+    target_size: int
     config: object
 
     @property
@@ -68,5 +88,10 @@ class RandomMasking:
             raise ValueError(f"noise must have shape (B, N) = ({b}, {self.num_patches}), got {tuple(noise.shape)}")
         return random_masking(noise, self.config.mask_ratio)[0]
 
+    def targets(self, images: Tensor) -> Tensor:
+        """Pixel targets (B, N, s*s*C) of the ``target_size`` cells, normalised per cell with ``norm_pix_loss``."""
+        target = patchify(images, self.target_size)
+        return normalize_patches(target) if self.config.norm_pix_loss else target
 
-__all__ = ["RandomMasking", "num_visible", "random_masking"]
+
+__all__ = ["RandomMasking", "normalize_patches", "num_visible", "patchify", "random_masking"]

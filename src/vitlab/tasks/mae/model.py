@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ...models.base import Backbone, check_config
 from .decoder import MAEDecoder
-from .masking import RandomMasking, num_visible
+from .masking import RandomMasking, num_visible, patchify
 
 
 @dataclass(frozen=True)
@@ -50,24 +50,6 @@ class MAEConfig:
                  f"decoder_dim must be divisible by 4 (2-D sin-cos position embedding), got {self.decoder_dim}"),
             ],
         )
-
-
-def normalize_patches(patches: Tensor) -> Tensor:
-    """``norm_pix_loss`` targets: each patch (last dim) minus its mean, over its std (unbiased, as in MAE's code)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + 1e-6) ** 0.5
-
-
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """Images (B, C, H, W) -> patches (B, N, p*p*C), each patch flattened (row, column, channel) as in MAE."""
-    b, c, h, w = images.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    gh, gw = h // p, w // p
-    # (B, C, gh*p, gw*p) -> (B, C, gh, p, gw, p) -> (B, gh, gw, p, p, C) -> (B, gh*gw, p*p*C)
-    return images.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
 
 
 def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int], in_channels: int) -> Tensor:
@@ -140,12 +122,10 @@ class MAE(RandomMasking, nn.Module):
             c.decoder_heads, int(c.decoder_mlp_dim), qkv_bias=c.qkv_bias, norm_eps=c.norm_eps,
         )
 
-    def targets(self, images: Tensor) -> Tensor:
-        """Regression targets (B, N, p*p*C): the patches, per-patch normalised with ``norm_pix_loss``."""
-        target = patchify(images, self.patch_size)
-        if self.config.norm_pix_loss:
-            target = normalize_patches(target)
-        return target
+    @property
+    def target_size(self) -> int:
+        """Side in pixels of the cells whose pixels are predicted."""
+        return self.patch_size
 
     def forward(self, images: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Mask, encode the visible patches, decode every patch, and score the hidden ones.

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ...models.base import Backbone, check_config
 from .masking import RandomMasking
-from .model import compose_reconstruction, normalize_patches, patchify
+from .model import compose_reconstruction
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,10 @@ class SimMIM(RandomMasking, nn.Module):
         m = mask.reshape(b, *self.grid).repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)
         return m.reshape(b, -1)  # (B, gh*r, gw*r) -> (B, gh*r * gw*r)
 
-    def targets(self, images: Tensor) -> Tensor:
-        """Targets (B, cells, s*s*C): the pixels of every cell, normalised per cell with ``norm_pix_loss``."""
-        target = patchify(images, self.stride)
-        if self.config.norm_pix_loss:
-            target = normalize_patches(target)
-        return target
+    @property
+    def target_size(self) -> int:
+        """Side in pixels of the cells whose pixels are predicted."""
+        return self.stride
 
     def forward(self, images: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Mask, encode the whole grid (mask tokens at hidden patches), predict every cell's pixels.

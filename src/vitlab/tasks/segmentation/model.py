@@ -37,7 +37,22 @@ FAMILY = "segmenter"
 
 
 @dataclass
-class SegmenterConfig:
+class HeadOptions:
+    """The head options a segmentation run chooses and its checkpoint records (see
+    :class:`SegmenterConfig` for each one); the run's config section extends them."""
+
+    head: str = "setr_naive"
+    upsample: str = "bilinear"
+    channels: int = 64
+    indices: list[int] = field(default_factory=list)
+    aux_indices: list[int] = field(default_factory=list)
+    aux_weights: list[float] = field(default_factory=list)
+    attn_heads: int = 4
+    dropout: float = 0.1
+
+
+@dataclass(kw_only=True)
+class SegmenterConfig(HeadOptions):
     """What a :class:`SegmentationModel` is built from (saved in its checkpoints).
 
     Attributes:
@@ -58,15 +73,7 @@ class SegmenterConfig:
 
     backbone: str
     backbone_config: dict[str, Any]
-    head: str = "setr_naive"
     num_classes: int = 11
-    upsample: str = "bilinear"
-    channels: int = 64
-    indices: list[int] = field(default_factory=list)
-    aux_indices: list[int] = field(default_factory=list)
-    aux_weights: list[float] = field(default_factory=list)
-    attn_heads: int = 4
-    dropout: float = 0.1
     in_channels: int = 3
     image_size: tuple[int, int] = (64, 64)
 

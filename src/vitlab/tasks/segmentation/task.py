@@ -36,7 +36,7 @@ from ..base import Batch, Metrics, Task
 from ..registry import TaskSetup, register_task
 from .losses import SegmentationLoss
 from .metrics import SegmentationMetrics
-from .model import HEADS, UPSAMPLES, SegmentationModel, build_segmenter
+from .model import HEADS, UPSAMPLES, HeadOptions, SegmentationModel, build_segmenter
 
 #: Mean and std of digit-scene pixels (measured on 300 training scenes of 64x64).
 SCENES_MEAN, SCENES_STD = (0.075,), (0.21,)
@@ -60,7 +60,7 @@ SEGMENTATION_RECIPE: dict[str, Any] = {
 
 
 @dataclass
-class SegmentationSection:
+class SegmentationSection(HeadOptions):
     """The segmentation task's options (config section ``segmentation``).
 
     Model: ``head`` (setr_naive | setr_pup | setr_mla | mlp | fpn), ``upsample`` (bilinear |
@@ -78,14 +78,6 @@ class SegmentationSection:
     Plots: ``overlays`` validation images drawn with their predictions at the end of a run.
     """
 
-    head: str = "setr_naive"
-    upsample: str = "bilinear"
-    channels: int = 64
-    indices: list[int] = field(default_factory=list)
-    aux_indices: list[int] = field(default_factory=list)
-    aux_weights: list[float] = field(default_factory=list)
-    attn_heads: int = 4
-    dropout: float = 0.1
     dice_weight: float = 0.0
     ignore_index: int = 255
     label_smoothing: float = 0.0
