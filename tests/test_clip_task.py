@@ -6,6 +6,7 @@ optimizer step, 2-rank DDP with features gathered with gradients, and the CLI
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -699,3 +700,124 @@ def test_eval_reranks_each_texts_top_k_images_with_the_itm_head():
     assert ranks != plain  # the re-ranking changed the ranks here, so the check has teeth
     assert res["itm_fused_t2i_mean_rank"] == pytest.approx(sum(fused) / 6)
     assert fused != ranks  # the fusion changed them too
+
+
+# ------------------------------------------------------------ the frozen-tower ITM phase
+def _fake_features(model, image_deg, text_deg, width=16, n_tok=5):
+    """Replace the towers' features: unit 2-D embeddings at the given angles, tokens filled with the index."""
+    def unit(deg):
+        r = torch.deg2rad(torch.tensor(deg, dtype=torch.float32))
+        return torch.stack([r.cos(), r.sin()], dim=1)
+
+    img_emb, txt_emb = unit(image_deg), unit(text_deg)
+    model.image_features = lambda images: (img_emb, torch.arange(4.0)[:, None, None].expand(4, n_tok, width))
+    model.text_features = lambda ids: (txt_emb, model.text.forward_features(ids))
+
+
+def test_itm_phase_pairs_positives_mined_shifted_and_mirror_negatives():
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1).train()
+    # images at 0, 90, 180, 270 degrees; texts at 10, 80, 200, 300: cosine similarities (rows: images)
+    #   image 0: .98  .17 -.94  .50     image 2: -.98 -.17  .94 -.50
+    #   image 1: .17  .98 -.34 -.87     image 3: -.17 -.98  .34  .87
+    _fake_features(model, [0, 90, 180, 270], [10, 80, 200, 300])
+    labels = torch.tensor([0, 1, 0, 2])  # texts 0 and 2 share a caption: (0, 2) and (2, 0) are positives
+    ids = torch.tensor([[38, 1, 39, 0, 0, 0, 0, 0], [38, 2, 39, 0, 0, 0, 0, 0], [38, 3, 39, 0, 0, 0, 0, 0],
+                        [38, 4, 39, 0, 0, 0, 0, 0]])
+    mirror = torch.tensor([[38, 11, 39, 0, 0, 0, 0, 0]] * 4)
+    has = torch.tensor([True, False, True, False])
+    seen = []
+    orig = model.itm_logits
+
+    def spy(img_tok, txt_tok, ids_):
+        seen.append((img_tok[:, 0, 0].long().tolist(), ids_[:, 1].tolist()))
+        return orig(img_tok, txt_tok, ids_)
+
+    model.itm_logits = spy
+    out = model(torch.zeros(4, 1, 16, 16), ids, labels, train_outputs=True, negative_ids=mirror, has_negative=has,
+                itm_only=True, hard_negatives=2, shifted_negatives=2)
+    images, texts = seen[0]
+    got = sorted(zip(images, [t - 1 if t < 11 else "mirror" for t in texts], out["itm_targets"].tolist()),
+                 key=str)
+    expected = (
+        [(i, i, 1.0) for i in range(4)]                                        # each image with its own text
+        + [(0, 3, 0.0), (0, 1, 0.0), (1, 0, 0.0), (1, 2, 0.0),                 # each image's 2 hardest texts
+           (2, 1, 0.0), (2, 3, 0.0), (3, 2, 0.0), (3, 0, 0.0)]                 # (positives never mined)
+        + [(1, 0, 0.0), (3, 0, 0.0), (0, 1, 0.0), (2, 1, 0.0),                 # each text's 2 hardest images
+           (3, 2, 0.0), (1, 2, 0.0), (0, 3, 0.0), (2, 3, 0.0)]
+        + [(0, 1, 0.0), (1, 2, 0.0), (2, 3, 0.0), (3, 0, 0.0), (1, 3, 0.0), (3, 1, 0.0)]  # 1 and 2 places on
+        + [(0, "mirror", 0.0), (2, "mirror", 0.0)]                              # the given mirror captions
+    )
+    assert got == sorted(expected, key=str)
+    assert out["itm_logits"].shape == (len(expected),)
+
+
+def test_itm_loss_balanced_weighs_positives_and_negatives_equally():
+    from vitlab.tasks.clip.itm import itm_loss
+
+    logits, targets = torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    bce = lambda z, y: -(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))  # noqa: E731
+    pos = bce(2.0, 1)
+    neg = (bce(-1.0, 0) + bce(0.5, 0) + bce(-3.0, 0)) / 3
+    assert float(itm_loss(logits, targets, balanced=True)) == pytest.approx((pos + neg) / 2, rel=1e-6)
+    assert float(itm_loss(logits, targets)) == pytest.approx((pos + 3 * neg) / 4, rel=1e-6)
+
+
+def test_itm_phase_is_the_last_itm_epochs_of_the_run():
+    tok = CLIPTokenizer.train(["a 1", "a 2"], vocab_size=8, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_epochs=2)
+    phases = []
+    for epoch in range(5):
+        task.start_epoch(epoch, 5)
+        phases.append(task.itm_phase)
+    assert phases == [False, False, False, True, True]
+    off = CLIPTask(tok, (0.5,), (0.5,))
+    off.start_epoch(4, 5)
+    assert not off.itm_phase
+
+
+#: Tiny two-digit scenes for engine runs of the ITM phase.
+SCENES_TINY = ["task=clip", "progress=false", "device=cpu", "data.dataset=digit_scenes", "optim.warmup_epochs=0",
+               "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, embed_dim: 16, "
+               "text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, vocab_size: 64, itm_depth: 1, "
+               "num_scenes: 32, canvas_size: 16, digit_size: [8, 8], itm_epochs: 1}"]
+
+
+@needs_tokenizers_and_digits
+def test_itm_phase_freezes_both_towers_and_trains_only_the_itm_head(tmp_path):
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    cfg = load_config(None, SCENES_TINY + ["epochs=2", "data.batch_size=16", f"output_dir={tmp_path}"],
+                      base=CLIP_DIGITS_RECIPE)
+    trainer = build_trainer(cfg, log=lambda s: None)
+    model = trainer.model
+
+    def weights():
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    start = weights()
+    trainer.train_epoch()  # epoch 1 of 2: contrastive (and joint ITM) training of everything
+    assert not trainer.task.itm_phase
+    middle = weights()
+    trainer.epoch = 1
+    trainer.train_epoch()  # epoch 2 of 2: the ITM phase (itm_epochs: 1)
+    assert trainer.task.itm_phase
+    end = weights()
+    towers = [n for n in start if not n.startswith("itm.")]
+    head = [n for n in start if n.startswith("itm.")]
+    assert towers and head
+    assert all(not torch.equal(start[n], middle[n]) for n in ("visual.patch_embed.proj.weight", "text.token_embedding.weight",
+                                                           "visual_projection.weight", "logit_scale"))
+    changed = [n for n in towers if not torch.equal(middle[n], end[n])]
+    assert not changed, f"the ITM phase changed tower weights: {changed}"
+    assert all(not torch.equal(middle[n], end[n]) for n in head), "every ITM head weight learns in the ITM phase"
+
+
+def test_itm_epochs_need_an_itm_head_and_a_contrastive_phase(tmp_path):
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    for extra, match in (({"itm_depth": 0}, "set itm_depth >= 1"), ({"itm_epochs": 3}, "must be fewer than epochs")):
+        cfg = load_config(None, SCENES_TINY + ["epochs=3", f"output_dir={tmp_path}"], base=CLIP_DIGITS_RECIPE)
+        cfg.model.overrides.update(extra)
+        with pytest.raises(ValueError, match=match):
+            build_trainer(cfg, log=lambda s: None)

@@ -12,6 +12,7 @@ A task owns what differs:
 - :meth:`Task.forward` and :meth:`Task.loss`;
 - :meth:`Task.train_metrics` / :meth:`Task.eval_metrics`: accumulators of its metrics, and
   :attr:`Task.primary_metric` (which one ranks runs);
+- :meth:`Task.start_epoch`: anything to switch before a training epoch (a later phase);
 - :meth:`Task.after_step`: anything to do to the model after each optimizer step;
 - :meth:`Task.state_dict` / :meth:`Task.load_state_dict`: extra state in each checkpoint;
 - :meth:`Task.plots`: the figures of a finished run.
@@ -132,6 +133,10 @@ class Task(abc.ABC):
     def eval_metrics(self) -> Metrics:
         """A fresh accumulator for an evaluation; its result must hold :attr:`primary_metric`."""
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the engine before each training epoch with its 0-based index and the
+        run's number of epochs (e.g. to enter a later training phase). Default: nothing."""
 
     def after_step(self, model: nn.Module) -> None:
         """Called by the engine after every optimizer step, before the EMA update, with the

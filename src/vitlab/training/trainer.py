@@ -237,6 +237,7 @@ class Trainer:
         (``train_<name>``), throughput, time and image size."""
         model = self.model
         model.train()
+        self.task.start_epoch(self.epoch, self.cfg.epochs)
         sampler = getattr(self.train_loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)

@@ -98,9 +98,22 @@ def mine_hard_negatives(sim: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tenso
     return neg_text, (~pos).any(dim=1), neg_image, (~pos).any(dim=0)
 
 
-def itm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Binary cross-entropy of match logits (P,) against 1 (match) / 0 (no match) targets (P,)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+def itm_loss(logits: Tensor, targets: Tensor, balanced: bool = False) -> Tensor:
+    """Binary cross-entropy of match logits (P,) against 1 (match) / 0 (no match) targets (P,).
+
+    Args:
+        logits: (P,) match logits.
+        targets: (P,) 1 for a match, 0 for none.
+        balanced: Average the positives' and the negatives' mean losses (each half the
+            weight, however many negatives there are) instead of all pairs alike.
+    """
+    logits, targets = logits.float(), targets.float()
+    if not balanced:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    per_pair = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (P,)
+    is_pos = targets > 0.5
+    parts = [per_pair[m].mean() for m in (is_pos, ~is_pos) if bool(m.any())]
+    return torch.stack(parts).mean()
 
 
 @torch.no_grad()

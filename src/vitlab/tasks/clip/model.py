@@ -139,7 +139,8 @@ class CLIP(nn.Module):
         return names
 
     def forward(self, images: Tensor, ids: Tensor, labels: Tensor | None = None, train_outputs: bool = False,
-                negative_ids: Tensor | None = None, has_negative: Tensor | None = None) -> Any:
+                negative_ids: Tensor | None = None, has_negative: Tensor | None = None,
+                itm_only: bool = False, hard_negatives: int = 4, shifted_negatives: int = 2) -> Any:
         """Images (B_i, C, H, W) and token ids (B_t, L) -> logits per image (B_i, B_t) and per text (B_t, B_i).
 
         With ``train_outputs`` (the training task's call, so that DDP sees one forward) it
@@ -151,7 +152,12 @@ class CLIP(nn.Module):
         ``negative_ids`` (B, L) are given negative captions of the images (a scene's caption
         with its digits exchanged), paired with their images as further ITM negatives (0)
         where ``has_negative`` (B,) bool is set (None: all).
+
+        With ``itm_only`` as well (the frozen-tower ITM phase) it returns
+        :meth:`forward_itm`'s dict, with ``hard_negatives`` and ``shifted_negatives``.
         """
+        if train_outputs and itm_only:
+            return self.forward_itm(images, ids, labels, negative_ids, has_negative, hard_negatives, shifted_negatives)
         if train_outputs:
             return self.forward_train(images, ids, labels, negative_ids, has_negative)
         img = self.encode_image(images, normalize=True)
@@ -185,3 +191,63 @@ class CLIP(nn.Module):
             out["itm_logits"] = logits
             out["itm_targets"] = (torch.arange(logits.shape[0], device=img_emb.device) < b).float()
         return out
+
+    def forward_itm(self, images: Tensor, ids: Tensor, labels: Tensor | None = None,
+                    negative_ids: Tensor | None = None, has_negative: Tensor | None = None,
+                    hard_negatives: int = 4, shifted_negatives: int = 2) -> dict[str, Any]:
+        """Training outputs of the ITM head alone, on frozen towers (the ITM phase).
+
+        Both towers run without gradients (the optimizer skips their weights, so they stay
+        bit-identical); only the matching head learns. The tokens of a batch are computed
+        once and paired many times: every image with its own text (target 1), with its
+        ``hard_negatives`` most similar non-positive texts and every text with its
+        ``hard_negatives`` most similar non-positive images (by the contrastive similarity),
+        every image with the texts ``1 .. shifted_negatives`` places further in the batch
+        (random pairs, as batches are shuffled; positives skipped), and every image with its
+        given negative caption (``negative_ids`` where ``has_negative``: a scene's mirror
+        caption). Positives are mined from ``labels`` (None: the diagonal).
+
+        Returns:
+            ``itm_logits`` (P,), ``itm_targets`` (P,) (1: match), ``image_emb`` / ``text_emb``
+            (normalised, without gradients), ``scale`` and ``bias``.
+
+        Raises:
+            ValueError: When the model has no matching head.
+        """
+        if self.itm is None:
+            raise ValueError("the ITM phase needs a CLIP model with an image-text matching head (itm_depth >= 1)")
+        with torch.no_grad():
+            img_emb, img_tok = self.image_features(images)
+            txt_emb, txt_tok = self.text_features(ids)
+            img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
+            b, device = img_emb.shape[0], img_emb.device
+            pos = positive_mask(labels, None, b, txt_emb.shape[0], device)  # (B, B)
+            sim = (img_emb @ txt_emb.t()).float().masked_fill(pos, float("-inf"))  # (B, B), positives never mined
+            ar = torch.arange(b, device=device)
+            img_idx, txt_idx = [ar], [ar]
+            k = min(int(hard_negatives), b - 1)
+            if k > 0:
+                hard_t = sim.topk(k, dim=1).indices  # (B, k): each image's hardest texts
+                hard_i = sim.t().topk(k, dim=1).indices  # (B, k): each text's hardest images
+                rows = ar[:, None].expand(-1, k)  # (B, k)
+                ok_t = torch.isfinite(sim.gather(1, hard_t))  # fewer than k non-positives: skip the rest
+                ok_i = torch.isfinite(sim.t().gather(1, hard_i))
+                img_idx += [rows[ok_t], hard_i[ok_i]]
+                txt_idx += [hard_t[ok_t], rows[ok_i]]
+            for shift in range(1, min(int(shifted_negatives), b - 1) + 1):
+                other = (ar + shift) % b
+                ok = ~pos[ar, other]
+                img_idx.append(ar[ok])
+                txt_idx.append(other[ok])
+            img_idx_all, txt_idx_all = torch.cat(img_idx), torch.cat(txt_idx)
+            pair_img, pair_txt, pair_ids = img_tok[img_idx_all], txt_tok[txt_idx_all], ids[txt_idx_all]
+            if negative_ids is not None:
+                keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=device)
+                neg_ids = negative_ids[keep]  # (B, L) -> (B', L)
+                pair_img = torch.cat([pair_img, img_tok[keep]])
+                pair_txt = torch.cat([pair_txt, self.text.forward_features(neg_ids)])  # (B', L, dim) appended
+                pair_ids = torch.cat([pair_ids, neg_ids])
+        logits = self.itm_logits(pair_img, pair_txt, pair_ids)
+        targets = (torch.arange(logits.shape[0], device=logits.device) < b).float()
+        return {"itm_logits": logits, "itm_targets": targets, "image_emb": img_emb, "text_emb": txt_emb,
+                "scale": self.scale().detach(), "bias": self.logit_bias}

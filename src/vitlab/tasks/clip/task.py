@@ -63,7 +63,7 @@ CLIP_DIGITS_RECIPE: dict[str, Any] = {
 CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
-    "init_logit_scale", "itm_fusion", "swap_negatives",
+    "init_logit_scale", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives", "itm_shifted_negatives",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -158,6 +158,13 @@ class CLIPTask(Task):
         swap_negatives: Pair every image with its given negative caption (a batch's
             ``negative_caption``: a scene's caption with its digits exchanged) as a further
             ITM negative.
+        itm_epochs: The last ``itm_epochs`` epochs of a run are the ITM phase: both towers
+            frozen (run without gradients, so the optimizer leaves them bit-identical) and
+            only the matching head trained, on the ITM loss alone with many negatives per
+            image (:meth:`~vitlab.tasks.clip.model.CLIP.forward_itm`), positives and
+            negatives weighted equally. 0: no such phase.
+        itm_hard_negatives: Hardest mined negatives per image and per text in the ITM phase.
+        itm_shifted_negatives: Further (random) negative texts per image in the ITM phase.
         prompts: Zero-shot prompts per class (the eval data's labels are the class indices);
             None: no zero-shot metric.
         augment: ``augment(images, generator)`` on [0, 1] batches ending with the normalisation
@@ -169,7 +176,8 @@ class CLIPTask(Task):
     def __init__(self, tokenizer: CLIPTokenizer, mean: Sequence[float], std: Sequence[float], loss: str = "clip",
                  duplicate_aware: bool = True, itm_weight: float = 1.0, itm_top_k: int = 10,
                  prompts: Sequence[Sequence[str]] | None = None, augment: Any = None, itm_fusion: float = 1.0,
-                 swap_negatives: bool = True) -> None:
+                 swap_negatives: bool = True, itm_epochs: int = 0, itm_hard_negatives: int = 4,
+                 itm_shifted_negatives: int = 2) -> None:
         if loss not in ("clip", "siglip"):
             raise ValueError(f"unknown CLIP loss {loss!r}; choose clip or siglip")
         self.tokenizer = tokenizer
@@ -177,6 +185,13 @@ class CLIPTask(Task):
         self.loss_name, self.duplicate_aware = loss, duplicate_aware
         self.itm_weight, self.itm_top_k = float(itm_weight), int(itm_top_k)
         self.itm_fusion, self.swap_negatives = float(itm_fusion), bool(swap_negatives)
+        if itm_epochs < 0 or itm_hard_negatives < 0 or itm_shifted_negatives < 0:
+            raise ValueError(f"itm_epochs, itm_hard_negatives and itm_shifted_negatives must be >= 0, got "
+                             f"{itm_epochs}, {itm_hard_negatives} and {itm_shifted_negatives}")
+        self.itm_epochs, self.itm_hard_negatives = int(itm_epochs), int(itm_hard_negatives)
+        self.itm_shifted_negatives = int(itm_shifted_negatives)
+        #: Whether the current epoch belongs to the frozen-tower ITM phase (set by :meth:`start_epoch`).
+        self.itm_phase = False
         self.prompts = [list(p) for p in prompts] if prompts is not None else None
         self.augment = augment
         self.primary_metric = "zero_shot_top1" if prompts is not None else "t2i_R@1"
@@ -201,10 +216,18 @@ class CLIPTask(Task):
             inputs += (self.tokenizer(negatives).to(device), has)
         return Batch(inputs, labels, int(labels.shape[0]), {"captions": captions})
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Enter the frozen-tower ITM phase for the last ``itm_epochs`` epochs of the run."""
+        self.itm_phase = self.itm_epochs > 0 and epoch >= epochs - self.itm_epochs
+
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         images, ids, labels = inputs[:3]
         if model.training:
             negatives = inputs[3:5] if len(inputs) == 5 else (None, None)
+            if self.itm_phase:
+                return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
+                             has_negative=negatives[1], itm_only=True, hard_negatives=self.itm_hard_negatives,
+                             shifted_negatives=self.itm_shifted_negatives)
             return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
                          has_negative=negatives[1])
         # evaluation: the unwrapped model; tokens for ITM re-ranking, the zero-shot classifier once
@@ -235,6 +258,8 @@ class CLIPTask(Task):
         return clip_loss(img, txt, outputs["scale"], groups)
 
     def loss(self, batch: Batch, outputs: Any) -> Tensor:
+        if self.itm_phase:  # the towers are frozen: the matching head's loss alone
+            return itm_loss(outputs["itm_logits"], outputs["itm_targets"], balanced=True)
         loss = self.contrastive(outputs, batch.targets)
         if "itm_logits" in outputs and self.itm_weight:
             loss = loss + self.itm_weight * itm_loss(outputs["itm_logits"], outputs["itm_targets"])
@@ -319,6 +344,17 @@ class CLIPTask(Task):
                             logit_bias=-10.0 if siglip else None,
                             itm_depth=int(clip.get("itm_depth", default_itm)), itm_heads=int(clip.get("itm_heads", 2)))
         model = CLIP(config)
+        itm_epochs = int(clip.get("itm_epochs", 0))
+        if itm_epochs and model.itm is None:
+            raise ValueError(f"itm_epochs: {itm_epochs} trains the image-text matching head, but this model has none; "
+                             "set itm_depth >= 1")
+        if itm_epochs >= int(cfg.epochs):
+            raise ValueError(f"itm_epochs ({itm_epochs}) must be fewer than epochs ({cfg.epochs}): the towers train "
+                             "contrastively before the ITM phase freezes them")
+        if itm_epochs and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ValueError("itm_epochs is not supported under DDP: the frozen towers get no gradients; "
+                             "train the ITM phase in one process")
         model.pretrained_cfg = {"task": "clip", "input_size": [train[0]["image"].shape[0], size, size],
                                 "mean": list(train.mean), "std": list(train.std), "crop_pct": 1.0,
                                 "interpolation": "bilinear", "dataset": dataset, "tokenizer": tokenizer.to_dict(),
@@ -328,7 +364,9 @@ class CLIPTask(Task):
         task = cls(tokenizer, train.mean, train.std, loss=loss, duplicate_aware=bool(clip.get("duplicate_aware", True)),
                    itm_weight=float(clip.get("itm_weight", 1.0)), itm_top_k=int(clip.get("itm_top_k", 10)),
                    prompts=prompts, augment=augment, itm_fusion=float(clip.get("itm_fusion", 1.0)),
-                   swap_negatives=bool(clip.get("swap_negatives", True)))
+                   swap_negatives=bool(clip.get("swap_negatives", True)), itm_epochs=itm_epochs,
+                   itm_hard_negatives=int(clip.get("itm_hard_negatives", 4)),
+                   itm_shifted_negatives=int(clip.get("itm_shifted_negatives", 2)))
         return TaskSetup(task, model, train, val, test)
 
 
