@@ -707,7 +707,7 @@ def _fake_features(model, image_deg, text_deg, width=16, n_tok=5):
     """Replace the towers' features: unit 2-D embeddings at the given angles, tokens filled with the index."""
     def unit(deg):
         r = torch.deg2rad(torch.tensor(deg, dtype=torch.float32))
-        return torch.stack([r.cos(), r.sin()], dim=1)
+        return F.pad(torch.stack([r.cos(), r.sin()], dim=1), (0, model.config.embed_dim - 2))  # (4, embed_dim)
 
     img_emb, txt_emb = unit(image_deg), unit(text_deg)
     model.image_features = lambda images: (img_emb, torch.arange(4.0)[:, None, None].expand(4, n_tok, width))
@@ -821,3 +821,54 @@ def test_itm_epochs_need_an_itm_head_and_a_contrastive_phase(tmp_path):
         cfg.model.overrides.update(extra)
         with pytest.raises(ValueError, match=match):
             build_trainer(cfg, log=lambda s: None)
+
+
+@needs_tokenizers_and_digits
+def test_siglip_starts_at_the_papers_scale_and_bias_or_the_given_bias(tmp_path):
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    cfg = load_config(None, TINY + ["epochs=1", f"output_dir={tmp_path}"], base=CLIP_DIGITS_RECIPE)
+    cfg.model.overrides["loss"] = "siglip"
+    model = build_trainer(cfg, log=lambda s: None).model
+    assert model.logit_scale.item() == pytest.approx(math.log(10.0)) and model.logit_bias.item() == -10.0
+    cfg.model.overrides["init_logit_bias"] = math.log(0.1 / 0.9)  # a batch with 10% positives per row
+    model = build_trainer(cfg, log=lambda s: None).model
+    assert model.logit_bias.item() == pytest.approx(math.log(0.1 / 0.9))
+
+
+def test_itm_phase_residual_adds_the_weighted_contrastive_logit_of_each_pair():
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1).train()
+    _fake_features(model, [0, 90, 180, 270], [10, 80, 200, 300])
+    ids = torch.tensor([[38, k, 39, 0, 0, 0, 0, 0] for k in (1, 2, 3, 4)])
+    mirror = torch.tensor([[38, 11, 39, 0, 0, 0, 0, 0]] * 4)
+    has = torch.tensor([True, False, False, False])
+    kw = dict(train_outputs=True, negative_ids=mirror, has_negative=has, itm_only=True, hard_negatives=1,
+              shifted_negatives=0)
+    plain = model(torch.zeros(4, 1, 16, 16), ids, torch.arange(4), **kw)["itm_logits"]
+    fused = model(torch.zeros(4, 1, 16, 16), ids, torch.arange(4), itm_residual=2.0, **kw)["itm_logits"]
+    scale = float(model.scale())
+    # the positives come first: image i with text i, angles 10, 10, 20 and 30 degrees apart
+    cos = torch.cos(torch.deg2rad(torch.tensor([10.0, 10.0, 20.0, 30.0])))
+    torch.testing.assert_close(fused[:4] - plain[:4], 2.0 * scale * cos, atol=1e-4, rtol=1e-4)
+    # the last pair: image 0 (at 0 degrees) with its mirror caption, through the text tower
+    with torch.no_grad():
+        mirror_cos = model.encode_text(mirror[:1], normalize=True)[0, 0]  # image 0's unit embedding is (1, 0, ...)
+    assert float(fused[-1] - plain[-1]) == pytest.approx(2.0 * scale * float(mirror_cos), abs=1e-4)
+
+
+def test_task_trains_the_fused_score_in_the_itm_phase_when_asked():
+    tok = CLIPTokenizer.train(["a 1", "a 2", "a 3"], vocab_size=8, context_length=8)
+    raw = {"image": torch.rand(3, 1, 16, 16), "caption": ["a 1", "a 2", "a 3"], "label": torch.tensor([1, 2, 3])}
+    model = tiny_clip(itm_depth=1, vocab=tok.vocab_size).train()
+    calls = []
+    model.forward_itm = lambda *a, **k: calls.append(a) or {}
+    for residual, expected in ((True, 2.5), (False, 0.0)):
+        task = CLIPTask(tok, (0.5,), (0.5,), itm_epochs=1, itm_fusion=2.5, itm_residual=residual,
+                        itm_hard_negatives=3, itm_shifted_negatives=1)
+        task.start_epoch(1, 2)
+        task.forward(model, task.prepare(raw, torch.device("cpu"), 16, None).inputs)
+        assert calls[-1][5:] == (3, 1, expected)
+    task.start_epoch(0, 2)  # before the phase: the joint training forward
+    out = task.forward(model, task.prepare(raw, torch.device("cpu"), 16, None).inputs)
+    assert len(calls) == 2 and "image_emb" in out

@@ -140,7 +140,8 @@ class CLIP(nn.Module):
 
     def forward(self, images: Tensor, ids: Tensor, labels: Tensor | None = None, train_outputs: bool = False,
                 negative_ids: Tensor | None = None, has_negative: Tensor | None = None,
-                itm_only: bool = False, hard_negatives: int = 4, shifted_negatives: int = 2) -> Any:
+                itm_only: bool = False, hard_negatives: int = 4, shifted_negatives: int = 2,
+                itm_residual: float = 0.0) -> Any:
         """Images (B_i, C, H, W) and token ids (B_t, L) -> logits per image (B_i, B_t) and per text (B_t, B_i).
 
         With ``train_outputs`` (the training task's call, so that DDP sees one forward) it
@@ -154,10 +155,12 @@ class CLIP(nn.Module):
         where ``has_negative`` (B,) bool is set (None: all).
 
         With ``itm_only`` as well (the frozen-tower ITM phase) it returns
-        :meth:`forward_itm`'s dict, with ``hard_negatives`` and ``shifted_negatives``.
+        :meth:`forward_itm`'s dict, with ``hard_negatives``, ``shifted_negatives`` and
+        ``itm_residual``.
         """
         if train_outputs and itm_only:
-            return self.forward_itm(images, ids, labels, negative_ids, has_negative, hard_negatives, shifted_negatives)
+            return self.forward_itm(images, ids, labels, negative_ids, has_negative, hard_negatives, shifted_negatives,
+                                    itm_residual)
         if train_outputs:
             return self.forward_train(images, ids, labels, negative_ids, has_negative)
         img = self.encode_image(images, normalize=True)
@@ -194,7 +197,7 @@ class CLIP(nn.Module):
 
     def forward_itm(self, images: Tensor, ids: Tensor, labels: Tensor | None = None,
                     negative_ids: Tensor | None = None, has_negative: Tensor | None = None,
-                    hard_negatives: int = 4, shifted_negatives: int = 2) -> dict[str, Any]:
+                    hard_negatives: int = 4, shifted_negatives: int = 2, residual: float = 0.0) -> dict[str, Any]:
         """Training outputs of the ITM head alone, on frozen towers (the ITM phase).
 
         Both towers run without gradients (the optimizer skips their weights, so they stay
@@ -206,6 +209,10 @@ class CLIP(nn.Module):
         (random pairs, as batches are shuffled; positives skipped), and every image with its
         given negative caption (``negative_ids`` where ``has_negative``: a scene's mirror
         caption). Positives are mined from ``labels`` (None: the diagonal).
+
+        With ``residual`` > 0 each pair's logit is the head's logit plus ``residual`` x the
+        contrastive logit (scale x cosine, without gradient): the score of the fused re-ranking
+        with ``itm_fusion = residual``, so the head learns what the similarity misses.
 
         Returns:
             ``itm_logits`` (P,), ``itm_targets`` (P,) (1: match), ``image_emb`` / ``text_emb``
@@ -241,13 +248,19 @@ class CLIP(nn.Module):
                 txt_idx.append(other[ok])
             img_idx_all, txt_idx_all = torch.cat(img_idx), torch.cat(txt_idx)
             pair_img, pair_txt, pair_ids = img_tok[img_idx_all], txt_tok[txt_idx_all], ids[txt_idx_all]
+            pair_cos = (img_emb[img_idx_all] * txt_emb[txt_idx_all]).sum(dim=-1)  # (P,) cosine of every pair
             if negative_ids is not None:
                 keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=device)
                 neg_ids = negative_ids[keep]  # (B, L) -> (B', L)
+                neg_tok = self.text.forward_features(neg_ids)  # (B', L, dim)
+                neg_emb = F.normalize(self.text_projection(self.text.forward_head(neg_tok, neg_ids)), dim=-1)
                 pair_img = torch.cat([pair_img, img_tok[keep]])
-                pair_txt = torch.cat([pair_txt, self.text.forward_features(neg_ids)])  # (B', L, dim) appended
+                pair_txt = torch.cat([pair_txt, neg_tok])  # appended after the in-batch pairs
                 pair_ids = torch.cat([pair_ids, neg_ids])
+                pair_cos = torch.cat([pair_cos, (img_emb[keep] * neg_emb).sum(dim=-1)])
         logits = self.itm_logits(pair_img, pair_txt, pair_ids)
+        if residual:
+            logits = logits + residual * self.scale().detach() * pair_cos.to(logits.dtype)
         targets = (torch.arange(logits.shape[0], device=logits.device) < b).float()
         return {"itm_logits": logits, "itm_targets": targets, "image_emb": img_emb, "text_emb": txt_emb,
                 "scale": self.scale().detach(), "bias": self.logit_bias}

@@ -17,6 +17,12 @@ Options come from ``model.overrides`` (the rest of it configures the image backb
 (0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_weight`` (1.0), ``itm_top_k`` (10),
 ``itm_fusion`` (1.0: weight of the contrastive logit in the fused re-ranking),
 ``swap_negatives`` (true: each scene's digit-swapped caption is an ITM negative),
+``itm_epochs`` (0: the last epochs that train the ITM head alone on frozen towers),
+``itm_hard_negatives`` (4), ``itm_shifted_negatives`` (2) and ``itm_residual`` (false: train the
+fused score) of that phase,
+``init_logit_scale`` (1/0.07; SigLIP 10) and ``init_logit_bias`` (SigLIP only, -10: the
+paper's prior for batches of many thousands with one positive per row; a batch whose rows hold
+a fraction p of positives starts closer to its prior at log(p / (1 - p))),
 ``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
 ``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
 4000; val/test a quarter), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
@@ -63,7 +69,8 @@ CLIP_DIGITS_RECIPE: dict[str, Any] = {
 CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
-    "init_logit_scale", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives", "itm_shifted_negatives",
+    "init_logit_scale", "init_logit_bias", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives",
+    "itm_shifted_negatives", "itm_residual",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -165,6 +172,9 @@ class CLIPTask(Task):
             negatives weighted equally. 0: no such phase.
         itm_hard_negatives: Hardest mined negatives per image and per text in the ITM phase.
         itm_shifted_negatives: Further (random) negative texts per image in the ITM phase.
+        itm_residual: In the ITM phase, train the fused score (ITM logit + ``itm_fusion`` x
+            the contrastive logit) instead of the ITM logit alone: the head learns what the
+            similarity misses, and the fused re-ranking uses exactly the trained score.
         prompts: Zero-shot prompts per class (the eval data's labels are the class indices);
             None: no zero-shot metric.
         augment: ``augment(images, generator)`` on [0, 1] batches ending with the normalisation
@@ -177,7 +187,7 @@ class CLIPTask(Task):
                  duplicate_aware: bool = True, itm_weight: float = 1.0, itm_top_k: int = 10,
                  prompts: Sequence[Sequence[str]] | None = None, augment: Any = None, itm_fusion: float = 1.0,
                  swap_negatives: bool = True, itm_epochs: int = 0, itm_hard_negatives: int = 4,
-                 itm_shifted_negatives: int = 2) -> None:
+                 itm_shifted_negatives: int = 2, itm_residual: bool = False) -> None:
         if loss not in ("clip", "siglip"):
             raise ValueError(f"unknown CLIP loss {loss!r}; choose clip or siglip")
         self.tokenizer = tokenizer
@@ -189,7 +199,7 @@ class CLIPTask(Task):
             raise ValueError(f"itm_epochs, itm_hard_negatives and itm_shifted_negatives must be >= 0, got "
                              f"{itm_epochs}, {itm_hard_negatives} and {itm_shifted_negatives}")
         self.itm_epochs, self.itm_hard_negatives = int(itm_epochs), int(itm_hard_negatives)
-        self.itm_shifted_negatives = int(itm_shifted_negatives)
+        self.itm_shifted_negatives, self.itm_residual = int(itm_shifted_negatives), bool(itm_residual)
         #: Whether the current epoch belongs to the frozen-tower ITM phase (set by :meth:`start_epoch`).
         self.itm_phase = False
         self.prompts = [list(p) for p in prompts] if prompts is not None else None
@@ -227,7 +237,8 @@ class CLIPTask(Task):
             if self.itm_phase:
                 return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
                              has_negative=negatives[1], itm_only=True, hard_negatives=self.itm_hard_negatives,
-                             shifted_negatives=self.itm_shifted_negatives)
+                             shifted_negatives=self.itm_shifted_negatives,
+                             itm_residual=self.itm_fusion if self.itm_residual else 0.0)
             return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
                          has_negative=negatives[1])
         # evaluation: the unwrapped model; tokens for ITM re-ranking, the zero-shot classifier once
@@ -341,7 +352,7 @@ class CLIPTask(Task):
         config = CLIPConfig(image_model=cfg.model.name, image_overrides=image_overrides, text=text,
                             embed_dim=int(clip.get("embed_dim", 64)),
                             init_logit_scale=float(clip.get("init_logit_scale", 10.0 if siglip else 1 / 0.07)),
-                            logit_bias=-10.0 if siglip else None,
+                            logit_bias=float(clip.get("init_logit_bias", -10.0)) if siglip else None,
                             itm_depth=int(clip.get("itm_depth", default_itm)), itm_heads=int(clip.get("itm_heads", 2)))
         model = CLIP(config)
         itm_epochs = int(clip.get("itm_epochs", 0))
@@ -366,7 +377,8 @@ class CLIPTask(Task):
                    prompts=prompts, augment=augment, itm_fusion=float(clip.get("itm_fusion", 1.0)),
                    swap_negatives=bool(clip.get("swap_negatives", True)), itm_epochs=itm_epochs,
                    itm_hard_negatives=int(clip.get("itm_hard_negatives", 4)),
-                   itm_shifted_negatives=int(clip.get("itm_shifted_negatives", 2)))
+                   itm_shifted_negatives=int(clip.get("itm_shifted_negatives", 2)),
+                   itm_residual=bool(clip.get("itm_residual", False)))
         return TaskSetup(task, model, train, val, test)
 
 
