@@ -48,12 +48,12 @@ TINY = ["task=clip", "progress=false", "device=cpu", "augment.affine_p=0.0",
 needs_tokenizers_and_digits = needs("tokenizers", "sklearn.datasets", extra="pip install 'vitlab[clip,digits]'")
 
 
-def tiny_clip(itm_depth: int = 0, vocab: int = 40, channels: int = 1) -> CLIP:
+def tiny_clip(itm_depth: int = 0, vocab: int = 40, channels: int = 1, context: int = 8) -> CLIP:
     cfg = CLIPConfig(image_model="vit_tiny_patch16_224",
                      image_overrides=dict(image_size=16, patch_size=4, in_channels=channels, dim=16, depth=1, heads=2,
                                           mlp_dim=32),
                      text=text_config("clip_text_tiny", vocab_size=vocab, dim=16, depth=1, heads=2, mlp_dim=32,
-                                      context_length=8),
+                                      context_length=context),
                      embed_dim=8, itm_depth=itm_depth)
     return CLIP(cfg)
 
@@ -872,3 +872,4 @@ def test_task_trains_the_fused_score_in_the_itm_phase_when_asked():
     task.start_epoch(0, 2)  # before the phase: the joint training forward
     out = task.forward(model, task.prepare(raw, torch.device("cpu"), 16, None).inputs)
     assert len(calls) == 2 and "image_emb" in out
+
