@@ -847,14 +847,14 @@ def test_itm_phase_residual_adds_the_weighted_contrastive_logit_of_each_pair():
               shifted_negatives=0)
     plain = model(torch.zeros(4, 1, 16, 16), ids, torch.arange(4), **kw)["itm_logits"]
     fused = model(torch.zeros(4, 1, 16, 16), ids, torch.arange(4), itm_residual=2.0, **kw)["itm_logits"]
-    scale = float(model.scale())
+    scale = float(model.scale().detach())
     # the positives come first: image i with text i, angles 10, 10, 20 and 30 degrees apart
     cos = torch.cos(torch.deg2rad(torch.tensor([10.0, 10.0, 20.0, 30.0])))
     torch.testing.assert_close(fused[:4] - plain[:4], 2.0 * scale * cos, atol=1e-4, rtol=1e-4)
     # the last pair: image 0 (at 0 degrees) with its mirror caption, through the text tower
     with torch.no_grad():
         mirror_cos = model.encode_text(mirror[:1], normalize=True)[0, 0]  # image 0's unit embedding is (1, 0, ...)
-    assert float(fused[-1] - plain[-1]) == pytest.approx(2.0 * scale * float(mirror_cos), abs=1e-4)
+    assert float((fused[-1] - plain[-1]).detach()) == pytest.approx(2.0 * scale * float(mirror_cos), abs=1e-4)
 
 
 def test_task_trains_the_fused_score_in_the_itm_phase_when_asked():
