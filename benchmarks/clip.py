@@ -17,7 +17,7 @@ Trains through the engine (``task: clip``) and prints, averaged over seeds (mean
   equally);
   ``--ablate-swap`` adds a run without the swapped negatives.
 
-    python benchmarks/clip.py --quick           # a few minutes on 2 CPU cores: 1 seed, short runs
+    python benchmarks/clip.py --quick           # about 30 s on 1 CPU: 1 seed, short runs (a smoke run)
     python benchmarks/clip.py --threads 1       # 3 seeds (see benchmarks/README.md for the time)
     python benchmarks/clip.py --output clip.json
 """

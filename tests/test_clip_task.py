@@ -873,3 +873,54 @@ def test_task_trains_the_fused_score_in_the_itm_phase_when_asked():
     out = task.forward(model, task.prepare(raw, torch.device("cpu"), 16, None).inputs)
     assert len(calls) == 2 and "image_emb" in out
 
+
+def _layout_image(a: int, b: int) -> torch.Tensor:
+    """A 16 px 'scene': pattern a in the left half, pattern b in the right half (1: bar, 2: stripe, 3: block)."""
+    img = torch.zeros(1, 16, 16)
+    for digit, x0 in ((a, 0), (b, 8)):
+        if digit == 1:
+            img[0, 2:14, x0 + 3 : x0 + 5] = 1.0
+        elif digit == 2:
+            img[0, 7:9, x0 + 1 : x0 + 7] = 1.0
+        else:
+            img[0, 4:12, x0 + 2 : x0 + 6] = 1.0
+    return img
+
+
+@needs_tokenizers_and_digits
+@pytest.mark.slow
+@pytest.mark.parametrize("positions", [True, False])
+def test_itm_phase_learns_to_tell_a_layout_from_its_mirror_only_with_positions(positions):
+    layouts = [(a, b) for a in (1, 2, 3) for b in (1, 2, 3) if a != b]
+    tok = CLIPTokenizer.train(SceneCaptions("val", num_scenes=1).corpus(), vocab_size=40, context_length=12)
+    raw = {"image": torch.stack([_layout_image(a, b) for a, b in layouts]),
+           "caption": [f"a {a} to the left of a {b}" for a, b in layouts],
+           "negative_caption": [f"a {b} to the left of a {a}" for a, b in layouts],
+           "label": torch.tensor([10 * a + b for a, b in layouts])}
+    torch.manual_seed(0)
+    model = tiny_clip(itm_depth=1, vocab=tok.vocab_size, context=12).train()
+    with torch.no_grad():
+        if positions:  # as salient as a trained tower's (at their 0.02 init they vanish under the final norm)
+            model.visual.pos_embed.weight.normal_(0.0, 1.0)
+        else:
+            model.visual.pos_embed.weight.zero_()  # the frozen image tower's patches become a set
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_epochs=1, itm_hard_negatives=2, itm_shifted_negatives=1)
+    task.start_epoch(1, 2)
+    batch = task.prepare(raw, torch.device("cpu"), 16, None)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss = task.loss(batch, task.forward(model, batch.inputs))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        _, img_tok = model.image_features(batch.inputs[0])
+        _, txt_tok = model.text_features(batch.inputs[1])
+        mirror_img = torch.tensor([layouts.index((b, a)) for a, b in layouts])
+        own = model.itm_logits(img_tok, txt_tok, batch.inputs[1])  # each caption with its own layout
+        mirrored = model.itm_logits(img_tok[mirror_img], txt_tok, batch.inputs[1])  # ... with the mirror layout
+    if positions:
+        assert bool((own > mirrored + 2.0).all()), (own, mirrored)  # every caption picks its layout, by a margin
+    else:
+        torch.testing.assert_close(own, mirrored, atol=1e-5, rtol=1e-5)  # a set of patches has no left and right
