@@ -318,6 +318,23 @@ def test_group_detr_loss_matches_every_group_on_its_own():
     assert float(total) != pytest.approx(3 * float(DETRLoss(10)(g1, targets)["loss"]), rel=1e-3)
 
 
+def test_two_stage_loss_adds_the_proposals_matched_on_their_own():
+    from vitlab.tasks.detection.losses import DETRLoss
+
+    task = DetectionTask(10, criterion=DETRLoss(10))
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.7, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    dec = [{"logits": torch.randn(2, 4, 11), "boxes": torch.rand(2, 4, 4) * 0.5 + 0.25} for _ in range(2)]
+    enc = {"logits": torch.randn(2, 20, 11), "boxes": torch.rand(2, 20, 4) * 0.5 + 0.25}  # one per memory token
+    outputs = {"logits": dec[-1]["logits"], "boxes": dec[-1]["boxes"], "aux": dec[:-1], "dn": None, "groups": [],
+               "enc": enc}
+    total = task.loss(Batch(None, targets, 2, {}), outputs)
+    expected = float(DETRLoss(10)(dec, targets)["loss"]) + float(DETRLoss(10)([enc], targets)["loss"])
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert task.last_terms["enc_loss_giou"] == pytest.approx(float(DETRLoss(10)([enc], targets)["loss_giou"]))
+
+
 @needs_detection_extra
 def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embedding(tmp_path):
     from vitlab.components.embeddings import interpolate_pos_embed

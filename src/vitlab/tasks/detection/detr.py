@@ -51,7 +51,7 @@ from ...components import Attention, Block, CrossAttention, Mlp
 from .denoising import DenoisingQueries, build_denoising_queries
 from .yolos import MLPHead
 
-REMEDIES = ("none", "dn")
+REMEDIES = ("none", "dn", "two_stage", "dn_two_stage")
 
 
 def group_attention_mask(groups: int, per_group: int, device: torch.device | None = None) -> Tensor:
@@ -240,6 +240,23 @@ class DETRConfig:
     pos_temperature: float = 10000.0
     anchor_temperature: float = 10000.0
     query_groups: int = 1
+    proposal_cells: float = 2.0
+    backbone_lr_scale: float = 1.0
+
+    @property
+    def anchored(self) -> bool:
+        """Queries are anchor boxes (every remedy; plain DETR has learned positions)."""
+        return self.remedy != "none"
+
+    @property
+    def denoising(self) -> bool:
+        """DN-DETR's denoising queries are on."""
+        return self.remedy in ("dn", "dn_two_stage")
+
+    @property
+    def two_stage(self) -> bool:
+        """The anchors are the top-scoring encoder proposals (two-stage query selection)."""
+        return self.remedy in ("two_stage", "dn_two_stage")
 
     def __post_init__(self) -> None:
         problems = []
@@ -257,6 +274,9 @@ class DETRConfig:
             problems.append("pyramid_scales must name at least one scale")
         if not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
             problems.append("dn_label_noise must lie in [0, 1] and dn_box_noise be >= 0")
+        if self.proposal_cells <= 0 or self.backbone_lr_scale < 0:
+            problems.append(f"proposal_cells must be > 0 and backbone_lr_scale >= 0, got {self.proposal_cells} "
+                            f"and {self.backbone_lr_scale}")
         if problems:
             raise ValueError("invalid DETR config: " + "; ".join(problems))
 
@@ -315,30 +335,52 @@ class DETR(nn.Module):
         self.class_head = nn.Linear(c.dim, c.num_classes + 1)
         self.box_head = MLPHead(c.dim, c.dim, 4)
         nq = c.num_queries * c.query_groups  # Group DETR: group k holds queries k * Q ... (k + 1) * Q - 1
-        if c.remedy == "dn":
+        self.query_pos: nn.Parameter | None = None
+        if c.anchored:
             # DAB-style anchors (logit space) and the embedding of a box into a query position
-            self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(nq, 4) * torch.tensor([1, 1, 0.5, 0.5])
-                                                        + torch.tensor([0, 0, 0.05, 0.05])))
+            if not c.two_stage:  # learned anchors; two-stage takes them from the encoder's proposals
+                self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(nq, 4) * torch.tensor([1, 1, 0.5, 0.5])
+                                                            + torch.tensor([0, 0, 0.05, 0.05])))
             self.query_content = nn.Parameter(torch.zeros(nq, c.dim))
             self.box_pos = MLPHead(c.dim, c.dim, c.dim, num_layers=2)
-            self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
-            self.query_pos = None
+            if c.denoising:
+                self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
         else:
             self.query_pos = nn.Parameter(torch.randn(nq, c.dim))
+        if c.two_stage:  # a class and box prediction per memory token (Deformable DETR's two-stage head)
+            self.enc_output = nn.Sequential(nn.Linear(c.dim, c.dim), nn.LayerNorm(c.dim))
+            self.enc_class_head = nn.Linear(c.dim, c.num_classes + 1)
+            self.enc_box_head = MLPHead(c.dim, c.dim, 4)
         nn.init.normal_(self.level_embed)
-        nn.init.zeros_(self.box_head[-1].weight)
-        nn.init.zeros_(self.box_head[-1].bias)
         prior = 0.01  # the focal-loss prior: start with low object scores
-        nn.init.constant_(self.class_head.bias, 0.0)
-        self.class_head.bias.data[-1] = math.log((1 - prior) / prior) * 0.5
+        for cls_head, box_head in self._heads():
+            nn.init.zeros_(box_head[-1].weight)
+            nn.init.zeros_(box_head[-1].bias)
+            nn.init.constant_(cls_head.bias, 0.0)
+            cls_head.bias.data[-1] = math.log((1 - prior) / prior) * 0.5
+
+    def _heads(self) -> list[tuple[nn.Linear, nn.Module]]:
+        """(class head, box head) of the decoder and, with two-stage, of the encoder proposals."""
+        heads = [(self.class_head, self.box_head)]
+        if self.config.two_stage:
+            heads.append((self.enc_class_head, self.enc_box_head))
+        return heads
 
     # ---------------------------------------------------------------- parts
     def no_weight_decay(self) -> set[str]:
         """Embeddings, anchors and the backbone's own: no weight decay."""
         names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
         names |= {"level_embed"}
-        names |= {"anchors", "query_content"} if self.config.remedy == "dn" else {"query_pos"}
+        if self.config.anchored:
+            names |= {"query_content"} | (set() if self.config.two_stage else {"anchors"})
+        else:
+            names |= {"query_pos"}
         return names
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate factors by parameter-name prefix: the backbone's ``backbone_lr_scale``
+        (DETR trains its backbone at a tenth of the head's rate)."""
+        return {"backbone.": self.config.backbone_lr_scale}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the backbone."""
@@ -366,10 +408,38 @@ class DETR(nn.Module):
             mem = blk(mem)
         return self.enc_norm(mem), grids
 
-    def _queries(self, b: int, dn: DenoisingQueries | None,
-                 groups: int = 1) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def proposal_anchors(self, grids: Sequence[tuple[int, int]], device: torch.device | None = None) -> Tensor:
+        """The fixed box of every memory token (two-stage): centred on its cell, ``proposal_cells``
+        cells of its level wide and high; (sum h_l * w_l, 4) normalised cxcywh, memory order."""
+        boxes = []
+        for h, w in grids:
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            cx, cy = (xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h  # (h*w,) raster order
+            side = torch.tensor([self.config.proposal_cells / w, self.config.proposal_cells / h], device=device)
+            boxes.append(torch.cat([torch.stack([cx, cy], dim=-1), side.clamp(max=1.0).expand(h * w, 2)], dim=-1))
+        return torch.cat(boxes)
+
+    def proposals(self, memory: Tensor, grids: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+        """Two-stage: class logits (B, N, C+1) and boxes (B, N, 4) of every memory token, its
+        box an offset (logit space) of the token's fixed anchor."""
+        h = self.enc_output(memory)
+        anchors = self.proposal_anchors(grids, memory.device)  # (N, 4)
+        boxes = (self.enc_box_head(h) + inverse_sigmoid(anchors)).sigmoid()
+        return {"logits": self.enc_class_head(h), "boxes": boxes}
+
+    def select_anchors(self, proposals: Mapping[str, Tensor]) -> Tensor:
+        """The boxes (detached) of the ``num_queries`` proposals with the highest object score
+        (1 - p(no-object)): the decoder's anchors, (B, Q, 4)."""
+        object_score = -proposals["logits"].float().softmax(-1)[..., -1]  # (B, N): higher = more object
+        k = min(self.config.num_queries, object_score.shape[1])
+        idx = object_score.topk(k, dim=1).indices  # (B, k)
+        return proposals["boxes"].detach().gather(1, idx[..., None].expand(-1, -1, 4))
+
+    def _queries(self, b: int, dn: DenoisingQueries | None, groups: int = 1,
+                 anchors: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Content (B, D+G*Q, C), position (B, D+G*Q, C), reference boxes (B, D+G*Q, 4) or None,
-        self-attention bias (D+G*Q, D+G*Q) or None, for ``groups`` (G) Group DETR groups."""
+        self-attention bias (D+G*Q, D+G*Q) or None, for ``groups`` (G) Group DETR groups;
+        ``anchors`` (B, Q, 4): the selected proposals (two-stage), shared by the groups."""
         c = self.config
         n = c.num_queries * groups
         group_bias = None
@@ -378,7 +448,11 @@ class DETR(nn.Module):
         if self.query_pos is not None:
             pos = self.query_pos[None, :n].expand(b, -1, -1)
             return torch.zeros_like(pos), pos, None, group_bias.to(pos.device) if group_bias is not None else None
-        ref = self.anchors[:n].sigmoid()[None].expand(b, -1, -1)  # (B, G*Q, 4)
+        if anchors is not None:
+            ref = anchors.repeat(1, groups, 1)  # (B, Q, 4) -> (B, G*Q, 4)
+            n = ref.shape[1]
+        else:
+            ref = self.anchors[:n].sigmoid()[None].expand(b, -1, -1)  # (B, G*Q, 4)
         content = self.query_content[None, :n].expand(b, -1, -1)
         bias = group_bias.to(ref.device) if group_bias is not None else None
         if dn is not None:
@@ -432,14 +506,16 @@ class DETR(nn.Module):
             ``logits`` and ``boxes`` (L, B, D, ...) and the :class:`DenoisingQueries`).
         """
         c = self.config
-        mem, _ = self.memory(x)
+        mem, grids = self.memory(x)
         b = x.shape[0]
         dn = None
         groups = c.query_groups if self.training else 1
-        if targets is not None and self.training and c.remedy == "dn" and c.dn_groups > 0:
+        if targets is not None and self.training and c.denoising and c.dn_groups > 0:
             dn = build_denoising_queries(targets, c.num_classes, c.num_queries * groups, c.dn_groups,
                                          c.dn_label_noise, c.dn_box_noise, device=x.device)
-        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups))
+        enc = self.proposals(mem, grids) if c.two_stage else None
+        anchors = self.select_anchors(enc) if enc is not None else None
+        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups, anchors))
         d = dn.num_queries if dn is not None else 0
         q = c.num_queries
         # per Group DETR group k, per layer: the (B, Q, ...) slice of that group's queries
@@ -448,7 +524,7 @@ class DETR(nn.Module):
         outs = per_group[0]
         result: dict[str, Any] = {"logits": outs[-1]["logits"], "boxes": outs[-1]["boxes"],
                                   "pred_boxes": outs[-1]["boxes"], "aux": outs[:-1], "dn": None,
-                                  "groups": per_group[1:]}
+                                  "groups": per_group[1:], "enc": enc}
         if dn is not None:
             result["dn"] = {"logits": torch.stack([lg[:, :d] for lg in layers_logits]),  # (L, B, D, C+1)
                             "boxes": torch.stack([bx[:, :d] for bx in layers_boxes]),  # (L, B, D, 4)

@@ -306,6 +306,10 @@ class DetectionTask(Task):
         total = terms["loss"]
         for group in outputs.get("groups") or []:  # Group DETR: every extra group is matched on its own
             total = total + self.criterion(group, batch.targets)["loss"]
+        if outputs.get("enc") is not None:  # two-stage: the encoder's proposals, matched on their own
+            enc = self.criterion([outputs["enc"]], batch.targets)
+            terms.update({f"enc_{k}": v for k, v in enc.items() if k != "loss"})
+            total = total + enc["loss"]
         dn = outputs.get("dn")
         if dn is not None:
             num_boxes = _num_boxes(batch.targets, outputs["logits"].device)
@@ -318,7 +322,7 @@ class DetectionTask(Task):
                     total = total + self.criterion.weights[name] * value
         # the last layer's terms (the auxiliary ones end in _<layer>)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()
-                           if k in ("loss_ce", "loss_bbox", "loss_giou") or k.startswith("dn_")}
+                           if k in ("loss_ce", "loss_bbox", "loss_giou") or k.startswith(("dn_", "enc_"))}
         return total
 
     def train_metrics(self) -> Metrics:
