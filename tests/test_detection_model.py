@@ -277,3 +277,46 @@ def test_backbone_learning_rate_scale_reaches_the_optimizer():
         assert len(inside) == 1  # a group is all backbone or all head
         assert group["lr"] == pytest.approx(1e-4 if inside == {True} else 1e-3)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ SMCA's spatially modulated co-attention
+def test_spatial_prior_bias_by_hand():
+    from vitlab.tasks.detection.detr import spatial_prior_bias
+
+    ref = torch.tensor([[[0.5, 0.5, 0.2, 0.4]]])  # one image, one query
+    centres = torch.tensor([[0.5, 0.5], [0.7, 0.5], [0.5, 0.9], [0.6, 0.7]])
+    bias = spatial_prior_bias(ref, centres, torch.tensor([1.0, 2.0]))
+    # (dx / w)^2 + (dy / h)^2 = 0, 1, 1, 0.25 + 0.25; divided by beta = 1 and 2
+    expected = -torch.tensor([[0.0, 1.0, 1.0, 0.5], [0.0, 0.5, 0.5, 0.25]])
+    torch.testing.assert_close(bias, expected[None, :, None, :])
+
+
+@pytest.mark.parametrize("remedy", ["dn", "two_stage"])
+def test_spatial_prior_modulates_every_cross_attention_around_the_layers_reference(remedy):
+    model = tiny(remedy=remedy, spatial_prior=True, num_queries=3, pyramid_scales=(1.0, 0.5)).eval()
+    torch.nn.init.normal_(model.box_head[-1].weight, std=0.3)  # the references move from layer to layer
+    with torch.no_grad():
+        model.spatial_log_beta.normal_()
+    seen = []
+    for layer in model.decoder:
+        layer.cross_attn.register_forward_hook(lambda m, a, kw, out: seen.append(kw["attn_bias"]), with_kwargs=True)
+    x = torch.rand(2, 1, 32, 32)
+    out = model(x)
+    centres = torch.tensor([[(i % 4 + 0.5) / 4, (i // 4 + 0.5) / 4] for i in range(16)]
+                           + [[(i % 2 + 0.5) / 2, (i // 2 + 0.5) / 2] for i in range(4)])
+    first = model.select_anchors(out["enc"]) if remedy == "two_stage" else model.anchors.sigmoid()[None].expand(2, -1, -1)
+    refs = [first] + [aux["boxes"] for aux in out["aux"]]  # layer k reads layer k-1's boxes
+    from vitlab.tasks.detection.detr import spatial_prior_bias
+
+    assert len(seen) == 3
+    for k, bias in enumerate(seen):
+        torch.testing.assert_close(bias, spatial_prior_bias(refs[k], centres, model.spatial_log_beta[k].exp()))
+    # and it changes what the decoder computes
+    plain = tiny(remedy=remedy, spatial_prior=False, num_queries=3, pyramid_scales=(1.0, 0.5)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "spatial_log_beta"})
+    assert not torch.allclose(plain(x)["boxes"], out["boxes"], atol=1e-4)
+
+
+def test_spatial_prior_needs_reference_boxes():
+    with pytest.raises(ValueError, match="spatial_prior needs reference boxes"):
+        DETRConfig(remedy="none", spatial_prior=True)

@@ -181,12 +181,34 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_dim, drop=dropout)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, self_bias: Tensor | None = None) -> Tensor:
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, self_bias: Tensor | None = None,
+                cross_bias: Tensor | None = None) -> Tensor:
         """Queries (B, Q, C) with their positions (B, Q, C) attend to the memory (B, N, C)
-        (positions already added); ``self_bias`` (Q, Q) masks the self-attention."""
+        (positions already added); ``self_bias`` (Q, Q) masks the self-attention,
+        ``cross_bias`` (B, heads, Q, N) is added to the cross-attention logits."""
         tgt = tgt + self.self_attn(self.norm1(tgt) + query_pos, attn_bias=self_bias)
-        tgt = tgt + self.cross_attn(self.norm2(tgt) + query_pos, context=memory)
+        tgt = tgt + self.cross_attn(self.norm2(tgt) + query_pos, context=memory, attn_bias=cross_bias)
         return tgt + self.mlp(self.norm3(tgt))
+
+
+def spatial_prior_bias(ref: Tensor, centres: Tensor, beta: Tensor) -> Tensor:
+    """SMCA's spatially modulated co-attention (Gao et al., 2021) as a log-Gaussian bias.
+
+    ``bias[b, h, q, n] = -((x_n - cx_q)^2 / w_q^2 + (y_n - cy_q)^2 / h_q^2) / beta_h``: a memory
+    token one box width from the query's reference centre is down-weighted by ``exp(-1 / beta_h)``.
+
+    Args:
+        ref: Reference boxes (B, Q, 4), normalised cxcywh.
+        centres: Memory token centres (N, 2), normalised xy.
+        beta: Per-head widths (heads,), positive.
+
+    Returns:
+        (B, heads, Q, N).
+    """
+    wh = ref[..., 2:].clamp(min=1e-3)  # (B, Q, 2)
+    d = (centres[None, None] - ref[..., None, :2]) / wh[..., None, :]  # (B, Q, N, 2)
+    dist = d.pow(2).sum(-1)  # (B, Q, N)
+    return -dist[:, None] / beta[None, :, None, None]  # (B, 1, Q, N) / (1, heads, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -242,6 +264,7 @@ class DETRConfig:
     query_groups: int = 1
     proposal_cells: float = 2.0
     backbone_lr_scale: float = 1.0
+    spatial_prior: bool = False
 
     @property
     def anchored(self) -> bool:
@@ -277,6 +300,9 @@ class DETRConfig:
         if self.proposal_cells <= 0 or self.backbone_lr_scale < 0:
             problems.append(f"proposal_cells must be > 0 and backbone_lr_scale >= 0, got {self.proposal_cells} "
                             f"and {self.backbone_lr_scale}")
+        if self.spatial_prior and not self.anchored:
+            problems.append("spatial_prior needs reference boxes: a remedy with anchor queries (dn, two_stage, "
+                            "dn_two_stage), not remedy='none'")
         if problems:
             raise ValueError("invalid DETR config: " + "; ".join(problems))
 
@@ -347,6 +373,9 @@ class DETR(nn.Module):
                 self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
         else:
             self.query_pos = nn.Parameter(torch.randn(nq, c.dim))
+        if c.spatial_prior:  # per layer and head: the Gaussian's width in box sizes (log), 1/4 to 4 across heads
+            widths = torch.logspace(-2, 2, c.heads, base=2.0) if c.heads > 1 else torch.ones(1)
+            self.spatial_log_beta = nn.Parameter(widths.log()[None].repeat(c.dec_layers, 1))
         if c.two_stage:  # a class and box prediction per memory token (Deformable DETR's two-stage head)
             self.enc_output = nn.Sequential(nn.Linear(c.dim, c.dim), nn.LayerNorm(c.dim))
             self.enc_class_head = nn.Linear(c.dim, c.num_classes + 1)
@@ -370,7 +399,7 @@ class DETR(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Embeddings, anchors and the backbone's own: no weight decay."""
         names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
-        names |= {"level_embed"}
+        names |= {"level_embed"} | ({"spatial_log_beta"} if self.config.spatial_prior else set())
         if self.config.anchored:
             names |= {"query_content"} | (set() if self.config.two_stage else {"anchors"})
         else:
@@ -467,7 +496,7 @@ class DETR(nn.Module):
         return content, pos, ref, bias
 
     def decode(self, memory: Tensor, tgt: Tensor, pos: Tensor, ref: Tensor | None,
-               bias: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+               bias: Tensor | None, centres: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Run the decoder; per layer the class logits (B, Q', C+1) and boxes (B, Q', 4).
 
         Args:
@@ -476,11 +505,16 @@ class DETR(nn.Module):
             pos: Query positions (B, Q', dim).
             ref: Reference boxes (B, Q', 4) of anchor queries, or None (plain DETR).
             bias: Self-attention bias (Q', Q') or None.
+            centres: Memory token centres (N, 2): with ``spatial_prior``, the cross-attention of
+                every layer is modulated around each query's reference box.
         """
         c = self.config
         layers_logits, layers_boxes = [], []
-        for layer in self.decoder:
-            tgt = layer(tgt, pos, memory, bias)
+        for i, layer in enumerate(self.decoder):
+            cross = None
+            if c.spatial_prior and ref is not None and centres is not None:
+                cross = spatial_prior_bias(ref, centres, self.spatial_log_beta[i].exp()).to(memory.dtype)
+            tgt = layer(tgt, pos, memory, bias, cross)
             h = self.dec_norm(tgt)
             delta = self.box_head(h)
             boxes = (delta + inverse_sigmoid(ref)).sigmoid() if ref is not None else delta.sigmoid()
@@ -515,7 +549,8 @@ class DETR(nn.Module):
                                          c.dn_label_noise, c.dn_box_noise, device=x.device)
         enc = self.proposals(mem, grids) if c.two_stage else None
         anchors = self.select_anchors(enc) if enc is not None else None
-        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups, anchors))
+        centres = self.proposal_anchors(grids, x.device)[:, :2] if c.spatial_prior else None
+        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups, anchors), centres=centres)
         d = dn.num_queries if dn is not None else 0
         q = c.num_queries
         # per Group DETR group k, per layer: the (B, Q, ...) slice of that group's queries
@@ -533,4 +568,5 @@ class DETR(nn.Module):
 
 
 __all__ = ["DETR", "DETRConfig", "DecoderLayer", "REMEDIES", "SimpleFeaturePyramid", "box_sine_embedding",
+           "spatial_prior_bias",
            "group_attention_mask", "inverse_sigmoid", "sine_position_encoding_2d"]
