@@ -1,4 +1,4 @@
-"""DETR (Carion et al., 2020) on any vitlab backbone, with DN-DETR's denoising as a switch.
+"""DETR (Carion et al., 2020) on any vitlab backbone, with switchable small-data remedies.
 
 The backbone is reached only through the contract (``forward_intermediates`` and
 ``feature_info``):
@@ -29,6 +29,21 @@ decoder as extra queries that must reconstruct their original object; an attenti
 keeps the matching queries from seeing them and the groups from seeing each other
 (:func:`~vitlab.tasks.detection.denoising.build_denoising_queries`). ``remedy="none"`` is
 the original DETR: learned query positions, zero content, boxes as a sigmoid of the head.
+
+``remedy="two_stage"`` is Deformable DETR's two-stage query selection (Zhu et al., 2021), in
+DINO's mixed form (Zhang et al., 2023): every memory token predicts a class and a box (an
+offset, in logit space, of a fixed anchor centred on its cell and ``proposal_cells`` cells
+wide); these proposals get their own set loss, and the ``num_queries`` with the highest object
+score (1 - p(no-object)) become, detached, the decoder's anchor boxes, with learned content.
+``remedy="dn_two_stage"`` adds DN-DETR's denoising queries to it.
+
+``spatial_prior=True`` (with any remedy that has anchors) is SMCA's spatially modulated
+co-attention (Gao et al., 2021): every decoder cross-attention gets a log-Gaussian bias around
+the query's reference box (:func:`spatial_prior_bias`, a learned width per layer and head), so
+a query reads the memory near its box from the first step instead of learning where to look.
+
+``backbone_lr_scale`` trains the backbone at that fraction of the learning rate (DETR: 0.1),
+through :meth:`DETR.lr_scales`.
 
 ``query_groups=K > 1`` adds Group DETR (Chen et al., 2023), with either remedy: in training
 the decoder holds ``K`` independent groups of ``num_queries`` matching queries (their own
@@ -230,7 +245,9 @@ class DETRConfig:
         dropout: Dropout in the encoder-decoder.
         pyramid_scales: Plain ViTs: the scale factors of the simple feature pyramid.
         num_levels: Hierarchical backbones: how many of the last stages to use.
-        remedy: ``"none"`` (DETR) or ``"dn"`` (DN-DETR denoising on anchor queries).
+        remedy: ``"none"`` (DETR), ``"dn"`` (DN-DETR denoising on anchor queries),
+            ``"two_stage"`` (anchors from the encoder's top-scoring proposals) or
+            ``"dn_two_stage"`` (both).
         dn_groups: Denoising groups (copies of the ground truth) per image.
         dn_label_noise: Probability of flipping a denoising query's label.
         dn_box_noise: Box noise scale (``lambda`` of DN-DETR).
@@ -239,6 +256,10 @@ class DETRConfig:
             small maps and boxes get more varying channels from a lower one (e.g. 20).
         query_groups: Group DETR: groups of matching queries in training (1: off); only the
             first group is used at inference.
+        proposal_cells: Two-stage: side of each memory token's fixed anchor, in cells of its level.
+        backbone_lr_scale: Learning-rate factor of the backbone's parameters (DETR: 0.1).
+        spatial_prior: SMCA's Gaussian cross-attention bias around each query's reference box
+            (needs a remedy with anchors).
     """
 
     backbone: str = "vit_tiny_patch16_224"
@@ -530,14 +551,16 @@ class DETR(nn.Module):
 
         Args:
             x: Images (B, C, H, W).
-            targets: Training with ``remedy="dn"`` only: per image ``labels`` (T_i,) and
+            targets: Training with denoising (``dn``, ``dn_two_stage``) only: per image ``labels`` (T_i,) and
                 ``boxes`` (T_i, 4) normalised cxcywh, from which the denoising queries are made.
 
         Returns:
             ``logits`` (B, Q, num_classes + 1) and ``boxes`` (B, Q, 4) of the last decoder layer
             (``pred_boxes`` is the same tensor), ``aux``: the same for every earlier layer,
             first to last, and ``dn``: None, or the denoising outputs (a dict with per-layer
-            ``logits`` and ``boxes`` (L, B, D, ...) and the :class:`DenoisingQueries`).
+            ``logits`` and ``boxes`` (L, B, D, ...) and the :class:`DenoisingQueries`);
+            ``enc``: None, or (two-stage) the proposals' ``logits`` (B, N, C+1) and ``boxes``
+            (B, N, 4), one per memory token; ``groups``: the extra Group DETR groups' layers.
         """
         c = self.config
         mem, grids = self.memory(x)

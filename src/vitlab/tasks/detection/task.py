@@ -449,7 +449,7 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
         raise ValueError(f"YOLOS needs a plain ViT backbone; {backbone} is a {type(vit).__name__}")
     from dataclasses import replace
 
-    vcfg = replace(vit.config, num_classes=0, pool="cls", pad_input=False)
+    vcfg = replace(vit.config, num_classes=0, pool="cls", class_token=True, pad_input=False)  # YOLOS reads its class token
     model = YOLOS(YOLOSConfig(vit=vcfg, num_classes=num_classes, num_detection_tokens=num_queries,
                               use_mid_position_embeddings=False))
     model.model_name = f"yolos_{backbone}"
