@@ -61,7 +61,7 @@ def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
 
     cfg = _train_config(build_parser().parse_args(["train", "--task", "detection"]))
     assert cfg.task == "detection" and cfg.data.dataset == "digit_scenes" and cfg.recipe == "detection_digits"
-    assert cfg.detection["detr"]["remedy"] == "none"  # the measured best on a classifier backbone
+    assert cfg.detection["detr"]["remedy"] == "two_stage" and cfg.detection["detr"]["spatial_prior"]  # measured best
 
 
 @needs_detection_extra
@@ -343,7 +343,7 @@ def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embe
     # a "digits classifier" at 16x16 (2x2 patches of 8), saved as a run's latest checkpoint folder
     torch.manual_seed(1)
     clf = create_model("vit_tiny_patch16_224", num_classes=10, in_channels=1, image_size=16, patch_size=8, dim=32,
-                       depth=1, heads=2, mlp_dim=64)
+                       depth=1, heads=2, mlp_dim=64, pool="mean", class_token=False)  # the recipe's backbone
     run = tmp_path / "clf"
     (run / "checkpoints" / "epoch-3").mkdir(parents=True)
     save_checkpoint(clf, run / "checkpoints" / "epoch-3")
@@ -353,7 +353,8 @@ def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embe
     src = clf.state_dict()
     for k, v in bb.state_dict().items():
         if k == "pos_embed":  # 2x2 grid -> the detector's 4x4 (32 px): resampled, not copied
-            ref = interpolate_pos_embed(src[k], (4, 4), num_prefix_tokens=src[k].shape[1] - 4)
+            assert src[k].shape[1] == 4  # no class token row
+            ref = interpolate_pos_embed(src[k], (4, 4), num_prefix_tokens=0)
             torch.testing.assert_close(v, ref)
         else:
             torch.testing.assert_close(v, src[k], msg=k)

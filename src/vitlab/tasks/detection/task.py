@@ -56,25 +56,29 @@ from .losses import DETRLoss, _num_boxes
 from .postprocess import postprocess_detections
 from .yolos import YOLOS, YOLOSConfig
 
-#: ``vitlab train --task detection`` without ``--config``: plain DETR on a small ViT (patch 8)
-#: over 64x64 digit scenes of 1 to 3 digits (configs/detection_digits.yaml holds the same).
-#: The measured configuration adds ``model.pretrained=RUN_DIR``, a digits classifier of the
-#: same backbone (configs/detection_backbone_digits.yaml); on that backbone plain DETR beat
-#: DN-DETR (benchmarks/README.md), so the remedy is off by default (``detection.detr.remedy``).
+#: ``vitlab train --task detection`` without ``--config``: DETR on a small ViT (patch 8, mean
+#: pooling, no class token) over 64x64 digit scenes of 1 to 3 digits, with two-stage query
+#: selection and SMCA's spatial prior, the backbone at a tenth of the learning rate, no-object
+#: weight 0.5 (configs/detection_digits.yaml holds the same). The measured configuration adds
+#: ``model.pretrained=RUN_DIR``, a digits classifier of the same backbone
+#: (configs/detection_backbone_digits.yaml); see benchmarks/README.md.
 DETECTION_RECIPE: dict[str, Any] = {
     "recipe": "detection_digits",
     "task": "detection",
     "model": {"name": "vit_tiny_patch16_224",
-              "overrides": {"patch_size": 8, "dim": 128, "depth": 4, "heads": 4, "mlp_dim": 256}},
+              "overrides": {"patch_size": 8, "dim": 128, "depth": 4, "heads": 4, "mlp_dim": 256, "pool": "mean",
+                            "class_token": False}},
     "data": {"dataset": "digit_scenes", "image_size": 64, "batch_size": 32, "eval_batch_size": 64},
-    "optim": {"lr": 3e-4, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 0.1},
+    "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 0.1},
     "epochs": 40,
     "seed": 0,
     "detection": {
         "detector": "detr",
         "num_queries": 10,
-        "detr": {"remedy": "none", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
-                 "pyramid_scales": [1.0, 0.5], "pos_temperature": 20.0, "anchor_temperature": 20.0},
+        "detr": {"remedy": "two_stage", "spatial_prior": True, "backbone_lr_scale": 0.1, "dim": 128, "heads": 4,
+                 "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3, "pyramid_scales": [1.0, 0.5],
+                 "pos_temperature": 20.0, "anchor_temperature": 20.0},
+        "loss": {"eos_coef": 0.5},
         "scenes": {"num_train": 2000, "num_val": 200, "num_test": 400, "min_digits": 1, "max_digits": 3,
                    "digit_size": [14, 24]},
         "augment": {"scale": [0.7, 1.0], "hflip": 0.0},
