@@ -275,10 +275,12 @@ def test_detection_example_runs(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "detection.py"), "--epochs", "1", "--num-train", "16",
-                          "--num-val", "8", "--num-test", "8", "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                          "--num-val", "8", "--num-test", "8", "--backbone-epochs", "1", "--output-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "reloaded checkpoint: test AP50" in res.stdout and "(n=8)" in res.stdout
+    assert "backbone classifier: test top-1" in res.stdout  # step 1 ran and step 2 started from it
     assert (tmp_path / "example_detections.png").is_file() and (tmp_path / "predictions.png").is_file()
 
 
