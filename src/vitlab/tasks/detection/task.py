@@ -16,8 +16,9 @@ What it owns:
   it; ``model.pretrained``, e.g. a classifier run, initialises the backbone) or YOLOS on a
   ViT (``detection.detector``);
 - **loss**: :class:`~vitlab.tasks.detection.DETRLoss` on every decoder layer, plus DN-DETR's
-  reconstruction losses when the remedy is on, plus one more ``DETRLoss`` (matched on its
-  own) per extra Group DETR query group (``detection.detr.query_groups``);
+  reconstruction losses when denoising is on, plus one more ``DETRLoss`` (matched on its
+  own) per extra Group DETR query group (``detection.detr.query_groups``) and, with two-stage
+  query selection, one on the encoder's per-token proposals;
 - **metrics**: COCO box mAP from pycocotools on the evaluated split; ``AP50`` (AP at IoU
   0.5) is primary, ``AP`` (AP@[.5:.95]) and the rest are logged;
 - **plots**: loss / AP curves and ``predictions.png`` (predictions vs ground truth on the
