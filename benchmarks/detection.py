@@ -39,14 +39,19 @@ from vitlab.training import build_trainer, load_config
 
 #: name -> (description, overrides on top of the recipe)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
-    "detr_plain_vit": ("DETR (plain), ViT", ["detection.detr.remedy=none"]),
-    "detr_dn_vit": ("DETR + DN (remedy), ViT", ["detection.detr.remedy=dn"]),
-    "detr_group_vit": ("DETR + Group DETR (K=3), ViT", ["detection.detr.remedy=none", "detection.detr.query_groups=3"]),
+    "detr_two_stage_vit": ("DETR + two-stage + spatial prior (the recipe), ViT", []),
+    "detr_dn_two_stage_vit": ("DETR + DN + two-stage + spatial prior, ViT", ["detection.detr.remedy=dn_two_stage"]),
+    "detr_two_stage_noprior_vit": ("DETR + two-stage, no spatial prior, ViT", ["detection.detr.spatial_prior=false"]),
+    "detr_dn_vit": ("DETR + DN (anchor queries) + spatial prior, ViT", ["detection.detr.remedy=dn"]),
+    "detr_plain_vit": ("DETR (plain), ViT", ["detection.detr.remedy=none", "detection.detr.spatial_prior=false"]),
+    "detr_group_vit": ("DETR + Group DETR (K=3), ViT", ["detection.detr.remedy=none", "detection.detr.spatial_prior=false",
+                                                      "detection.detr.query_groups=3"]),
     "yolos_vit": ("YOLOS, ViT", ["detection.detector=yolos"]),
+    "detr_two_stage_pvt": ("DETR + two-stage + spatial prior, PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
+                                                                           "detection.detr.num_levels=2"]),
     "detr_plain_pvt": ("DETR (plain), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
-                                                   "detection.detr.remedy=none", "detection.detr.num_levels=2"]),
-    "detr_dn_pvt": ("DETR + DN (remedy), PVT v2-b0", ["model.name=pvt_v2_b0", "model.overrides={}",
-                                                      "detection.detr.remedy=dn", "detection.detr.num_levels=2"]),
+                                                   "detection.detr.remedy=none", "detection.detr.spatial_prior=false",
+                                                   "detection.detr.num_levels=2"]),
 }
 QUICK = ["epochs=1", "detection.scenes.num_train=32", "detection.scenes.num_val=8",
          "detection.scenes.num_test=16", "data.batch_size=16", "model.overrides.depth=1",
@@ -67,10 +72,11 @@ def throughput(model: torch.nn.Module, size: int, channels: int, batch: int, rou
     return batch / statistics.median(times)
 
 
-def run(name: str, extra: list[str], quick: bool, log: bool, overfit: int = 0) -> dict[str, Any]:
+def run(name: str, extra: list[str], quick: bool, log: bool, overfit: int = 0, keep: str | None = None) -> dict[str, Any]:
     desc, overrides = CONFIGS[name]
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{keep}/{name}" if keep else tmp
         over = ([f"detection.scenes.num_train={overfit}", "detection.augment=false", "detection.scenes.num_val=8",
                  "detection.scenes.num_test=8", "eval_every=100000"] if overfit else [])
         ov = overrides + (QUICK if quick else []) + over + extra + ["progress=false", "device=cpu", f"output_dir={out}"]
@@ -113,12 +119,13 @@ def main() -> None:
     p.add_argument("--overfit", type=int, default=0, metavar="N",
                    help="overfitting check: N training scenes, no augmentation, AP on those scenes")
     p.add_argument("--verbose", action="store_true", help="print every epoch")
+    p.add_argument("--keep", metavar="DIR", help="keep each run directory as DIR/NAME (default: a temporary one)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every configuration")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.configs:
-        rows.append(run(name, list(args.overrides), args.quick, args.verbose, args.overfit))
+        rows.append(run(name, list(args.overrides), args.quick, args.verbose, args.overfit, args.keep))
         r = rows[-1]
         print(f"{name}: AP50 {r['AP50']:.3f}  AP {r['AP']:.3f}  ({r['split']})  training {r['train_s']:.0f}s  "
               f"CPU {r['cpu_s']:.0f}s  wall {r['wall_s']:.0f}s", flush=True)

@@ -16,7 +16,7 @@ from vitlab.tasks.detection.denoising import (
     denoising_attention_mask,
     denoising_losses,
 )
-from vitlab.tasks.detection.detr import DETR, DETRConfig, sine_position_encoding_2d
+from vitlab.tasks.detection.detr import DETR, DETRConfig, box_sine_embedding, inverse_sigmoid, sine_position_encoding_2d
 
 VIT = dict(patch_size=8, dim=32, depth=1, heads=2, mlp_dim=64)
 
@@ -215,3 +215,108 @@ def test_query_groups_do_not_see_each_other_and_inference_runs_the_first_group_o
     torch.testing.assert_close(trained["groups"][1][-1]["boxes"], third["boxes"], atol=1e-5, rtol=1e-5)
     for k, aux in enumerate(third["aux"]):
         torch.testing.assert_close(trained["groups"][1][k]["boxes"], aux["boxes"], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ two-stage query selection
+def test_proposal_anchors_by_hand():
+    model = tiny(remedy="two_stage", proposal_cells=2.0)
+    # a 2x2 level then a 1x1 level: cells of 1/2 and 1, anchors 2 cells wide (clamped to the image)
+    expected = torch.tensor([[0.25, 0.25, 1.0, 1.0], [0.75, 0.25, 1.0, 1.0],
+                             [0.25, 0.75, 1.0, 1.0], [0.75, 0.75, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0]])
+    torch.testing.assert_close(model.proposal_anchors([(2, 2), (1, 1)]), expected)
+    model = tiny(remedy="two_stage", proposal_cells=1.5)
+    anchors = model.proposal_anchors([(1, 4)])  # one row of 4 cells: x centres 1/8, 3/8, ...; w = 1.5/4, h = 1
+    torch.testing.assert_close(anchors[:, 0], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    torch.testing.assert_close(anchors[:, 2:], torch.tensor([[0.375, 1.0]]).expand(4, 2))
+
+
+@pytest.mark.parametrize("remedy", ["two_stage", "dn_two_stage"])
+def test_two_stage_decoder_anchors_are_the_top_scoring_proposals(remedy):
+    model = tiny(remedy=remedy, num_queries=3, pyramid_scales=(1.0, 0.5)).eval()
+    torch.nn.init.normal_(model.enc_box_head[-1].weight, std=0.5)  # proposals move off their anchors
+    torch.nn.init.normal_(model.enc_class_head.weight, std=0.5)
+    x = torch.rand(2, 1, 32, 32)
+    seen = []
+    model.decoder[0].register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    out = model(x)
+    enc = out["enc"]
+    assert enc["logits"].shape == (2, 16 + 4, 11) and enc["boxes"].shape == (2, 20, 4)
+    # by hand: object score = 1 - p(no-object); the three best tokens of each image, best first
+    p_obj = 1 - enc["logits"].detach().softmax(-1)[..., -1]
+    for i in range(2):
+        order = sorted(range(20), key=lambda n: -float(p_obj[i, n]))[:3]
+        chosen = enc["boxes"][i, order]
+        # the first decoder layer's query positions are the embedding of those boxes
+        torch.testing.assert_close(seen[0][i], model.box_pos(box_sine_embedding(chosen, 32)), atol=1e-6, rtol=1e-6)
+        # the decoder's box head is zero at init: its boxes are its anchors
+        torch.testing.assert_close(out["boxes"][i], chosen, atol=1e-6, rtol=1e-6)
+    # and each proposal is an offset of its token's fixed anchor (logit space)
+    mem, grids = model.memory(x)
+    h = model.enc_output(mem)
+    expected = (model.enc_box_head(h) + inverse_sigmoid(model.proposal_anchors(grids))).sigmoid()
+    torch.testing.assert_close(enc["boxes"], expected)
+
+
+def test_two_stage_selection_passes_no_gradient_to_the_proposals():
+    model = tiny(remedy="two_stage", num_queries=3)
+    torch.nn.init.normal_(model.box_head[-1].weight, std=0.1)
+    out = model.train()(torch.rand(2, 1, 32, 32))
+    out["boxes"].sum().backward()  # a decoder-only loss: the selected anchors are detached
+    assert model.enc_box_head[-1].weight.grad is None or not model.enc_box_head[-1].weight.grad.any()
+    assert model.box_head[-1].weight.grad.abs().sum() > 0
+
+
+def test_backbone_learning_rate_scale_reaches_the_optimizer():
+    from vitlab.training.optim import build_optimizer
+
+    model = tiny(backbone_lr_scale=0.1)
+    opt = build_optimizer(model, lr=1e-3)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for group in opt.param_groups:
+        inside = {id(p) in backbone for p in group["params"]}
+        assert len(inside) == 1  # a group is all backbone or all head
+        assert group["lr"] == pytest.approx(1e-4 if inside == {True} else 1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ SMCA's spatially modulated co-attention
+def test_spatial_prior_bias_by_hand():
+    from vitlab.tasks.detection.detr import spatial_prior_bias
+
+    ref = torch.tensor([[[0.5, 0.5, 0.2, 0.4]]])  # one image, one query
+    centres = torch.tensor([[0.5, 0.5], [0.7, 0.5], [0.5, 0.9], [0.6, 0.7]])
+    bias = spatial_prior_bias(ref, centres, torch.tensor([1.0, 2.0]))
+    # (dx / w)^2 + (dy / h)^2 = 0, 1, 1, 0.25 + 0.25; divided by beta = 1 and 2
+    expected = -torch.tensor([[0.0, 1.0, 1.0, 0.5], [0.0, 0.5, 0.5, 0.25]])
+    torch.testing.assert_close(bias, expected[None, :, None, :])
+
+
+@pytest.mark.parametrize("remedy", ["dn", "two_stage"])
+def test_spatial_prior_modulates_every_cross_attention_around_the_layers_reference(remedy):
+    model = tiny(remedy=remedy, spatial_prior=True, num_queries=3, pyramid_scales=(1.0, 0.5)).eval()
+    torch.nn.init.normal_(model.box_head[-1].weight, std=0.3)  # the references move from layer to layer
+    with torch.no_grad():
+        model.spatial_log_beta.normal_()
+    seen = []
+    for layer in model.decoder:
+        layer.cross_attn.register_forward_hook(lambda m, a, kw, out: seen.append(kw["attn_bias"]), with_kwargs=True)
+    x = torch.rand(2, 1, 32, 32)
+    out = model(x)
+    centres = torch.tensor([[(i % 4 + 0.5) / 4, (i // 4 + 0.5) / 4] for i in range(16)]
+                           + [[(i % 2 + 0.5) / 2, (i // 2 + 0.5) / 2] for i in range(4)])
+    first = model.select_anchors(out["enc"]) if remedy == "two_stage" else model.anchors.sigmoid()[None].expand(2, -1, -1)
+    refs = [first] + [aux["boxes"] for aux in out["aux"]]  # layer k reads layer k-1's boxes
+    from vitlab.tasks.detection.detr import spatial_prior_bias
+
+    assert len(seen) == 3
+    for k, bias in enumerate(seen):
+        torch.testing.assert_close(bias, spatial_prior_bias(refs[k], centres, model.spatial_log_beta[k].exp()))
+    # and it changes what the decoder computes
+    plain = tiny(remedy=remedy, spatial_prior=False, num_queries=3, pyramid_scales=(1.0, 0.5)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "spatial_log_beta"})
+    assert not torch.allclose(plain(x)["boxes"], out["boxes"], atol=1e-4)
+
+
+def test_spatial_prior_needs_reference_boxes():
+    with pytest.raises(ValueError, match="spatial_prior needs reference boxes"):
+        DETRConfig(remedy="none", spatial_prior=True)

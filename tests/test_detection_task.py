@@ -61,7 +61,7 @@ def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
 
     cfg = _train_config(build_parser().parse_args(["train", "--task", "detection"]))
     assert cfg.task == "detection" and cfg.data.dataset == "digit_scenes" and cfg.recipe == "detection_digits"
-    assert cfg.detection["detr"]["remedy"] == "none"  # the measured best on a classifier backbone
+    assert cfg.detection["detr"]["remedy"] == "two_stage" and cfg.detection["detr"]["spatial_prior"]  # measured best
 
 
 @needs_detection_extra
@@ -275,10 +275,12 @@ def test_detection_example_runs(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "detection.py"), "--epochs", "1", "--num-train", "16",
-                          "--num-val", "8", "--num-test", "8", "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                          "--num-val", "8", "--num-test", "8", "--backbone-epochs", "1", "--output-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "reloaded checkpoint: test AP50" in res.stdout and "(n=8)" in res.stdout
+    assert "backbone classifier: test top-1" in res.stdout  # step 1 ran and step 2 started from it
     assert (tmp_path / "example_detections.png").is_file() and (tmp_path / "predictions.png").is_file()
 
 
@@ -318,6 +320,23 @@ def test_group_detr_loss_matches_every_group_on_its_own():
     assert float(total) != pytest.approx(3 * float(DETRLoss(10)(g1, targets)["loss"]), rel=1e-3)
 
 
+def test_two_stage_loss_adds_the_proposals_matched_on_their_own():
+    from vitlab.tasks.detection.losses import DETRLoss
+
+    task = DetectionTask(10, criterion=DETRLoss(10))
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.7, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    dec = [{"logits": torch.randn(2, 4, 11), "boxes": torch.rand(2, 4, 4) * 0.5 + 0.25} for _ in range(2)]
+    enc = {"logits": torch.randn(2, 20, 11), "boxes": torch.rand(2, 20, 4) * 0.5 + 0.25}  # one per memory token
+    outputs = {"logits": dec[-1]["logits"], "boxes": dec[-1]["boxes"], "aux": dec[:-1], "dn": None, "groups": [],
+               "enc": enc}
+    total = task.loss(Batch(None, targets, 2, {}), outputs)
+    expected = float(DETRLoss(10)(dec, targets)["loss"]) + float(DETRLoss(10)([enc], targets)["loss"])
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert task.last_terms["enc_loss_giou"] == pytest.approx(float(DETRLoss(10)([enc], targets)["loss_giou"]))
+
+
 @needs_detection_extra
 def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embedding(tmp_path):
     from vitlab.components.embeddings import interpolate_pos_embed
@@ -326,7 +345,7 @@ def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embe
     # a "digits classifier" at 16x16 (2x2 patches of 8), saved as a run's latest checkpoint folder
     torch.manual_seed(1)
     clf = create_model("vit_tiny_patch16_224", num_classes=10, in_channels=1, image_size=16, patch_size=8, dim=32,
-                       depth=1, heads=2, mlp_dim=64)
+                       depth=1, heads=2, mlp_dim=64, pool="mean", class_token=False)  # the recipe's backbone
     run = tmp_path / "clf"
     (run / "checkpoints" / "epoch-3").mkdir(parents=True)
     save_checkpoint(clf, run / "checkpoints" / "epoch-3")
@@ -336,7 +355,8 @@ def test_detr_backbone_starts_from_a_classifier_run_with_resampled_position_embe
     src = clf.state_dict()
     for k, v in bb.state_dict().items():
         if k == "pos_embed":  # 2x2 grid -> the detector's 4x4 (32 px): resampled, not copied
-            ref = interpolate_pos_embed(src[k], (4, 4), num_prefix_tokens=src[k].shape[1] - 4)
+            assert src[k].shape[1] == 4  # no class token row
+            ref = interpolate_pos_embed(src[k], (4, 4), num_prefix_tokens=0)
             torch.testing.assert_close(v, ref)
         else:
             torch.testing.assert_close(v, src[k], msg=k)

@@ -73,6 +73,24 @@ def test_weight_decay_groups_and_layer_decay():
     assert scale["blocks.1.attn.qkv.weight"] == 0.5 and scale["head.weight"] == 1.0
 
 
+def test_model_lr_scales_by_longest_prefix_and_times_layer_decay():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            self.b = torch.nn.Linear(2, 2)
+
+        def lr_scales(self):
+            return {"a.": 0.5, "a.1.": 0.1}
+
+    groups = param_groups(Two(), weight_decay=0.05)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale == {"a.0.weight": 0.5, "a.0.bias": 0.5, "a.1.weight": 0.1, "a.1.bias": 0.1, "b.weight": 1.0,
+                     "b.bias": 1.0}
+    for g in groups:  # a group holds one scale
+        assert {scale[n] for n in g["names"]} == {g["lr_scale"]}
+
+
 def test_ema_update_formula():
     model = torch.nn.Linear(2, 1)
     ema = ModelEma(model, decay=0.9, warmup=False)

@@ -41,14 +41,18 @@ def param_groups(
         from ..models.base import resolve_layer_ids
 
         layer_ids, num_layers = resolve_layer_ids([n for n, _ in model.named_parameters()], model.group_matcher())
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    prefix_scales = model.lr_scales() if callable(getattr(model, "lr_scales", None)) else {}
+    groups: dict[tuple[int, bool, float], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not (p.ndim <= 1 or name in skip or name.endswith(".bias"))
         layer = layer_ids.get(name, 0)
         scale = layer_decay ** (num_layers - 1 - layer) if use_layers else 1.0
-        g = groups.setdefault((layer, decay), {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
+        matches = [k for k in prefix_scales if name.startswith(k)]
+        factor = float(prefix_scales[max(matches, key=len)]) if matches else 1.0  # the longest prefix decides
+        g = groups.setdefault((layer, decay, factor), {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+                                                       "lr_scale": scale * factor})
         g["params"].append(p)
         g["names"].append(name)
     return [groups[k] for k in sorted(groups)]

@@ -1,4 +1,4 @@
-"""DETR (Carion et al., 2020) on any vitlab backbone, with DN-DETR's denoising as a switch.
+"""DETR (Carion et al., 2020) on any vitlab backbone, with switchable small-data remedies.
 
 The backbone is reached only through the contract (``forward_intermediates`` and
 ``feature_info``):
@@ -30,6 +30,21 @@ keeps the matching queries from seeing them and the groups from seeing each othe
 (:func:`~vitlab.tasks.detection.denoising.build_denoising_queries`). ``remedy="none"`` is
 the original DETR: learned query positions, zero content, boxes as a sigmoid of the head.
 
+``remedy="two_stage"`` is Deformable DETR's two-stage query selection (Zhu et al., 2021), in
+DINO's mixed form (Zhang et al., 2023): every memory token predicts a class and a box (an
+offset, in logit space, of a fixed anchor centred on its cell and ``proposal_cells`` cells
+wide); these proposals get their own set loss, and the ``num_queries`` with the highest object
+score (1 - p(no-object)) become, detached, the decoder's anchor boxes, with learned content.
+``remedy="dn_two_stage"`` adds DN-DETR's denoising queries to it.
+
+``spatial_prior=True`` (with any remedy that has anchors) is SMCA's spatially modulated
+co-attention (Gao et al., 2021): every decoder cross-attention gets a log-Gaussian bias around
+the query's reference box (:func:`spatial_prior_bias`, a learned width per layer and head), so
+a query reads the memory near its box from the first step instead of learning where to look.
+
+``backbone_lr_scale`` trains the backbone at that fraction of the learning rate (DETR: 0.1),
+through :meth:`DETR.lr_scales`.
+
 ``query_groups=K > 1`` adds Group DETR (Chen et al., 2023), with either remedy: in training
 the decoder holds ``K`` independent groups of ``num_queries`` matching queries (their own
 learned positions / anchors), a self-attention mask keeps each group from seeing the others,
@@ -51,7 +66,7 @@ from ...components import Attention, Block, CrossAttention, Mlp
 from .denoising import DenoisingQueries, build_denoising_queries
 from .yolos import MLPHead
 
-REMEDIES = ("none", "dn")
+REMEDIES = ("none", "dn", "two_stage", "dn_two_stage")
 
 
 def group_attention_mask(groups: int, per_group: int, device: torch.device | None = None) -> Tensor:
@@ -181,12 +196,34 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_dim, drop=dropout)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, self_bias: Tensor | None = None) -> Tensor:
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, self_bias: Tensor | None = None,
+                cross_bias: Tensor | None = None) -> Tensor:
         """Queries (B, Q, C) with their positions (B, Q, C) attend to the memory (B, N, C)
-        (positions already added); ``self_bias`` (Q, Q) masks the self-attention."""
+        (positions already added); ``self_bias`` (Q, Q) masks the self-attention,
+        ``cross_bias`` (B, heads, Q, N) is added to the cross-attention logits."""
         tgt = tgt + self.self_attn(self.norm1(tgt) + query_pos, attn_bias=self_bias)
-        tgt = tgt + self.cross_attn(self.norm2(tgt) + query_pos, context=memory)
+        tgt = tgt + self.cross_attn(self.norm2(tgt) + query_pos, context=memory, attn_bias=cross_bias)
         return tgt + self.mlp(self.norm3(tgt))
+
+
+def spatial_prior_bias(ref: Tensor, centres: Tensor, beta: Tensor) -> Tensor:
+    """SMCA's spatially modulated co-attention (Gao et al., 2021) as a log-Gaussian bias.
+
+    ``bias[b, h, q, n] = -((x_n - cx_q)^2 / w_q^2 + (y_n - cy_q)^2 / h_q^2) / beta_h``: a memory
+    token one box width from the query's reference centre is down-weighted by ``exp(-1 / beta_h)``.
+
+    Args:
+        ref: Reference boxes (B, Q, 4), normalised cxcywh.
+        centres: Memory token centres (N, 2), normalised xy.
+        beta: Per-head widths (heads,), positive.
+
+    Returns:
+        (B, heads, Q, N).
+    """
+    wh = ref[..., 2:].clamp(min=1e-3)  # (B, Q, 2)
+    d = (centres[None, None] - ref[..., None, :2]) / wh[..., None, :]  # (B, Q, N, 2)
+    dist = d.pow(2).sum(-1)  # (B, Q, N)
+    return -dist[:, None] / beta[None, :, None, None]  # (B, 1, Q, N) / (1, heads, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -208,7 +245,9 @@ class DETRConfig:
         dropout: Dropout in the encoder-decoder.
         pyramid_scales: Plain ViTs: the scale factors of the simple feature pyramid.
         num_levels: Hierarchical backbones: how many of the last stages to use.
-        remedy: ``"none"`` (DETR) or ``"dn"`` (DN-DETR denoising on anchor queries).
+        remedy: ``"none"`` (DETR), ``"dn"`` (DN-DETR denoising on anchor queries),
+            ``"two_stage"`` (anchors from the encoder's top-scoring proposals) or
+            ``"dn_two_stage"`` (both).
         dn_groups: Denoising groups (copies of the ground truth) per image.
         dn_label_noise: Probability of flipping a denoising query's label.
         dn_box_noise: Box noise scale (``lambda`` of DN-DETR).
@@ -217,6 +256,10 @@ class DETRConfig:
             small maps and boxes get more varying channels from a lower one (e.g. 20).
         query_groups: Group DETR: groups of matching queries in training (1: off); only the
             first group is used at inference.
+        proposal_cells: Two-stage: side of each memory token's fixed anchor, in cells of its level.
+        backbone_lr_scale: Learning-rate factor of the backbone's parameters (DETR: 0.1).
+        spatial_prior: SMCA's Gaussian cross-attention bias around each query's reference box
+            (needs a remedy with anchors).
     """
 
     backbone: str = "vit_tiny_patch16_224"
@@ -240,6 +283,24 @@ class DETRConfig:
     pos_temperature: float = 10000.0
     anchor_temperature: float = 10000.0
     query_groups: int = 1
+    proposal_cells: float = 2.0
+    backbone_lr_scale: float = 1.0
+    spatial_prior: bool = False
+
+    @property
+    def anchored(self) -> bool:
+        """Queries are anchor boxes (every remedy; plain DETR has learned positions)."""
+        return self.remedy != "none"
+
+    @property
+    def denoising(self) -> bool:
+        """DN-DETR's denoising queries are on."""
+        return self.remedy in ("dn", "dn_two_stage")
+
+    @property
+    def two_stage(self) -> bool:
+        """The anchors are the top-scoring encoder proposals (two-stage query selection)."""
+        return self.remedy in ("two_stage", "dn_two_stage")
 
     def __post_init__(self) -> None:
         problems = []
@@ -257,6 +318,12 @@ class DETRConfig:
             problems.append("pyramid_scales must name at least one scale")
         if not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
             problems.append("dn_label_noise must lie in [0, 1] and dn_box_noise be >= 0")
+        if self.proposal_cells <= 0 or self.backbone_lr_scale < 0:
+            problems.append(f"proposal_cells must be > 0 and backbone_lr_scale >= 0, got {self.proposal_cells} "
+                            f"and {self.backbone_lr_scale}")
+        if self.spatial_prior and not self.anchored:
+            problems.append("spatial_prior needs reference boxes: a remedy with anchor queries (dn, two_stage, "
+                            "dn_two_stage), not remedy='none'")
         if problems:
             raise ValueError("invalid DETR config: " + "; ".join(problems))
 
@@ -315,30 +382,55 @@ class DETR(nn.Module):
         self.class_head = nn.Linear(c.dim, c.num_classes + 1)
         self.box_head = MLPHead(c.dim, c.dim, 4)
         nq = c.num_queries * c.query_groups  # Group DETR: group k holds queries k * Q ... (k + 1) * Q - 1
-        if c.remedy == "dn":
+        self.query_pos: nn.Parameter | None = None
+        if c.anchored:
             # DAB-style anchors (logit space) and the embedding of a box into a query position
-            self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(nq, 4) * torch.tensor([1, 1, 0.5, 0.5])
-                                                        + torch.tensor([0, 0, 0.05, 0.05])))
+            if not c.two_stage:  # learned anchors; two-stage takes them from the encoder's proposals
+                self.anchors = nn.Parameter(inverse_sigmoid(torch.rand(nq, 4) * torch.tensor([1, 1, 0.5, 0.5])
+                                                            + torch.tensor([0, 0, 0.05, 0.05])))
             self.query_content = nn.Parameter(torch.zeros(nq, c.dim))
             self.box_pos = MLPHead(c.dim, c.dim, c.dim, num_layers=2)
-            self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
-            self.query_pos = None
+            if c.denoising:
+                self.label_embed = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is unused (DN-DETR's indicator)
         else:
             self.query_pos = nn.Parameter(torch.randn(nq, c.dim))
+        if c.spatial_prior:  # per layer and head: the Gaussian's width in box sizes (log), 1/4 to 4 across heads
+            widths = torch.logspace(-2, 2, c.heads, base=2.0) if c.heads > 1 else torch.ones(1)
+            self.spatial_log_beta = nn.Parameter(widths.log()[None].repeat(c.dec_layers, 1))
+        if c.two_stage:  # a class and box prediction per memory token (Deformable DETR's two-stage head)
+            self.enc_output = nn.Sequential(nn.Linear(c.dim, c.dim), nn.LayerNorm(c.dim))
+            self.enc_class_head = nn.Linear(c.dim, c.num_classes + 1)
+            self.enc_box_head = MLPHead(c.dim, c.dim, 4)
         nn.init.normal_(self.level_embed)
-        nn.init.zeros_(self.box_head[-1].weight)
-        nn.init.zeros_(self.box_head[-1].bias)
         prior = 0.01  # the focal-loss prior: start with low object scores
-        nn.init.constant_(self.class_head.bias, 0.0)
-        self.class_head.bias.data[-1] = math.log((1 - prior) / prior) * 0.5
+        for cls_head, box_head in self._heads():
+            nn.init.zeros_(box_head[-1].weight)
+            nn.init.zeros_(box_head[-1].bias)
+            nn.init.constant_(cls_head.bias, 0.0)
+            cls_head.bias.data[-1] = math.log((1 - prior) / prior) * 0.5
+
+    def _heads(self) -> list[tuple[nn.Linear, nn.Module]]:
+        """(class head, box head) of the decoder and, with two-stage, of the encoder proposals."""
+        heads = [(self.class_head, self.box_head)]
+        if self.config.two_stage:
+            heads.append((self.enc_class_head, self.enc_box_head))
+        return heads
 
     # ---------------------------------------------------------------- parts
     def no_weight_decay(self) -> set[str]:
         """Embeddings, anchors and the backbone's own: no weight decay."""
         names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
-        names |= {"level_embed"}
-        names |= {"anchors", "query_content"} if self.config.remedy == "dn" else {"query_pos"}
+        names |= {"level_embed"} | ({"spatial_log_beta"} if self.config.spatial_prior else set())
+        if self.config.anchored:
+            names |= {"query_content"} | (set() if self.config.two_stage else {"anchors"})
+        else:
+            names |= {"query_pos"}
         return names
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate factors by parameter-name prefix: the backbone's ``backbone_lr_scale``
+        (DETR trains its backbone at a tenth of the head's rate)."""
+        return {"backbone.": self.config.backbone_lr_scale}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the backbone."""
@@ -366,10 +458,38 @@ class DETR(nn.Module):
             mem = blk(mem)
         return self.enc_norm(mem), grids
 
-    def _queries(self, b: int, dn: DenoisingQueries | None,
-                 groups: int = 1) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def proposal_anchors(self, grids: Sequence[tuple[int, int]], device: torch.device | None = None) -> Tensor:
+        """The fixed box of every memory token (two-stage): centred on its cell, ``proposal_cells``
+        cells of its level wide and high; (sum h_l * w_l, 4) normalised cxcywh, memory order."""
+        boxes = []
+        for h, w in grids:
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            cx, cy = (xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h  # (h*w,) raster order
+            side = torch.tensor([self.config.proposal_cells / w, self.config.proposal_cells / h], device=device)
+            boxes.append(torch.cat([torch.stack([cx, cy], dim=-1), side.clamp(max=1.0).expand(h * w, 2)], dim=-1))
+        return torch.cat(boxes)
+
+    def proposals(self, memory: Tensor, grids: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+        """Two-stage: class logits (B, N, C+1) and boxes (B, N, 4) of every memory token, its
+        box an offset (logit space) of the token's fixed anchor."""
+        h = self.enc_output(memory)
+        anchors = self.proposal_anchors(grids, memory.device)  # (N, 4)
+        boxes = (self.enc_box_head(h) + inverse_sigmoid(anchors)).sigmoid()
+        return {"logits": self.enc_class_head(h), "boxes": boxes}
+
+    def select_anchors(self, proposals: Mapping[str, Tensor]) -> Tensor:
+        """The boxes (detached) of the ``num_queries`` proposals with the highest object score
+        (1 - p(no-object)): the decoder's anchors, (B, Q, 4)."""
+        object_score = -proposals["logits"].float().softmax(-1)[..., -1]  # (B, N): higher = more object
+        k = min(self.config.num_queries, object_score.shape[1])
+        idx = object_score.topk(k, dim=1).indices  # (B, k)
+        return proposals["boxes"].detach().gather(1, idx[..., None].expand(-1, -1, 4))
+
+    def _queries(self, b: int, dn: DenoisingQueries | None, groups: int = 1,
+                 anchors: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Content (B, D+G*Q, C), position (B, D+G*Q, C), reference boxes (B, D+G*Q, 4) or None,
-        self-attention bias (D+G*Q, D+G*Q) or None, for ``groups`` (G) Group DETR groups."""
+        self-attention bias (D+G*Q, D+G*Q) or None, for ``groups`` (G) Group DETR groups;
+        ``anchors`` (B, Q, 4): the selected proposals (two-stage), shared by the groups."""
         c = self.config
         n = c.num_queries * groups
         group_bias = None
@@ -378,7 +498,11 @@ class DETR(nn.Module):
         if self.query_pos is not None:
             pos = self.query_pos[None, :n].expand(b, -1, -1)
             return torch.zeros_like(pos), pos, None, group_bias.to(pos.device) if group_bias is not None else None
-        ref = self.anchors[:n].sigmoid()[None].expand(b, -1, -1)  # (B, G*Q, 4)
+        if anchors is not None:
+            ref = anchors.repeat(1, groups, 1)  # (B, Q, 4) -> (B, G*Q, 4)
+            n = ref.shape[1]
+        else:
+            ref = self.anchors[:n].sigmoid()[None].expand(b, -1, -1)  # (B, G*Q, 4)
         content = self.query_content[None, :n].expand(b, -1, -1)
         bias = group_bias.to(ref.device) if group_bias is not None else None
         if dn is not None:
@@ -393,7 +517,7 @@ class DETR(nn.Module):
         return content, pos, ref, bias
 
     def decode(self, memory: Tensor, tgt: Tensor, pos: Tensor, ref: Tensor | None,
-               bias: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+               bias: Tensor | None, centres: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Run the decoder; per layer the class logits (B, Q', C+1) and boxes (B, Q', 4).
 
         Args:
@@ -402,11 +526,16 @@ class DETR(nn.Module):
             pos: Query positions (B, Q', dim).
             ref: Reference boxes (B, Q', 4) of anchor queries, or None (plain DETR).
             bias: Self-attention bias (Q', Q') or None.
+            centres: Memory token centres (N, 2): with ``spatial_prior``, the cross-attention of
+                every layer is modulated around each query's reference box.
         """
         c = self.config
         layers_logits, layers_boxes = [], []
-        for layer in self.decoder:
-            tgt = layer(tgt, pos, memory, bias)
+        for i, layer in enumerate(self.decoder):
+            cross = None
+            if c.spatial_prior and ref is not None and centres is not None:
+                cross = spatial_prior_bias(ref, centres, self.spatial_log_beta[i].exp()).to(memory.dtype)
+            tgt = layer(tgt, pos, memory, bias, cross)
             h = self.dec_norm(tgt)
             delta = self.box_head(h)
             boxes = (delta + inverse_sigmoid(ref)).sigmoid() if ref is not None else delta.sigmoid()
@@ -422,24 +551,29 @@ class DETR(nn.Module):
 
         Args:
             x: Images (B, C, H, W).
-            targets: Training with ``remedy="dn"`` only: per image ``labels`` (T_i,) and
+            targets: Training with denoising (``dn``, ``dn_two_stage``) only: per image ``labels`` (T_i,) and
                 ``boxes`` (T_i, 4) normalised cxcywh, from which the denoising queries are made.
 
         Returns:
             ``logits`` (B, Q, num_classes + 1) and ``boxes`` (B, Q, 4) of the last decoder layer
             (``pred_boxes`` is the same tensor), ``aux``: the same for every earlier layer,
             first to last, and ``dn``: None, or the denoising outputs (a dict with per-layer
-            ``logits`` and ``boxes`` (L, B, D, ...) and the :class:`DenoisingQueries`).
+            ``logits`` and ``boxes`` (L, B, D, ...) and the :class:`DenoisingQueries`);
+            ``enc``: None, or (two-stage) the proposals' ``logits`` (B, N, C+1) and ``boxes``
+            (B, N, 4), one per memory token; ``groups``: the extra Group DETR groups' layers.
         """
         c = self.config
-        mem, _ = self.memory(x)
+        mem, grids = self.memory(x)
         b = x.shape[0]
         dn = None
         groups = c.query_groups if self.training else 1
-        if targets is not None and self.training and c.remedy == "dn" and c.dn_groups > 0:
+        if targets is not None and self.training and c.denoising and c.dn_groups > 0:
             dn = build_denoising_queries(targets, c.num_classes, c.num_queries * groups, c.dn_groups,
                                          c.dn_label_noise, c.dn_box_noise, device=x.device)
-        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups))
+        enc = self.proposals(mem, grids) if c.two_stage else None
+        anchors = self.select_anchors(enc) if enc is not None else None
+        centres = self.proposal_anchors(grids, x.device)[:, :2] if c.spatial_prior else None
+        layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups, anchors), centres=centres)
         d = dn.num_queries if dn is not None else 0
         q = c.num_queries
         # per Group DETR group k, per layer: the (B, Q, ...) slice of that group's queries
@@ -448,7 +582,7 @@ class DETR(nn.Module):
         outs = per_group[0]
         result: dict[str, Any] = {"logits": outs[-1]["logits"], "boxes": outs[-1]["boxes"],
                                   "pred_boxes": outs[-1]["boxes"], "aux": outs[:-1], "dn": None,
-                                  "groups": per_group[1:]}
+                                  "groups": per_group[1:], "enc": enc}
         if dn is not None:
             result["dn"] = {"logits": torch.stack([lg[:, :d] for lg in layers_logits]),  # (L, B, D, C+1)
                             "boxes": torch.stack([bx[:, :d] for bx in layers_boxes]),  # (L, B, D, 4)
@@ -457,4 +591,5 @@ class DETR(nn.Module):
 
 
 __all__ = ["DETR", "DETRConfig", "DecoderLayer", "REMEDIES", "SimpleFeaturePyramid", "box_sine_embedding",
+           "spatial_prior_bias",
            "group_attention_mask", "inverse_sigmoid", "sine_position_encoding_2d"]

@@ -16,8 +16,9 @@ What it owns:
   it; ``model.pretrained``, e.g. a classifier run, initialises the backbone) or YOLOS on a
   ViT (``detection.detector``);
 - **loss**: :class:`~vitlab.tasks.detection.DETRLoss` on every decoder layer, plus DN-DETR's
-  reconstruction losses when the remedy is on, plus one more ``DETRLoss`` (matched on its
-  own) per extra Group DETR query group (``detection.detr.query_groups``);
+  reconstruction losses when denoising is on, plus one more ``DETRLoss`` (matched on its
+  own) per extra Group DETR query group (``detection.detr.query_groups``) and, with two-stage
+  query selection, one on the encoder's per-token proposals;
 - **metrics**: COCO box mAP from pycocotools on the evaluated split; ``AP50`` (AP at IoU
   0.5) is primary, ``AP`` (AP@[.5:.95]) and the rest are logged;
 - **plots**: loss / AP curves and ``predictions.png`` (predictions vs ground truth on the
@@ -56,25 +57,29 @@ from .losses import DETRLoss, _num_boxes
 from .postprocess import postprocess_detections
 from .yolos import YOLOS, YOLOSConfig
 
-#: ``vitlab train --task detection`` without ``--config``: plain DETR on a small ViT (patch 8)
-#: over 64x64 digit scenes of 1 to 3 digits (configs/detection_digits.yaml holds the same).
-#: The measured configuration adds ``model.pretrained=RUN_DIR``, a digits classifier of the
-#: same backbone (configs/detection_backbone_digits.yaml); on that backbone plain DETR beat
-#: DN-DETR (benchmarks/README.md), so the remedy is off by default (``detection.detr.remedy``).
+#: ``vitlab train --task detection`` without ``--config``: DETR on a small ViT (patch 8, mean
+#: pooling, no class token) over 64x64 digit scenes of 1 to 3 digits, with two-stage query
+#: selection and SMCA's spatial prior, the backbone at a tenth of the learning rate, no-object
+#: weight 0.5 (configs/detection_digits.yaml holds the same). The measured configuration adds
+#: ``model.pretrained=RUN_DIR``, a digits classifier of the same backbone
+#: (configs/detection_backbone_digits.yaml); see benchmarks/README.md.
 DETECTION_RECIPE: dict[str, Any] = {
     "recipe": "detection_digits",
     "task": "detection",
     "model": {"name": "vit_tiny_patch16_224",
-              "overrides": {"patch_size": 8, "dim": 128, "depth": 4, "heads": 4, "mlp_dim": 256}},
+              "overrides": {"patch_size": 8, "dim": 128, "depth": 4, "heads": 4, "mlp_dim": 256, "pool": "mean",
+                            "class_token": False}},
     "data": {"dataset": "digit_scenes", "image_size": 64, "batch_size": 32, "eval_batch_size": 64},
-    "optim": {"lr": 3e-4, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 0.1},
+    "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 0.1},
     "epochs": 40,
     "seed": 0,
     "detection": {
         "detector": "detr",
         "num_queries": 10,
-        "detr": {"remedy": "none", "dim": 128, "heads": 4, "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3,
-                 "pyramid_scales": [1.0, 0.5], "pos_temperature": 20.0, "anchor_temperature": 20.0},
+        "detr": {"remedy": "two_stage", "spatial_prior": True, "backbone_lr_scale": 0.1, "dim": 128, "heads": 4,
+                 "mlp_dim": 256, "enc_layers": 1, "dec_layers": 3, "pyramid_scales": [1.0, 0.5],
+                 "pos_temperature": 20.0, "anchor_temperature": 20.0},
+        "loss": {"eos_coef": 0.5},
         "scenes": {"num_train": 2000, "num_val": 200, "num_test": 400, "min_digits": 1, "max_digits": 3,
                    "digit_size": [14, 24]},
         "augment": {"scale": [0.7, 1.0], "hflip": 0.0},
@@ -306,6 +311,10 @@ class DetectionTask(Task):
         total = terms["loss"]
         for group in outputs.get("groups") or []:  # Group DETR: every extra group is matched on its own
             total = total + self.criterion(group, batch.targets)["loss"]
+        if outputs.get("enc") is not None:  # two-stage: the encoder's proposals, matched on their own
+            enc = self.criterion([outputs["enc"]], batch.targets)
+            terms.update({f"enc_{k}": v for k, v in enc.items() if k != "loss"})
+            total = total + enc["loss"]
         dn = outputs.get("dn")
         if dn is not None:
             num_boxes = _num_boxes(batch.targets, outputs["logits"].device)
@@ -318,7 +327,7 @@ class DetectionTask(Task):
                     total = total + self.criterion.weights[name] * value
         # the last layer's terms (the auxiliary ones end in _<layer>)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()
-                           if k in ("loss_ce", "loss_bbox", "loss_giou") or k.startswith("dn_")}
+                           if k in ("loss_ce", "loss_bbox", "loss_giou") or k.startswith(("dn_", "enc_"))}
         return total
 
     def train_metrics(self) -> Metrics:
@@ -445,7 +454,7 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
         raise ValueError(f"YOLOS needs a plain ViT backbone; {backbone} is a {type(vit).__name__}")
     from dataclasses import replace
 
-    vcfg = replace(vit.config, num_classes=0, pool="cls", pad_input=False)
+    vcfg = replace(vit.config, num_classes=0, pool="cls", class_token=True, pad_input=False)  # YOLOS reads its class token
     model = YOLOS(YOLOSConfig(vit=vcfg, num_classes=num_classes, num_detection_tokens=num_queries,
                               use_mid_position_embeddings=False))
     model.model_name = f"yolos_{backbone}"
