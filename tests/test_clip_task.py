@@ -924,3 +924,17 @@ def test_itm_phase_learns_to_tell_a_layout_from_its_mirror_only_with_positions(p
         assert bool((own > mirrored + 2.0).all()), (own, mirrored)  # every caption picks its layout, by a margin
     else:
         torch.testing.assert_close(own, mirrored, atol=1e-5, rtol=1e-5)  # a set of patches has no left and right
+
+
+@needs_tokenizers_and_digits
+def test_itm_lr_scale_multiplies_the_learning_rate_of_the_itm_head_only(tmp_path):
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+
+    cfg = load_config(None, SCENES_TINY + ["epochs=2", "optim.lr=0.002", f"output_dir={tmp_path}"],
+                      base=CLIP_DIGITS_RECIPE)
+    cfg.model.overrides["itm_lr_scale"] = 3.0
+    trainer = build_trainer(cfg, log=lambda s: None)
+    lrs = {name: g["lr"] for g in trainer.optimizer.param_groups for name in g["names"]}
+    head = {n: v for n, v in lrs.items() if n.startswith("itm.")}
+    assert head and all(v == pytest.approx(3 * 0.002) for v in head.values())
+    assert all(v == pytest.approx(0.002) for n, v in lrs.items() if n not in head)  # the towers, projections, scale

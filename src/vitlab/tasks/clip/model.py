@@ -87,6 +87,8 @@ class CLIP(nn.Module):
             info = getattr(self.visual, "feature_info", None)
             token_dim = int(info[-1]["num_chs"]) if info else self.visual.num_features  # width of forward_features
             self.itm = ITMHead(text_cfg.dim, token_dim, c.itm_depth, c.itm_heads)
+        #: Learning-rate factor of the ITM head in the engine's optimizer (see :meth:`lr_scales`).
+        self.itm_lr_scale = 1.0
 
     # ------------------------------------------------------------ encoders
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
@@ -130,6 +132,11 @@ class CLIP(nn.Module):
     def clamp_logit_scale_(self) -> None:
         """Clamp the stored log-scale to ``[0, log(max_logit_scale)]`` (call after each optimizer step)."""
         self.logit_scale.clamp_(0.0, math.log(self.config.max_logit_scale))
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate factors by parameter-name prefix for the engine's optimizer groups:
+        ``itm_lr_scale`` for the ITM head (none when it is 1 or there is no head)."""
+        return {"itm.": self.itm_lr_scale} if self.itm is not None and self.itm_lr_scale != 1.0 else {}
 
     def no_weight_decay(self) -> set[str]:
         """Temperature, bias and the towers' embeddings are not decayed."""

@@ -19,7 +19,7 @@ Options come from ``model.overrides`` (the rest of it configures the image backb
 ``swap_negatives`` (true: each scene's digit-swapped caption is an ITM negative),
 ``itm_epochs`` (0: the last epochs that train the ITM head alone on frozen towers),
 ``itm_hard_negatives`` (4), ``itm_shifted_negatives`` (2) and ``itm_residual`` (false: train the
-fused score) of that phase,
+fused score) of that phase, ``itm_lr_scale`` (1: the ITM head's learning-rate factor),
 ``init_logit_scale`` (1/0.07; SigLIP 10) and ``init_logit_bias`` (SigLIP only, -10: the
 paper's prior for batches of many thousands with one positive per row; a batch whose rows hold
 a fraction p of positives starts closer to its prior at log(p / (1 - p))),
@@ -70,7 +70,7 @@ CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
     "init_logit_scale", "init_logit_bias", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives",
-    "itm_shifted_negatives", "itm_residual",
+    "itm_shifted_negatives", "itm_residual", "itm_lr_scale",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -355,6 +355,7 @@ class CLIPTask(Task):
                             logit_bias=float(clip.get("init_logit_bias", -10.0)) if siglip else None,
                             itm_depth=int(clip.get("itm_depth", default_itm)), itm_heads=int(clip.get("itm_heads", 2)))
         model = CLIP(config)
+        model.itm_lr_scale = float(clip.get("itm_lr_scale", 1.0))
         itm_epochs = int(clip.get("itm_epochs", 0))
         if itm_epochs and model.itm is None:
             raise ValueError(f"itm_epochs: {itm_epochs} trains the image-text matching head, but this model has none; "
