@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ...datasets.captions import DIGIT_TEMPLATES, DigitCaptions, SceneCaptions, digit_prompts
 from ...datasets.transforms import normalize
 from ...errors import CheckpointError
-from ..base import evaluate_task
+from ..base import evaluate_task, resize_images
 from ..inputs import read_image_file
 from .convert import load_clip_checkpoint
 from .model import CLIP
@@ -69,8 +69,7 @@ def load_images(model: CLIP, paths: Sequence[str | Path]) -> Tensor:
         x = torch.from_numpy(read_image_file(p)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
         if x.shape[0] != channels:
             x = x.mean(dim=0, keepdim=True) if channels == 1 else x.expand(channels, -1, -1)
-        # (C, H, W) -> (1, C, H, W) -> (1, C, S, S)
-        x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize_images(x[None].float(), size)  # (C, H, W) -> (1, C, H, W) -> (1, C, S, S)
         out.append(x)
     return normalize(torch.cat(out), mean, std)
 

@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ...config import suggest
-from ..base import Batch, Metrics, Task
+from ..base import Batch, Metrics, Task, resize_images
 from ..registry import TaskSetup, register_task
 from .box_ops import normalize_boxes
 from .coco_eval import COCO_METRICS, evaluate_coco
@@ -129,9 +128,7 @@ class DetectionSamples(Dataset):
         image, boxes, labels = s["image"], s["boxes"].float().reshape(-1, 4), s["labels"].long()
         h, w = image.shape[-2:]
         if (h, w) != (self.size, self.size):
-            # (C, H, W) -> (1, C, H, W) -> (C, size, size)
-            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
+            image = resize_images(image[None], self.size)[0]  # (C, H, W) -> (1, C, H, W) -> (C, size, size)
             boxes = boxes * torch.tensor([self.size / w, self.size / h] * 2)
         n = len(labels)
         if n > self.max_objects:
@@ -283,9 +280,7 @@ class DetectionTask(Task):
             h, w = images.shape[-2:]
             scale = torch.tensor([image_size / w, image_size / h] * 2, device=device)
             boxes = [b * scale for b in boxes]
-            # (B, C, H, W) -> (B, C, size, size)
-            images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                                   antialias=True)
+            images = resize_images(images, image_size)  # (B, C, H, W) -> (B, C, size, size)
         if generator is not None and self.augment is not None:
             out = self.augment(images, boxes, generator=generator)
             images, boxes = out.images, out.boxes

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ...datasets.transforms import normalize
-from ..base import Batch, Metrics, Task
+from ..base import Batch, Metrics, Task, resize_images
 from ..registry import TaskSetup, register_task
 from .losses import SegmentationLoss
 from .metrics import SegmentationMetrics
@@ -169,9 +169,7 @@ class FolderMasks(Dataset):
         s = self.folder[index]
         x, m = s["image"], s["semantic_mask"]
         if tuple(x.shape[-2:]) != (self.size, self.size):
-            # (C, H, W) -> (1, C, H, W) -> (C, size, size)
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=True)[0]
+            x = resize_images(x[None], self.size)[0]  # (C, H, W) -> (1, C, H, W) -> (C, size, size)
             # (H, W) -> (1, 1, H, W) -> (size, size)
             m = F.interpolate(m[None, None].float(), size=(self.size, self.size), mode="nearest")[0, 0].long()
         return x, m
@@ -312,7 +310,7 @@ class SegmentationTask(Task):
             x, m = out.images, out.masks
         if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
             # (B, C, H, W) -> (B, C, S, S); masks (B, H, W) -> (B, 1, H, W) -> (B, S, S), nearest
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+            x = resize_images(x, image_size)
             m = F.interpolate(m[:, None].float(), size=(image_size, image_size), mode="nearest")[:, 0].long()
         if self.mean is not None and self.std is not None:
             x = normalize(x, self.mean, self.std)
