@@ -80,22 +80,33 @@ def image_tokens(features: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def mine_hard_negatives(sim: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The hardest in-batch negatives of a contrastive similarity matrix, positives excluded.
+def hardest_negatives(sim: Tensor, pos: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``k`` hardest in-batch negatives of a contrastive similarity matrix, positives excluded.
 
     Args:
         sim: (B_i, B_t) image-text similarities.
         pos: (B_i, B_t) bool, the positive pairs.
+        k: Negatives per image and per text (at most ``min(B_i, B_t)``).
 
     Returns:
-        ``(neg_text, has_neg_text, neg_image, has_neg_image)``: for every image the index of
-        its most similar non-positive text (B_i,) and whether one exists (B_i,) bool; for every
-        text its most similar non-positive image (B_t,) and whether one exists.
+        ``(neg_text, ok_text, neg_image, ok_image)``: for every image the indices of its ``k``
+        most similar non-positive texts, most similar first (B_i, k), and whether each exists
+        (B_i, k) bool (a row with fewer than ``k`` non-positives); the same for every text
+        (B_t, k).
     """
-    masked = sim.float().masked_fill(pos, float("-inf"))
-    neg_text = masked.argmax(dim=1)
-    neg_image = masked.argmax(dim=0)
-    return neg_text, (~pos).any(dim=1), neg_image, (~pos).any(dim=0)
+    masked = sim.float().masked_fill(pos, float("-inf"))  # positives are never mined
+    neg_text = masked.topk(k, dim=1).indices  # (B_i, k)
+    neg_image = masked.t().topk(k, dim=1).indices  # (B_t, k)
+    ok_text = torch.isfinite(masked.gather(1, neg_text))
+    ok_image = torch.isfinite(masked.t().gather(1, neg_image))
+    return neg_text, ok_text, neg_image, ok_image
+
+
+def mine_hard_negatives(sim: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The hardest in-batch negative of every image and every text (:func:`hardest_negatives`
+    with ``k = 1``): ``(neg_text (B_i,), has_neg_text (B_i,) bool, neg_image (B_t,), has_neg_image (B_t,))``."""
+    neg_text, ok_text, neg_image, ok_image = hardest_negatives(sim, pos, 1)
+    return neg_text[:, 0], ok_text[:, 0], neg_image[:, 0], ok_image[:, 0]
 
 
 def itm_loss(logits: Tensor, targets: Tensor, balanced: bool = False) -> Tensor:
@@ -145,4 +156,4 @@ def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor],
     return out
 
 
-__all__ = ["ITMHead", "image_tokens", "itm_loss", "mine_hard_negatives", "rerank_top_k"]
+__all__ = ["ITMHead", "hardest_negatives", "image_tokens", "itm_loss", "mine_hard_negatives", "rerank_top_k"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ...models.base import Backbone
 from ...models.registry import build_model
 from ...models.text import TextConfig, TextTransformer
-from .itm import ITMHead, image_tokens, mine_hard_negatives
+from .itm import ITMHead, hardest_negatives, image_tokens, mine_hard_negatives
 from .losses import positive_mask
 
 #: CLIP caps the logit scale (inverse temperature) at 100.
@@ -236,16 +236,12 @@ class CLIP(nn.Module):
             img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
             b, device = img_emb.shape[0], img_emb.device
             pos = positive_mask(labels, None, b, txt_emb.shape[0], device)  # (B, B)
-            sim = (img_emb @ txt_emb.t()).float().masked_fill(pos, float("-inf"))  # (B, B), positives never mined
             ar = torch.arange(b, device=device)
             img_idx, txt_idx = [ar], [ar]
             k = min(int(hard_negatives), b - 1)
-            if k > 0:
-                hard_t = sim.topk(k, dim=1).indices  # (B, k): each image's hardest texts
-                hard_i = sim.t().topk(k, dim=1).indices  # (B, k): each text's hardest images
+            if k > 0:  # each image's k hardest texts and each text's k hardest images
+                hard_t, ok_t, hard_i, ok_i = hardest_negatives(img_emb @ txt_emb.t(), pos, k)  # (B, k) each
                 rows = ar[:, None].expand(-1, k)  # (B, k)
-                ok_t = torch.isfinite(sim.gather(1, hard_t))  # fewer than k non-positives: skip the rest
-                ok_i = torch.isfinite(sim.t().gather(1, hard_i))
                 img_idx += [rows[ok_t], hard_i[ok_i]]
                 txt_idx += [hard_t[ok_t], rows[ok_i]]
             for shift in range(1, min(int(shifted_negatives), b - 1) + 1):

@@ -469,11 +469,11 @@ class DETR(nn.Module):
             boxes.append(torch.cat([torch.stack([cx, cy], dim=-1), side.clamp(max=1.0).expand(h * w, 2)], dim=-1))
         return torch.cat(boxes)
 
-    def proposals(self, memory: Tensor, grids: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+    def proposals(self, memory: Tensor, anchors: Tensor) -> dict[str, Tensor]:
         """Two-stage: class logits (B, N, C+1) and boxes (B, N, 4) of every memory token, its
-        box an offset (logit space) of the token's fixed anchor."""
+        box an offset (logit space) of the token's fixed anchor (``anchors`` (N, 4), from
+        :meth:`proposal_anchors`)."""
         h = self.enc_output(memory)
-        anchors = self.proposal_anchors(grids, memory.device)  # (N, 4)
         boxes = (self.enc_box_head(h) + inverse_sigmoid(anchors)).sigmoid()
         return {"logits": self.enc_class_head(h), "boxes": boxes}
 
@@ -570,9 +570,10 @@ class DETR(nn.Module):
         if targets is not None and self.training and c.denoising and c.dn_groups > 0:
             dn = build_denoising_queries(targets, c.num_classes, c.num_queries * groups, c.dn_groups,
                                          c.dn_label_noise, c.dn_box_noise, device=x.device)
-        enc = self.proposals(mem, grids) if c.two_stage else None
+        cells = self.proposal_anchors(grids, x.device) if c.two_stage or c.spatial_prior else None  # (N, 4)
+        enc = self.proposals(mem, cells) if c.two_stage else None
         anchors = self.select_anchors(enc) if enc is not None else None
-        centres = self.proposal_anchors(grids, x.device)[:, :2] if c.spatial_prior else None
+        centres = cells[:, :2] if c.spatial_prior else None  # the memory tokens' centres
         layers_logits, layers_boxes = self.decode(mem, *self._queries(b, dn, groups, anchors), centres=centres)
         d = dn.num_queries if dn is not None else 0
         q = c.num_queries
