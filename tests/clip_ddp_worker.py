@@ -24,5 +24,6 @@ trainer.train_loader = list(itertools.islice(trainer.train_loader, steps))  # th
 rec = trainer.train_epoch()
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 (out / f"loss{rank}.json").write_text(json.dumps({"train_loss": rec["train_loss"], "step": trainer.step}))
-if trainer.dist.enabled:
+if trainer.dist.enabled:  # both ranks done with every collective before either tears gloo down
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
