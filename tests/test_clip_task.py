@@ -938,3 +938,37 @@ def test_itm_lr_scale_multiplies_the_learning_rate_of_the_itm_head_only(tmp_path
     head = {n: v for n, v in lrs.items() if n.startswith("itm.")}
     assert head and all(v == pytest.approx(3 * 0.002) for v in head.values())
     assert all(v == pytest.approx(0.002) for n, v in lrs.items() if n not in head)  # the towers, projections, scale
+
+
+@needs_tokenizers_and_digits
+def test_eval_mirror_accuracy_counts_own_caption_above_its_mirror_contrastively_and_by_itm():
+    torch.manual_seed(2)
+    model = tiny_clip(itm_depth=1).eval()
+    with torch.no_grad():  # a head with preferences of its own
+        for p in model.itm.parameters():
+            p.normal_(0.0, 0.5)
+    tok = CLIPTokenizer.train(["a 1"], vocab_size=4, context_length=8)
+    task = CLIPTask(tok, (0.5,), (0.5,), itm_top_k=4)
+    images = torch.rand(8, 1, 16, 16)
+    ids = torch.randint(1, 38, (8, 8))
+    ids[:, 5] = 39  # end of text: the largest id
+    mirror = ids[:, [0, 3, 2, 1, 4, 5, 6, 7]]  # the same tokens with two of them exchanged, as a mirror caption
+    has = torch.tensor([True, True, False, True, True, True, False, True])  # two scenes without a mirror layout
+    labels = torch.arange(8)
+    metrics = task.eval_metrics()
+    with torch.no_grad():
+        for rows in ([0, 1, 2, 3], [4, 5, 6, 7]):
+            batch = Batch((images[rows], ids[rows], labels[rows], mirror[rows], has[rows]), labels[rows], 4,
+                          {"captions": ["c"] * 4})
+            metrics.update(batch, task.forward(model, batch.inputs))
+        res = metrics.compute()
+        img, img_tok = model.image_features(images)
+        own, own_tok = model.text_features(ids)
+        mir, mir_tok = model.text_features(mirror)
+        cos = lambda a, b: (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)  # noqa: E731
+        wins = (cos(img, own) > cos(img, mir))[has]
+        itm_wins = (model.itm_logits(img_tok, own_tok, ids) > model.itm_logits(img_tok, mir_tok, mirror))[has]
+    assert res["mirror_acc"] == pytest.approx(float(wins.float().mean()))
+    assert res["itm_mirror_acc"] == pytest.approx(float(itm_wins.float().mean()))
+    assert 0 < float(wins.float().mean()) < 1 and 0 < float(itm_wins.float().mean()) < 1  # neither all nor none
+    assert not torch.equal(wins, itm_wins)  # the two scores disagree somewhere, so each check has teeth

@@ -5,7 +5,8 @@ augmented; captions tokenised), the loss (the symmetric contrastive loss or SigL
 features gathered from every rank with gradients, duplicate-aware targets, plus the ITM
 loss on mined hard negatives), the temperature clamp after every optimizer step, the
 metrics (zero-shot accuracy when the data has class prompts, retrieval R@1/5/10 and ranks,
-ITM re-ranked text->image recall) and the similarity-matrix plot.
+ITM re-ranked text->image recall; with mirror captions, ``mirror_acc`` / ``itm_mirror_acc``: how
+often an image's own caption scores above its mirror caption, contrastively and by the ITM head) and the similarity-matrix plot.
 
 Data (``data.dataset``): ``digits`` (the default: :class:`~vitlab.datasets.captions.DigitCaptions`),
 ``digit_scenes`` (:class:`~vitlab.datasets.captions.SceneCaptions`) or a folder with
@@ -90,6 +91,9 @@ class CLIPEvalMetrics(Metrics):
         self.ids: list[Tensor] = []
         self.captions: list[str] = []
         self.loss_sum, self.n = 0.0, 0
+        #: Per image with a mirror caption: whether its own caption beats the mirror (contrastive, ITM).
+        self.mirror_wins: list[Tensor] = []
+        self.itm_mirror_wins: list[Tensor] = []
         self.zero_shot: Tensor | None = None
         self.scale = 1.0
 
@@ -102,10 +106,28 @@ class CLIPEvalMetrics(Metrics):
             self.image_tokens.append(outputs["image_tokens"])
             self.text_tokens.append(outputs["text_tokens"])
             self.ids.append(batch.inputs[1])
+        if "mirror_emb" in outputs:
+            self._update_mirror(outputs)
         self.zero_shot = outputs.get("zero_shot", self.zero_shot)
         self.scale = float(outputs["scale"])
         self.loss_sum += float(self.task.contrastive(outputs, batch.targets)) * batch.size
         self.n += batch.size
+
+    @torch.no_grad()
+    def _update_mirror(self, outputs: dict[str, Any]) -> None:
+        """Images with a mirror caption (their digits exchanged): does their own caption score higher?"""
+        has = outputs["has_mirror"]
+        if not bool(has.any()):
+            return
+        img = outputs["image_emb"][has]
+        own = (img * outputs["text_emb"][has]).sum(-1)  # (B',) cosine with the own caption
+        mirror = (img * outputs["mirror_emb"][has]).sum(-1)  # (B',) with the mirror caption
+        self.mirror_wins.append((own > mirror).cpu())
+        if "mirror_tokens" in outputs:
+            model, tok = self.task.eval_model, outputs["image_tokens"][has]
+            own_itm = model.itm_logits(tok, outputs["text_tokens"][has], outputs["ids"][has])
+            mirror_itm = model.itm_logits(tok, outputs["mirror_tokens"][has], outputs["mirror_ids"][has])
+            self.itm_mirror_wins.append((own_itm > mirror_itm).cpu())
 
     def compute(self) -> dict[str, Any]:
         if not self.n:
@@ -120,6 +142,10 @@ class CLIPEvalMetrics(Metrics):
             out["zero_shot_top1"] = float((pred == labels).float().mean())
         if self.image_tokens and self.task.itm_top_k:
             out.update(self._reranked(sim, pos))
+        if self.mirror_wins:  # 0.5 is a bag-of-words model (it cannot tell a layout from its mirror)
+            out["mirror_acc"] = float(torch.cat(self.mirror_wins).float().mean())
+        if self.itm_mirror_wins:
+            out["itm_mirror_acc"] = float(torch.cat(self.itm_mirror_wins).float().mean())
         k = min(PLOT_SAMPLES, self.n)
         out["similarity"] = sim[:k, :k]
         out["similarity_captions"] = self.captions[:k]
@@ -220,7 +246,7 @@ class CLIPTask(Task):
         ids = self.tokenizer(captions).to(device)
         labels = torch.as_tensor(batch["label"]).to(device)
         inputs: tuple[Tensor, ...] = (images, ids, labels)
-        if self.swap_negatives and "negative_caption" in batch:
+        if "negative_caption" in batch:  # ITM negatives in training (swap_negatives), the mirror metric in eval
             negatives = list(batch["negative_caption"])  # "" where a scene has no mirror layout
             has = torch.tensor([bool(c) for c in negatives], device=device)
             inputs += (self.tokenizer(negatives).to(device), has)
@@ -233,7 +259,7 @@ class CLIPTask(Task):
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         images, ids, labels = inputs[:3]
         if model.training:
-            negatives = inputs[3:5] if len(inputs) == 5 else (None, None)
+            negatives = inputs[3:5] if len(inputs) == 5 and self.swap_negatives else (None, None)
             if self.itm_phase:
                 return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
                              has_negative=negatives[1], itm_only=True, hard_negatives=self.itm_hard_negatives,
@@ -249,7 +275,12 @@ class CLIPTask(Task):
                                "text_emb": nn.functional.normalize(txt, dim=-1), "scale": model.scale(),
                                "bias": model.logit_bias}
         if model.itm is not None and self.itm_top_k:
-            out.update(image_tokens=img_tok, text_tokens=txt_tok)
+            out.update(image_tokens=img_tok, text_tokens=txt_tok, ids=ids)
+        if len(inputs) == 5:  # mirror captions: how often the own caption beats its mirror
+            m_emb, m_tok = model.text_features(inputs[3])
+            out.update(mirror_emb=nn.functional.normalize(m_emb, dim=-1), has_mirror=inputs[4])
+            if "image_tokens" in out:
+                out.update(mirror_tokens=m_tok, mirror_ids=inputs[3])
         if self.prompts is not None:
             if self._zero_shot is None:
                 self._zero_shot = zero_shot_classifier_from_prompts(model, self.tokenizer, self.prompts)
@@ -289,7 +320,7 @@ class CLIPTask(Task):
         return CLIPEvalMetrics(self)
 
     def format_metric(self, name: str, value: float) -> str:
-        if name in ("zero_shot_top1",) or "R@" in name:
+        if name in ("zero_shot_top1", "mirror_acc", "itm_mirror_acc") or "R@" in name:
             return f"{name} {100 * value:.2f}%"
         return super().format_metric(name, value)
 
