@@ -268,6 +268,34 @@ def test_clip_loss_equals_hand_computation(labels):
         assert got.item() != pytest.approx(clip_loss(IMG, TXT, s).item(), abs=1e-3)
 
 
+NEG = torch.tensor([[1.0, 0.0], [-0.6, 0.8]])  # two further texts (e.g. digit-swapped captions)
+
+
+@pytest.mark.parametrize("labels", [None, [0, 1, 0]])
+def test_clip_loss_with_negative_texts_equals_hand_computation(labels):
+    s = 2.0
+    cos = _hand_cos()
+    neg_cos = [[sum(x * y for x, y in zip(a, b)) / math.hypot(*a) / math.hypot(*b) for b in NEG.tolist()]
+               for a in IMG.tolist()]
+    n = 3
+    neg_labels = [5, 1]  # the second negative text describes layout 1: a positive of image 1 when labels say so
+    pos = [[(i == j) if labels is None else labels[i] == labels[j] for j in range(n)] for i in range(n)]
+    neg_pos = [[labels is not None and labels[i] == g for g in neg_labels] for i in range(n)]
+    # image -> text rows: the 3 texts and then the 2 negative texts; text -> image rows unchanged
+    i2t = 0.0
+    for i in range(n):
+        row = [s * v for v in cos[i] + neg_cos[i]]
+        p_row = pos[i] + neg_pos[i]
+        i2t += _hand_ce(row, [p / sum(p_row) for p in p_row]) / n
+    cols = [[s * cos[i][j] for i in range(n)] for j in range(n)]
+    pos_t = [[pos[i][j] for i in range(n)] for j in range(n)]
+    t2i = sum(_hand_ce(cols[j], [p / sum(pos_t[j]) for p in pos_t[j]]) for j in range(n)) / n
+    lab = None if labels is None else torch.tensor(labels)
+    got = clip_loss(IMG, TXT, s, lab, negative_text_emb=NEG * 2.0, negative_text_labels=torch.tensor(neg_labels))
+    assert got.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    assert got.item() > clip_loss(IMG, TXT, s, lab).item() + 1e-3  # the negatives make it harder
+
+
 @pytest.mark.parametrize("labels", [None, [0, 1, 0]])
 def test_siglip_loss_equals_hand_computation(labels):
     s, b = 3.0, -1.5

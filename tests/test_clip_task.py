@@ -32,7 +32,7 @@ from vitlab.datasets.digits import DigitsDataset  # noqa: E402
 from vitlab.models.text import text_config  # noqa: E402
 from vitlab.tasks import get_task  # noqa: E402
 from vitlab.tasks.clip import CLIP, CLIPConfig, CLIPTask, clip_loss  # noqa: E402
-from vitlab.tasks.clip.itm import ITMHead, mine_hard_negatives, rerank_top_k  # noqa: E402
+from vitlab.tasks.clip.itm import ITMHead, itm_loss, mine_hard_negatives, rerank_top_k  # noqa: E402
 from vitlab.tasks.clip.tokenizer import CLIPTokenizer  # noqa: E402
 from vitlab.tasks.base import Batch  # noqa: E402
 from vitlab.training import build_trainer, load_config  # noqa: E402
@@ -348,6 +348,53 @@ def test_training_forward_adds_each_scene_with_its_swapped_caption_as_a_negative
     task_off = CLIPTask(tok, (0.5,), (0.5,), swap_negatives=False)
     out_off = task_off.forward(model, task_off.prepare(raw, torch.device("cpu"), 16, None).inputs)
     assert out_off["itm_targets"].tolist() == [1.0] * 3 + [0.0] * 6
+
+
+def test_scene_negative_label_is_the_mirror_layouts_label():
+    data = SceneCaptions("val", num_scenes=40, canvas_size=16, digit_size=(8, 8))
+    for i in range(40):
+        s, scene = data[i], data.scenes[i]
+        if not s["negative_caption"]:
+            assert s["negative_label"] == -1
+            continue
+        words = s["caption"].split()
+        _, group = scene_caption(scene["boxes"], scene["labels"].flip(0), converse="right" in words or "below" in words)
+        assert s["negative_label"] == group != s["label"]
+
+
+@needs_tokenizers_and_digits
+def test_swap_contrastive_puts_each_scenes_swapped_caption_into_its_images_softmax():
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.train(SceneCaptions("val", num_scenes=1).corpus(), vocab_size=40, context_length=8)
+    raw = {"image": torch.rand(3, 1, 16, 16), "label": torch.tensor([37, 73, 201]),
+           "caption": ["a 3 to the left of a 7", "a 7 to the left of a 3", "a single 1"],
+           "negative_caption": ["a 7 to the left of a 3", "a 3 to the left of a 7", ""],
+           "negative_label": torch.tensor([73, 37, -1])}
+    model = tiny_clip(itm_depth=1, vocab=tok.vocab_size).train()
+    task = CLIPTask(tok, (0.5,), (0.5,), swap_contrastive=True)
+    batch = task.prepare(raw, torch.device("cpu"), 16, None)
+    out = task.forward(model, batch.inputs)
+    # the swapped captions' embeddings, with gradients, and which images have one
+    neg_ids = tok(["a 7 to the left of a 3", "a 3 to the left of a 7", ""])
+    torch.testing.assert_close(out["negative_emb"], model.encode_text(neg_ids, normalize=True))
+    assert out["negative_keep"].tolist() == [True, True, False] and out["negative_emb"].requires_grad
+    # the loss by hand: images 0 and 1 see the two swapped captions as further candidates; scene 0's swapped
+    # caption describes scene 1's layout (73), so it is image 1's positive, and vice versa
+    # distinct unit vectors (a fresh model's embeddings are nearly all alike)
+    out.update(image_emb=F.normalize(torch.randn(3, 8), dim=-1), text_emb=F.normalize(torch.randn(3, 8), dim=-1),
+               negative_emb=F.normalize(torch.randn(3, 8), dim=-1))
+    img, txt, neg = out["image_emb"], out["text_emb"], out["negative_emb"][:2]
+    hand = clip_loss(img, txt, out["scale"], batch.targets, negative_text_emb=neg,
+                     negative_text_labels=torch.tensor([73, 37]))
+    torch.testing.assert_close(task.loss(batch, out), hand + task.itm_weight * itm_loss(out["itm_logits"], out["itm_targets"]))
+    assert not torch.allclose(hand, clip_loss(img, txt, out["scale"], batch.targets))
+    # without labels for the swapped captions they would be negatives of every image: another number
+    assert not torch.allclose(hand, clip_loss(img, txt, out["scale"], batch.targets, negative_text_emb=neg))
+    # off (the default): no swapped-caption embeddings
+    off = CLIPTask(tok, (0.5,), (0.5,))
+    assert "negative_emb" not in off.forward(model, off.prepare(raw, torch.device("cpu"), 16, None).inputs)
+    with pytest.raises(ValueError, match="swap_contrastive .* clip loss"):
+        CLIPTask(tok, (0.5,), (0.5,), loss="siglip", swap_contrastive=True)
 
 
 # ---------------------------------------------------------------- the task's loss

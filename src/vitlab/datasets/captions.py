@@ -11,7 +11,8 @@ duplicate captions in a batch are never pushed apart.
   with compositional captions from the boxes ("a 3 to the left of a 7" is not
   "a 7 to the left of a 3"); the label is the (relation, first digit, second digit) layout.
   Every scene also carries ``negative_caption``: its caption with the two digits exchanged
-  (the mirror layout, the hardest negative of a bag-of-words model; "" when there is none).
+  (the mirror layout, the hardest negative of a bag-of-words model; "" when there is none)
+  and ``negative_label``, that layout's label (-1 when there is none).
 - :class:`CaptionFolder`: a user's folder of images with ``captions.csv`` or
   ``captions.jsonl`` (columns ``image`` and ``caption``).
 """
@@ -191,7 +192,8 @@ class SceneCaptions(Dataset):
         # the same boxes with the digits exchanged: the mirror layout in the same phrasing
         negative, neg_group = scene_caption(s["boxes"], s["labels"].flip(0), converse=converse)
         return {"image": s["image"], "caption": caption, "label": group,
-                "negative_caption": negative if neg_group != group else ""}
+                "negative_caption": negative if neg_group != group else "",
+                "negative_label": neg_group if neg_group != group else -1}
 
 
 #: Column names a caption file must have.

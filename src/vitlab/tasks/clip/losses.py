@@ -48,7 +48,8 @@ def _soft_ce(logits: Tensor, pos: Tensor) -> Tensor:
 
 
 def clip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, labels: Tensor | None = None,
-              text_labels: Tensor | None = None) -> Tensor:
+              text_labels: Tensor | None = None, negative_text_emb: Tensor | None = None,
+              negative_text_labels: Tensor | None = None) -> Tensor:
     """CLIP's symmetric contrastive loss with multi-positive targets.
 
     ``logits = scale * normalize(image_emb) @ normalize(text_emb).T``; the loss is the mean
@@ -61,6 +62,11 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, labels
         scale: Inverse temperature (e.g. :meth:`CLIP.scale`).
         labels: (B_i,) group ids of the images (and of the texts when ``text_labels`` is None).
         text_labels: (B_t,) group ids of the texts.
+        negative_text_emb: (B_n, D) further texts that are candidates of the images only, not
+            queries (NegCLIP's hard negatives: a scene's caption with its digits exchanged); they
+            join the image->text rows as extra columns.
+        negative_text_labels: (B_n,) their group ids (a negative text whose group an image has
+            is that image's positive); None: negatives of every image.
 
     Returns:
         Scalar loss.
@@ -69,7 +75,16 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, labels
     txt = F.normalize(text_emb, dim=-1)
     logits = scale * img @ txt.t()  # (B_i, B_t)
     pos = positive_mask(labels, text_labels, img.shape[0], txt.shape[0], img.device)
-    return 0.5 * (_soft_ce(logits, pos) + _soft_ce(logits.t(), pos.t()))
+    i2t, i2t_pos = logits, pos
+    if negative_text_emb is not None:
+        neg = F.normalize(negative_text_emb, dim=-1)
+        if negative_text_labels is not None and labels is not None:
+            neg_pos = positive_mask(labels, negative_text_labels, img.shape[0], neg.shape[0], img.device)
+        else:
+            neg_pos = torch.zeros(img.shape[0], neg.shape[0], dtype=torch.bool, device=img.device)
+        i2t = torch.cat([logits, scale * img @ neg.t()], dim=1)  # (B_i, B_t + B_n)
+        i2t_pos = torch.cat([pos, neg_pos], dim=1)
+    return 0.5 * (_soft_ce(i2t, i2t_pos) + _soft_ce(logits.t(), pos.t()))
 
 
 def siglip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, bias: Tensor | float,

@@ -148,7 +148,7 @@ class CLIP(nn.Module):
     def forward(self, images: Tensor, ids: Tensor, labels: Tensor | None = None, train_outputs: bool = False,
                 negative_ids: Tensor | None = None, has_negative: Tensor | None = None,
                 itm_only: bool = False, hard_negatives: int = 4, shifted_negatives: int = 2,
-                itm_residual: float = 0.0) -> Any:
+                itm_residual: float = 0.0, itm_negatives: bool = True, negative_emb: bool = False) -> Any:
         """Images (B_i, C, H, W) and token ids (B_t, L) -> logits per image (B_i, B_t) and per text (B_t, B_i).
 
         With ``train_outputs`` (the training task's call, so that DDP sees one forward) it
@@ -169,7 +169,7 @@ class CLIP(nn.Module):
             return self.forward_itm(images, ids, labels, negative_ids, has_negative, hard_negatives, shifted_negatives,
                                     itm_residual)
         if train_outputs:
-            return self.forward_train(images, ids, labels, negative_ids, has_negative)
+            return self.forward_train(images, ids, labels, negative_ids, has_negative, itm_negatives, negative_emb)
         img = self.encode_image(images, normalize=True)
         txt = self.encode_text(ids, normalize=True)
         logits = self.scale() * img @ txt.t()
@@ -178,21 +178,25 @@ class CLIP(nn.Module):
         return logits, logits.t()
 
     def forward_train(self, images: Tensor, ids: Tensor, labels: Tensor | None = None,
-                      negative_ids: Tensor | None = None, has_negative: Tensor | None = None) -> dict[str, Any]:
-        """See :meth:`forward` with ``train_outputs=True``."""
+                      negative_ids: Tensor | None = None, has_negative: Tensor | None = None,
+                      itm_negatives: bool = True, negative_emb: bool = False) -> dict[str, Any]:
+        """See :meth:`forward` with ``train_outputs=True``; ``itm_negatives``: pair the given
+        negative captions with their images in the ITM loss; ``negative_emb``: also return their
+        normalised text embeddings ``negative_emb`` (B, D) with ``negative_keep`` (B,) bool, the
+        rows that have one (contrastive hard negatives of their images, NegCLIP's)."""
+        b = images.shape[0]
         img_emb, img_tok = self.image_features(images)
         txt_emb, txt_tok = self.text_features(ids)
         img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
         out: dict[str, Any] = {"image_emb": img_emb, "text_emb": txt_emb, "scale": self.scale(), "bias": self.logit_bias}
         if self.itm is not None:
-            b = img_emb.shape[0]
             pos = positive_mask(labels, None, b, txt_emb.shape[0], img_emb.device)
             neg_t, has_t, neg_i, has_i = mine_hard_negatives(img_emb.detach() @ txt_emb.detach().t(), pos)
             ar = torch.arange(b, device=img_emb.device)
             img_idx = torch.cat([ar, ar[has_t], neg_i[has_i]])  # positives, image->hard text, text->hard image
             txt_idx = torch.cat([ar, neg_t[has_t], ar[has_i]])
             logits = self.itm_logits(img_tok[img_idx], txt_tok[txt_idx], ids[txt_idx])
-            if negative_ids is not None:
+            if negative_ids is not None and itm_negatives:
                 keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=ids.device)
                 if bool(keep.any()):
                     neg_ids = negative_ids[keep]  # (B, L) -> (B', L)
@@ -200,6 +204,10 @@ class CLIP(nn.Module):
                     logits = torch.cat([logits, self.itm_logits(img_tok[keep], neg_tok, neg_ids)])
             out["itm_logits"] = logits
             out["itm_targets"] = (torch.arange(logits.shape[0], device=img_emb.device) < b).float()
+        if negative_emb and negative_ids is not None:  # the given negative captions as contrastive candidates
+            keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=ids.device)
+            out["negative_emb"] = F.normalize(self.text_projection(self.text(negative_ids)), dim=-1)  # (B, D)
+            out["negative_keep"] = keep
         return out
 
     def forward_itm(self, images: Tensor, ids: Tensor, labels: Tensor | None = None,

@@ -71,7 +71,7 @@ CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
     "init_logit_scale", "init_logit_bias", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives",
-    "itm_shifted_negatives", "itm_residual", "itm_lr_scale",
+    "itm_shifted_negatives", "itm_residual", "itm_lr_scale", "swap_contrastive",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -213,7 +213,7 @@ class CLIPTask(Task):
                  duplicate_aware: bool = True, itm_weight: float = 1.0, itm_top_k: int = 10,
                  prompts: Sequence[Sequence[str]] | None = None, augment: Any = None, itm_fusion: float = 1.0,
                  swap_negatives: bool = True, itm_epochs: int = 0, itm_hard_negatives: int = 4,
-                 itm_shifted_negatives: int = 2, itm_residual: bool = False) -> None:
+                 itm_shifted_negatives: int = 2, itm_residual: bool = False, swap_contrastive: bool = False) -> None:
         if loss not in ("clip", "siglip"):
             raise ValueError(f"unknown CLIP loss {loss!r}; choose clip or siglip")
         self.tokenizer = tokenizer
@@ -221,6 +221,10 @@ class CLIPTask(Task):
         self.loss_name, self.duplicate_aware = loss, duplicate_aware
         self.itm_weight, self.itm_top_k = float(itm_weight), int(itm_top_k)
         self.itm_fusion, self.swap_negatives = float(itm_fusion), bool(swap_negatives)
+        if swap_contrastive and loss != "clip":
+            raise ValueError(f"swap_contrastive adds the digit-swapped captions to the softmax of the clip loss; "
+                             f"got loss {loss!r}")
+        self.swap_contrastive = bool(swap_contrastive)
         if itm_epochs < 0 or itm_hard_negatives < 0 or itm_shifted_negatives < 0:
             raise ValueError(f"itm_epochs, itm_hard_negatives and itm_shifted_negatives must be >= 0, got "
                              f"{itm_epochs}, {itm_hard_negatives} and {itm_shifted_negatives}")
@@ -250,7 +254,10 @@ class CLIPTask(Task):
             negatives = list(batch["negative_caption"])  # "" where a scene has no mirror layout
             has = torch.tensor([bool(c) for c in negatives], device=device)
             inputs += (self.tokenizer(negatives).to(device), has)
-        return Batch(inputs, labels, int(labels.shape[0]), {"captions": captions})
+        extra: dict[str, Any] = {"captions": captions}
+        if "negative_label" in batch:
+            extra["negative_labels"] = torch.as_tensor(batch["negative_label"]).to(device)
+        return Batch(inputs, labels, int(labels.shape[0]), extra)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Enter the frozen-tower ITM phase for the last ``itm_epochs`` epochs of the run."""
@@ -259,14 +266,16 @@ class CLIPTask(Task):
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         images, ids, labels = inputs[:3]
         if model.training:
-            negatives = inputs[3:5] if len(inputs) == 5 and self.swap_negatives else (None, None)
+            use = self.swap_negatives or (self.swap_contrastive and not self.itm_phase)
+            negatives = inputs[3:5] if len(inputs) == 5 and use else (None, None)
             if self.itm_phase:
                 return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
                              has_negative=negatives[1], itm_only=True, hard_negatives=self.itm_hard_negatives,
                              shifted_negatives=self.itm_shifted_negatives,
                              itm_residual=self.itm_fusion if self.itm_residual else 0.0)
             return model(images, ids, labels, train_outputs=True, negative_ids=negatives[0],
-                         has_negative=negatives[1])
+                         has_negative=negatives[1], itm_negatives=self.swap_negatives,
+                         negative_emb=self.swap_contrastive)
         # evaluation: the unwrapped model; tokens for ITM re-ranking, the zero-shot classifier once
         self.eval_model = model
         img, img_tok = model.image_features(images)
@@ -288,11 +297,24 @@ class CLIPTask(Task):
         return out
 
     # --------------------------------------------------------------------- loss
-    def contrastive(self, outputs: dict[str, Any], labels: Tensor) -> Tensor:
-        """The contrastive (or SigLIP) loss of the global batch: features gathered from every rank."""
+    def contrastive(self, outputs: dict[str, Any], labels: Tensor, negative_labels: Tensor | None = None) -> Tensor:
+        """The contrastive (or SigLIP) loss of the global batch: features gathered from every rank.
+
+        With ``negative_emb`` in the outputs (``swap_contrastive``), each image's digit-swapped
+        caption joins the image->text softmax as a further candidate (NegCLIP's hard negative; a
+        positive of any image whose layout it describes, with ``negative_labels`` and
+        duplicate-aware targets)."""
         img = gather_with_grad(outputs["image_emb"])
         txt = gather_with_grad(outputs["text_emb"])
         groups = gather_no_grad(labels) if self.duplicate_aware else None
+        if "negative_emb" in outputs:
+            keep = gather_no_grad(outputs["negative_keep"].long()).bool()
+            neg = gather_with_grad(outputs["negative_emb"])[keep]
+            neg_groups = None
+            if groups is not None and negative_labels is not None:
+                neg_groups = gather_no_grad(negative_labels)[keep]
+            return clip_loss(img, txt, outputs["scale"], groups, negative_text_emb=neg,
+                             negative_text_labels=neg_groups)
         if self.loss_name == "siglip":
             if outputs["bias"] is None:
                 raise ValueError("the SigLIP loss needs a model with a logit bias (CLIPConfig.logit_bias)")
@@ -302,7 +324,7 @@ class CLIPTask(Task):
     def loss(self, batch: Batch, outputs: Any) -> Tensor:
         if self.itm_phase:  # the towers are frozen: the matching head's loss alone
             return itm_loss(outputs["itm_logits"], outputs["itm_targets"], balanced=True)
-        loss = self.contrastive(outputs, batch.targets)
+        loss = self.contrastive(outputs, batch.targets, batch.extra.get("negative_labels"))
         if "itm_logits" in outputs and self.itm_weight:
             loss = loss + self.itm_weight * itm_loss(outputs["itm_logits"], outputs["itm_targets"])
         return loss
@@ -410,7 +432,8 @@ class CLIPTask(Task):
                    swap_negatives=bool(clip.get("swap_negatives", True)), itm_epochs=itm_epochs,
                    itm_hard_negatives=int(clip.get("itm_hard_negatives", 4)),
                    itm_shifted_negatives=int(clip.get("itm_shifted_negatives", 2)),
-                   itm_residual=bool(clip.get("itm_residual", False)))
+                   itm_residual=bool(clip.get("itm_residual", False)),
+                   swap_contrastive=bool(clip.get("swap_contrastive", False)))
         return TaskSetup(task, model, train, val, test)
 
 
