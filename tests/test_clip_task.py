@@ -1019,3 +1019,22 @@ def test_eval_mirror_accuracy_counts_own_caption_above_its_mirror_contrastively_
     assert res["itm_mirror_acc"] == pytest.approx(float(itm_wins.float().mean()))
     assert 0 < float(wins.float().mean()) < 1 and 0 < float(itm_wins.float().mean()) < 1  # neither all nor none
     assert not torch.equal(wins, itm_wins)  # the two scores disagree somewhere, so each check has teeth
+
+
+@needs_tokenizers_and_digits
+def test_scene_eval_size_is_its_own_option_and_defaults_to_a_quarter():
+    def setup(n, extra=""):
+        ov = SCENES_TINY[-1].replace("num_scenes: 32", f"num_scenes: {n}{extra}")
+        return CLIPTask.from_config(load_config(None, SCENES_TINY[:-1] + [ov]))
+
+    s = setup(32)
+    assert (len(s.train_data), len(s.val_data), len(s.test_data)) == (32, 8, 8)
+    s = setup(32, ", eval_scenes: 5")
+    assert (len(s.train_data), len(s.val_data), len(s.test_data)) == (32, 5, 5)
+    # the evaluation scenes do not depend on how many training scenes there are
+    other = setup(64, ", eval_scenes: 5")
+    assert len(other.train_data) == 64
+    for i in range(5):
+        assert torch.equal(other.test_data[i]["image"], s.test_data[i]["image"])
+    with pytest.raises(ValueError, match="eval_scenes must be >= 1"):
+        setup(32, ", eval_scenes: 0")

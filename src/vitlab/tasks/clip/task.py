@@ -26,7 +26,8 @@ paper's prior for batches of many thousands with one positive per row; a batch w
 a fraction p of positives starts closer to its prior at log(p / (1 - p))),
 ``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
 ``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
-4000; val/test a quarter), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
+4000; every scene is drawn afresh from its index, so more scenes cost no more per epoch),
+``eval_scenes`` (val and test scenes each; a quarter of ``num_scenes``), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
 training captions and travels inside every checkpoint (``pretrained_cfg["tokenizer"]``).
 """
 
@@ -72,6 +73,7 @@ CLIP_OPTIONS: tuple[str, ...] = (
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
     "init_logit_scale", "init_logit_bias", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives",
     "itm_shifted_negatives", "itm_residual", "itm_lr_scale", "swap_contrastive",
+    "eval_scenes",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -381,8 +383,11 @@ class CLIPTask(Task):
             canvas = int(clip.get("canvas_size", 24))
             dsize = tuple(int(v) for v in clip.get("digit_size", (8, 11)))
             train = SceneCaptions("train", n, canvas, dsize, seed=cfg.seed)
-            val = SceneCaptions("val", max(n // 4, 1), canvas, dsize, seed=cfg.seed)
-            test = SceneCaptions("test", max(n // 4, 1), canvas, dsize, seed=cfg.seed)
+            n_eval = int(clip.get("eval_scenes", max(n // 4, 1)))
+            if n < 1 or n_eval < 1:
+                raise ValueError(f"num_scenes and eval_scenes must be >= 1, got {n} and {n_eval}")
+            val = SceneCaptions("val", n_eval, canvas, dsize, seed=cfg.seed)
+            test = SceneCaptions("test", n_eval, canvas, dsize, seed=cfg.seed)
             size, default_itm, context = canvas, 1, 16
         else:
             size = int(cfg.data.image_size or 224)
