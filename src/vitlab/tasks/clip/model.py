@@ -189,6 +189,11 @@ class CLIP(nn.Module):
         txt_emb, txt_tok = self.text_features(ids)
         img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
         out: dict[str, Any] = {"image_emb": img_emb, "text_emb": txt_emb, "scale": self.scale(), "bias": self.logit_bias}
+        use_itm = self.itm is not None and itm_negatives
+        keep, neg_tok = None, None
+        if negative_ids is not None and (use_itm or negative_emb):  # the text tower runs once on them
+            keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=ids.device)
+            neg_tok = self.text.forward_features(negative_ids)  # (B, L, dim)
         if self.itm is not None:
             pos = positive_mask(labels, None, b, txt_emb.shape[0], img_emb.device)
             neg_t, has_t, neg_i, has_i = mine_hard_negatives(img_emb.detach() @ txt_emb.detach().t(), pos)
@@ -196,17 +201,14 @@ class CLIP(nn.Module):
             img_idx = torch.cat([ar, ar[has_t], neg_i[has_i]])  # positives, image->hard text, text->hard image
             txt_idx = torch.cat([ar, neg_t[has_t], ar[has_i]])
             logits = self.itm_logits(img_tok[img_idx], txt_tok[txt_idx], ids[txt_idx])
-            if negative_ids is not None and itm_negatives:
-                keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=ids.device)
-                if bool(keep.any()):
-                    neg_ids = negative_ids[keep]  # (B, L) -> (B', L)
-                    neg_tok = self.text.forward_features(neg_ids)  # (B', L, dim)
-                    logits = torch.cat([logits, self.itm_logits(img_tok[keep], neg_tok, neg_ids)])
+            if use_itm and keep is not None and neg_tok is not None and bool(keep.any()):
+                # (B', N, C) images with their (B', L, dim) negative captions
+                logits = torch.cat([logits, self.itm_logits(img_tok[keep], neg_tok[keep], negative_ids[keep])])
             out["itm_logits"] = logits
             out["itm_targets"] = (torch.arange(logits.shape[0], device=img_emb.device) < b).float()
-        if negative_emb and negative_ids is not None:  # the given negative captions as contrastive candidates
-            keep = has_negative if has_negative is not None else torch.ones(b, dtype=torch.bool, device=ids.device)
-            out["negative_emb"] = F.normalize(self.text_projection(self.text(negative_ids)), dim=-1)  # (B, D)
+        if negative_emb and neg_tok is not None:  # the given negative captions as contrastive candidates
+            proj = self.text_projection(self.text.forward_head(neg_tok, negative_ids))  # (B, D)
+            out["negative_emb"] = F.normalize(proj, dim=-1)
             out["negative_keep"] = keep
         return out
 
