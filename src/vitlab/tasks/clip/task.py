@@ -6,7 +6,8 @@ features gathered from every rank with gradients, duplicate-aware targets, plus 
 loss on mined hard negatives), the temperature clamp after every optimizer step, the
 metrics (zero-shot accuracy when the data has class prompts, retrieval R@1/5/10 and ranks,
 ITM re-ranked text->image recall; with mirror captions, ``mirror_acc`` / ``itm_mirror_acc``: how
-often an image's own caption scores above its mirror caption, contrastively and by the ITM head) and the similarity-matrix plot.
+often an image's own caption scores above its mirror caption, contrastively and by the ITM head)
+and the similarity-matrix plot.
 
 Data (``data.dataset``): ``digits`` (the default: :class:`~vitlab.datasets.captions.DigitCaptions`),
 ``digit_scenes`` (:class:`~vitlab.datasets.captions.SceneCaptions`) or a folder with
@@ -109,14 +110,14 @@ class CLIPEvalMetrics(Metrics):
             self.text_tokens.append(outputs["text_tokens"])
             self.ids.append(batch.inputs[1])
         if "mirror_emb" in outputs:
-            self._update_mirror(outputs)
+            self._update_mirror(outputs, batch.inputs[1])
         self.zero_shot = outputs.get("zero_shot", self.zero_shot)
         self.scale = float(outputs["scale"])
         self.loss_sum += float(self.task.contrastive(outputs, batch.targets)) * batch.size
         self.n += batch.size
 
     @torch.no_grad()
-    def _update_mirror(self, outputs: dict[str, Any]) -> None:
+    def _update_mirror(self, outputs: dict[str, Any], ids: Tensor) -> None:
         """Images with a mirror caption (their digits exchanged): does their own caption score higher?"""
         has = outputs["has_mirror"]
         if not bool(has.any()):
@@ -127,7 +128,7 @@ class CLIPEvalMetrics(Metrics):
         self.mirror_wins.append((own > mirror).cpu())
         if "mirror_tokens" in outputs:
             model, tok = self.task.eval_model, outputs["image_tokens"][has]
-            own_itm = model.itm_logits(tok, outputs["text_tokens"][has], outputs["ids"][has])
+            own_itm = model.itm_logits(tok, outputs["text_tokens"][has], ids[has])
             mirror_itm = model.itm_logits(tok, outputs["mirror_tokens"][has], outputs["mirror_ids"][has])
             self.itm_mirror_wins.append((own_itm > mirror_itm).cpu())
 
@@ -286,7 +287,7 @@ class CLIPTask(Task):
                                "text_emb": nn.functional.normalize(txt, dim=-1), "scale": model.scale(),
                                "bias": model.logit_bias}
         if model.itm is not None and self.itm_top_k:
-            out.update(image_tokens=img_tok, text_tokens=txt_tok, ids=ids)
+            out.update(image_tokens=img_tok, text_tokens=txt_tok)
         if len(inputs) == 5:  # mirror captions: how often the own caption beats its mirror
             m_emb, m_tok = model.text_features(inputs[3])
             out.update(mirror_emb=nn.functional.normalize(m_emb, dim=-1), has_mirror=inputs[4])
