@@ -13,10 +13,10 @@ Trains through the engine (``task: clip``) and prints, averaged over seeds (mean
   that sees captions as bags of words can reach: it cannot tell a layout from its mirror
   image) and how often an image's own caption scores above its mirror caption (by the cosine
   and by the ITM logit; 50% is a bag-of-words model). 40,000 training scenes, each seen once
-  per epoch, 1,000 test scenes; the image tower pools the mean of its patch tokens. The ITM head is trained jointly with the towers (mined hard negatives and each
-  scene's caption with its digits exchanged), then alone on the frozen towers for the last
-  ``--itm-epochs`` (the ITM phase: many negatives per image, positives and negatives weighted
-  equally);
+  per epoch, 1,000 test scenes; the image tower pools the mean of its patch tokens. The ITM
+  head is trained jointly with the towers (mined hard negatives and each scene's caption with
+  its digits exchanged), then alone on the frozen towers for the last ``--itm-epochs`` (the
+  ITM phase: many negatives per image, positives and negatives weighted equally);
   ``--ablate-swap`` adds a run without the swapped negatives.
 
     python benchmarks/clip.py --quick           # about 30 s on 1 CPU: 1 seed, short runs (a smoke run)
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed and short runs (a few minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, help="seeds per experiment (default: 3; 1 with --quick)")
-    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0): seeds first .. first + seeds - 1")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (default 0): seeds first .. first + seeds - 1")
     p.add_argument("--digit-epochs", type=int, help=f"epochs on digits (default: {DIGIT_EPOCHS}; 3 with --quick)")
     p.add_argument("--digit-batch", type=int, default=DIGIT_BATCH, help="batch size on digits")
     p.add_argument("--scene-epochs", type=int,
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     n_eval = args.eval_scenes or (250 if args.quick else EVAL_SCENES)
     per_image = args.captions_per_image or (1 if args.quick else 4)
     results: dict[str, Any] = {"seeds": list(seed_list), "digit_epochs": d_epochs, "digit_batch": args.digit_batch,
-                               "scene_epochs": s_epochs, "itm_epochs": itm_epochs, "num_scenes": n_scenes, "eval_scenes": n_eval,
-                               "quick": args.quick}
+                               "scene_epochs": s_epochs, "itm_epochs": itm_epochs, "num_scenes": n_scenes,
+                               "eval_scenes": n_eval, "quick": args.quick}
     t0, c0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         if "digits" not in args.skip:
