@@ -1038,3 +1038,24 @@ def test_scene_eval_size_is_its_own_option_and_defaults_to_a_quarter():
         assert torch.equal(other.test_data[i]["image"], s.test_data[i]["image"])
     with pytest.raises(ValueError, match="eval_scenes must be >= 1"):
         setup(32, ", eval_scenes: 0")
+
+
+@needs_tokenizers_and_digits
+def test_scene_converse_option_sets_how_often_captions_use_the_converse_phrasing():
+    from vitlab.tasks.clip.inference import evaluation_data
+
+    def captions(extra=""):
+        ov = SCENES_TINY[-1].replace("num_scenes: 32", f"num_scenes: 32{extra}")
+        s = CLIPTask.from_config(load_config(None, SCENES_TINY[:-1] + [ov]))
+        # the checkpoint's record: `vitlab eval` rebuilds the scenes in the phrasing it was trained on
+        again = evaluation_data("digit_scenes", "test", num_scenes=32, scenes=s.model.pretrained_cfg["scenes"])
+        return [d[i]["caption"] for d in (s.train_data, s.val_data, s.test_data, again) for i in range(len(d))]
+
+    converse_words = ("right of", "below")
+    default = captions()
+    assert any(w in c for c in default for w in converse_words)  # 0.5 by default: both phrasings occur
+    assert not any(w in c for c in captions(", converse: 0") for w in converse_words)  # every split
+    always = captions(", converse: 1")
+    assert all(any(w in c for w in converse_words) for c in always if "single" not in c)
+    with pytest.raises(ValueError, match="converse must be a probability"):
+        captions(", converse: 2")

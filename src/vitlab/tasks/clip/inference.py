@@ -129,7 +129,8 @@ def retrieval_scores(model: CLIP, tokenizer: CLIPTokenizer, images: Tensor, text
 def evaluation_data(dataset: str, split: str, seed: int = 0, num_scenes: int = 1000,
                     scenes: dict[str, Any] | None = None) -> Any:
     """The captioned evaluation data of a dataset name: ``digits`` or ``digit_scenes``
-    (``scenes``: the canvas and digit sizes a checkpoint was trained with).
+    (``scenes``: the canvas and digit sizes and the converse-phrasing probability a checkpoint was
+    trained with).
 
     Raises:
         ValueError: Another name (a caption folder is evaluated with the Python API).
@@ -139,7 +140,7 @@ def evaluation_data(dataset: str, split: str, seed: int = 0, num_scenes: int = 1
     if dataset == "digit_scenes":
         s = scenes or {}
         return SceneCaptions(split, num_scenes, int(s.get("canvas_size", 24)), tuple(s.get("digit_size", (8, 11))),
-                             seed=seed)
+                             converse=float(s.get("converse", 0.5)), seed=seed)
     raise ValueError(f"vitlab eval of a CLIP checkpoint knows the datasets digits and digit_scenes, got {dataset!r}")
 
 

@@ -28,7 +28,8 @@ a fraction p of positives starts closer to its prior at log(p / (1 - p))),
 ``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
 ``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
 4000; every scene is drawn afresh from its index, so more scenes cost no more per epoch),
-``eval_scenes`` (val and test scenes each; a quarter of ``num_scenes``), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
+``eval_scenes`` (val and test scenes each; a quarter of ``num_scenes``), ``converse`` (0.5: how often a
+scene's caption uses the converse phrasing, "a 7 to the right of a 3" for "a 3 to the left of a 7"), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
 training captions and travels inside every checkpoint (``pretrained_cfg["tokenizer"]``).
 """
 
@@ -74,7 +75,7 @@ CLIP_OPTIONS: tuple[str, ...] = (
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
     "init_logit_scale", "init_logit_bias", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives",
     "itm_shifted_negatives", "itm_residual", "itm_lr_scale", "swap_contrastive",
-    "eval_scenes",
+    "eval_scenes", "converse",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -383,12 +384,13 @@ class CLIPTask(Task):
             n = int(clip.get("num_scenes", 4000))
             canvas = int(clip.get("canvas_size", 24))
             dsize = tuple(int(v) for v in clip.get("digit_size", (8, 11)))
-            train = SceneCaptions("train", n, canvas, dsize, seed=cfg.seed)
+            converse = float(clip.get("converse", 0.5))
+            train = SceneCaptions("train", n, canvas, dsize, converse=converse, seed=cfg.seed)
             n_eval = int(clip.get("eval_scenes", max(n // 4, 1)))
             if n < 1 or n_eval < 1:
                 raise ValueError(f"num_scenes and eval_scenes must be >= 1, got {n} and {n_eval}")
-            val = SceneCaptions("val", n_eval, canvas, dsize, seed=cfg.seed)
-            test = SceneCaptions("test", n_eval, canvas, dsize, seed=cfg.seed)
+            val = SceneCaptions("val", n_eval, canvas, dsize, converse=converse, seed=cfg.seed)
+            test = SceneCaptions("test", n_eval, canvas, dsize, converse=converse, seed=cfg.seed)
             size, default_itm, context = canvas, 1, 16
         else:
             size = int(cfg.data.image_size or 224)
@@ -431,7 +433,7 @@ class CLIPTask(Task):
                                 "interpolation": "bilinear", "dataset": dataset, "tokenizer": tokenizer.to_dict(),
                                 "templates": list(DIGIT_TEMPLATES) if dataset == "digits" else ["{}"]}
         if dataset == "digit_scenes":
-            model.pretrained_cfg["scenes"] = {"canvas_size": size, "digit_size": list(dsize)}
+            model.pretrained_cfg["scenes"] = {"canvas_size": size, "digit_size": list(dsize), "converse": converse}
         task = cls(tokenizer, train.mean, train.std, loss=loss, duplicate_aware=bool(clip.get("duplicate_aware", True)),
                    itm_weight=float(clip.get("itm_weight", 1.0)), itm_top_k=int(clip.get("itm_top_k", 10)),
                    prompts=prompts, augment=augment, itm_fusion=float(clip.get("itm_fusion", 1.0)),
