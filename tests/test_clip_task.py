@@ -1059,3 +1059,53 @@ def test_scene_converse_option_sets_how_often_captions_use_the_converse_phrasing
     assert all(any(w in c for w in converse_words) for c in always if "single" not in c)
     with pytest.raises(ValueError, match="converse must be a probability"):
         captions(", converse: 2")
+
+
+def test_itm_head_image_pos_adds_a_2d_sincos_encoding_to_the_grid_tokens_only():
+    from vitlab.components.embeddings import sincos_2d_pos_embed
+
+    torch.manual_seed(0)
+    head = ITMHead(text_dim=16, image_dim=12, depth=1, heads=2, image_pos=True, num_prefix_tokens=1).eval()
+    plain = ITMHead(text_dim=16, image_dim=12, depth=1, heads=2).eval()
+    plain.load_state_dict(head.state_dict())  # the encoding is fixed: the same weights
+    contexts = []
+    for m in head.modules():
+        if isinstance(m, CrossAttention):
+            m.register_forward_hook(lambda mod, args, kw, out: contexts.append(kw["context"]), with_kwargs=True)
+    text, image, eos = torch.randn(2, 5, 16), torch.randn(2, 1 + 9, 12), torch.tensor([4, 3])
+    with torch.no_grad():
+        logits = head(text, image, eos)
+        expected = head.image_norm(head.image_proj(image)) + torch.cat([torch.zeros(1, 16),
+                                                                        sincos_2d_pos_embed(16, (3, 3))])
+        torch.testing.assert_close(contexts[-1], expected)  # class token: nothing; the 3 x 3 grid: its place
+        # exchange two grid tokens: a head without positions reads a set, one with positions sees a new layout
+        swapped = image[:, [0, 9, 2, 3, 4, 5, 6, 7, 8, 1]]
+        torch.testing.assert_close(plain(text, swapped, eos), plain(text, image, eos))
+        assert (head(text, swapped, eos) - logits).abs().min() > 1e-4
+    with pytest.raises(ValueError, match="square grid after 1 prefix token"):
+        head(text, torch.randn(2, 1 + 8, 12), eos)
+
+
+@needs_tokenizers_and_digits
+def test_itm_image_pos_option_reaches_the_head_with_the_backbones_prefix_and_survives_saving(tmp_path):
+    from vitlab.tasks.clip.convert import load_clip, save_clip
+
+    def setup(model, extra, image="patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, "):
+        ov = SCENES_TINY[-1].replace("num_scenes: 32", f"num_scenes: 32{extra}")
+        ov = ov.replace("patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, ", image)
+        return CLIPTask.from_config(load_config(None, SCENES_TINY[:-1] + [f"model.name={model}", ov]))
+
+    vit = setup("vit_tiny_patch16_224", ", itm_image_pos: true").model
+    assert vit.itm.image_pos and vit.itm.num_prefix_tokens == 1  # the class token gets no encoding
+    assert not setup("vit_tiny_patch16_224", "").model.itm.image_pos  # off by default
+    swin = setup("swin_tiny_patch4_window7_224", ", itm_image_pos: true",
+                 "patch_size: 2, dim: 16, depths: [1], heads: [2], window_size: 4, ").model.eval()
+    assert swin.itm.image_pos and swin.itm.num_prefix_tokens == 0
+    save_clip(swin, tmp_path)
+    again, _ = load_clip(tmp_path)
+    assert again.itm.image_pos
+    images, ids = torch.rand(2, 1, 16, 16), torch.tensor([[1, 2, 3, 4]] * 2)
+    with torch.no_grad():
+        _, img_tok = swin.image_features(images)
+        _, txt_tok = swin.text_features(ids)
+        torch.testing.assert_close(again.itm_logits(img_tok, txt_tok, ids), swin.itm_logits(img_tok, txt_tok, ids))

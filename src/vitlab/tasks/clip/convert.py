@@ -156,7 +156,8 @@ def save_clip(model: CLIP, folder: str | Path, tokenizer: CLIPTokenizer | None =
     c = model.config
     cfg = dict(image_model=c.image_model, image_overrides=c.image_overrides, text=vars(c.text),
                embed_dim=c.embed_dim, init_logit_scale=c.init_logit_scale, max_logit_scale=c.max_logit_scale,
-               logit_bias=c.logit_bias, itm_depth=c.itm_depth, itm_heads=c.itm_heads)
+               logit_bias=c.logit_bias, itm_depth=c.itm_depth, itm_heads=c.itm_heads,
+               itm_image_pos=c.itm_image_pos)
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=list))
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     if tokenizer is not None:

@@ -1,7 +1,8 @@
 """Image-text matching (ITM): a cross-modal head that re-ranks contrastive retrieval.
 
 The text tokens (the text tower's normed token features) cross-attend to the image tokens
-(the image backbone's tokens before pooling) with the shared
+(the image backbone's tokens before pooling; optionally with a fixed 2-D sine-cosine encoding of
+where each token sits, for backbones whose tokens carry no absolute position, such as Swin) with the shared
 :class:`~vitlab.components.attention.CrossAttention`, then run a causal self-attention block;
 the end-of-text token's feature gives one match logit. It is trained with hard negatives
 mined from the contrastive similarities of the batch (the most similar non-positive text of
@@ -10,6 +11,7 @@ every image and image of every text), and used to re-rank the top-k of retrieval
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from ...components import ACT_LAYERS, Block
 from ...components.attention import CrossAttention
+from ...components.embeddings import sincos_2d_pos_embed
 from ...models.text import causal_mask
 
 
@@ -34,13 +37,21 @@ class ITMHead(nn.Module):
         heads: Attention heads.
         mlp_ratio: MLP hidden width / ``text_dim``.
         act: MLP activation name.
+        image_pos: Add a fixed 2-D sine-cosine position encoding (:func:`sincos_2d_pos_embed`)
+            to the projected image tokens, so that a text token can ask *where* something is
+            even when the backbone's tokens hold no absolute position (Swin's relative bias);
+            the tokens must form a square grid after ``num_prefix_tokens`` (which get none).
+        num_prefix_tokens: Image tokens before the grid (a ViT's class token).
     """
 
     def __init__(self, text_dim: int, image_dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 4.0,
-                 act: str = "gelu") -> None:
+                 act: str = "gelu", image_pos: bool = False, num_prefix_tokens: int = 0) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"the ITM head needs depth >= 1, got {depth}")
+        if image_pos and text_dim % 4:
+            raise ValueError(f"the ITM head's image position encoding needs a width divisible by 4, got {text_dim}")
+        self.image_pos, self.num_prefix_tokens = image_pos, num_prefix_tokens
         mlp = int(text_dim * mlp_ratio)
         self.image_proj = nn.Linear(image_dim, text_dim)
         self.image_norm = nn.LayerNorm(text_dim)
@@ -58,6 +69,8 @@ class ITMHead(nn.Module):
             raise ValueError(f"the ITM head pairs texts and images one to one, got {text_tokens.shape[0]} texts "
                              f"and {image_tokens.shape[0]} images")
         context = self.image_norm(self.image_proj(image_tokens))  # (B, N, Ci) -> (B, N, Ct)
+        if self.image_pos:
+            context = context + self.position_encoding(context.shape[1]).to(context)[None]
         mask = causal_mask(text_tokens.shape[1], text_tokens.device, text_tokens.dtype)  # (1, 1, L, L)
         x = text_tokens
         for cross, blk in zip(self.cross, self.self_blocks):
@@ -65,6 +78,17 @@ class ITMHead(nn.Module):
             x = blk(x, attn_bias=mask)
         pooled = self.norm(x[torch.arange(x.shape[0], device=x.device), eos])  # (B, Ct)
         return self.head(pooled).squeeze(-1)  # (B, 1) -> (B,)
+
+
+    def position_encoding(self, num_tokens: int) -> Tensor:
+        """(N, width) fixed encoding of N image tokens: zeros for the prefix tokens, then a square grid's 2-D sin-cos."""
+        n = num_tokens - self.num_prefix_tokens
+        side = math.isqrt(max(n, 0))
+        if n <= 0 or side * side != n:
+            raise ValueError(f"the ITM head's image position encoding needs the image tokens to form a square grid "
+                             f"after {self.num_prefix_tokens} prefix token(s), got {num_tokens} tokens")
+        width = self.image_proj.out_features
+        return torch.cat([torch.zeros(self.num_prefix_tokens, width), sincos_2d_pos_embed(width, (side, side))])
 
 
 def image_tokens(features: Tensor) -> Tensor:

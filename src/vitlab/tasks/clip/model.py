@@ -35,6 +35,8 @@ class CLIPConfig:
         itm_depth: Layers of the image-text matching head (:class:`~vitlab.tasks.clip.itm.ITMHead`);
             0 for no head.
         itm_heads: Attention heads of the matching head.
+        itm_image_pos: The matching head adds a fixed 2-D sin-cos encoding of each image token's
+            place to the tokens it attends to (needed by backbones without absolute positions, Swin).
     """
 
     image_model: str = "vit_base_patch16_224"
@@ -46,6 +48,7 @@ class CLIPConfig:
     logit_bias: float | None = None
     itm_depth: int = 0
     itm_heads: int = 2
+    itm_image_pos: bool = False
 
     def __post_init__(self) -> None:
         if self.itm_depth < 0 or self.itm_heads < 1:
@@ -86,7 +89,8 @@ class CLIP(nn.Module):
         if c.itm_depth:
             info = getattr(self.visual, "feature_info", None)
             token_dim = int(info[-1]["num_chs"]) if info else self.visual.num_features  # width of forward_features
-            self.itm = ITMHead(text_cfg.dim, token_dim, c.itm_depth, c.itm_heads)
+            self.itm = ITMHead(text_cfg.dim, token_dim, c.itm_depth, c.itm_heads, image_pos=c.itm_image_pos,
+                               num_prefix_tokens=int(getattr(self.visual, "num_prefix_tokens", 0)))
         #: Learning-rate factor of the ITM head in the engine's optimizer (see :meth:`lr_scales`).
         self.itm_lr_scale = 1.0
 

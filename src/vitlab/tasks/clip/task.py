@@ -16,7 +16,8 @@ Data (``data.dataset``): ``digits`` (the default: :class:`~vitlab.datasets.capti
 Options come from ``model.overrides`` (the rest of it configures the image backbone
 ``model.name``): ``text`` (a text-tower variant, ``clip_text_tiny``), ``text_overrides``,
 ``embed_dim`` (64), ``loss`` (``clip`` | ``siglip``), ``duplicate_aware`` (true), ``itm_depth``
-(0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_weight`` (1.0), ``itm_top_k`` (10),
+(0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_image_pos`` (false: the head adds a 2-D sin-cos
+encoding of each image token's place; for backbones without absolute positions, Swin), ``itm_weight`` (1.0), ``itm_top_k`` (10),
 ``itm_fusion`` (1.0: weight of the contrastive logit in the fused re-ranking),
 ``swap_negatives`` (true: each scene's digit-swapped caption is an ITM negative),
 ``itm_epochs`` (0: the last epochs that train the ITM head alone on frozen towers),
@@ -75,7 +76,7 @@ CLIP_OPTIONS: tuple[str, ...] = (
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
     "init_logit_scale", "init_logit_bias", "itm_fusion", "swap_negatives", "itm_epochs", "itm_hard_negatives",
     "itm_shifted_negatives", "itm_residual", "itm_lr_scale", "swap_contrastive",
-    "eval_scenes", "converse",
+    "eval_scenes", "converse", "itm_image_pos",
 )
 #: How many eval samples the similarity-matrix plot shows.
 PLOT_SAMPLES = 12
@@ -414,7 +415,8 @@ class CLIPTask(Task):
                             embed_dim=int(clip.get("embed_dim", 64)),
                             init_logit_scale=float(clip.get("init_logit_scale", 10.0 if siglip else 1 / 0.07)),
                             logit_bias=float(clip.get("init_logit_bias", -10.0)) if siglip else None,
-                            itm_depth=int(clip.get("itm_depth", default_itm)), itm_heads=int(clip.get("itm_heads", 2)))
+                            itm_depth=int(clip.get("itm_depth", default_itm)), itm_heads=int(clip.get("itm_heads", 2)),
+                            itm_image_pos=bool(clip.get("itm_image_pos", False)))
         model = CLIP(config)
         model.itm_lr_scale = float(clip.get("itm_lr_scale", 1.0))
         itm_epochs = int(clip.get("itm_epochs", 0))
