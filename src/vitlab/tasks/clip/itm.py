@@ -81,7 +81,8 @@ class ITMHead(nn.Module):
 
 
     def position_encoding(self, num_tokens: int) -> Tensor:
-        """(N, width) fixed encoding of N image tokens: zeros for the prefix tokens, then a square grid's 2-D sin-cos."""
+        """(N, width) fixed encoding of N image tokens: zeros for the prefix tokens, then the
+        2-D sin-cos encoding of a square grid."""
         n = num_tokens - self.num_prefix_tokens
         side = math.isqrt(max(n, 0))
         if n <= 0 or side * side != n:

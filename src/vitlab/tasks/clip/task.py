@@ -16,8 +16,9 @@ Data (``data.dataset``): ``digits`` (the default: :class:`~vitlab.datasets.capti
 Options come from ``model.overrides`` (the rest of it configures the image backbone
 ``model.name``): ``text`` (a text-tower variant, ``clip_text_tiny``), ``text_overrides``,
 ``embed_dim`` (64), ``loss`` (``clip`` | ``siglip``), ``duplicate_aware`` (true), ``itm_depth``
-(0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_image_pos`` (false: the head adds a 2-D sin-cos
-encoding of each image token's place; for backbones without absolute positions, Swin), ``itm_weight`` (1.0), ``itm_top_k`` (10),
+(0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_image_pos`` (false: the head adds a 2-D
+sin-cos encoding of each image token's place; for backbones without absolute positions, Swin),
+``itm_weight`` (1.0), ``itm_top_k`` (10),
 ``itm_fusion`` (1.0: weight of the contrastive logit in the fused re-ranking),
 ``swap_negatives`` (true: each scene's digit-swapped caption is an ITM negative),
 ``itm_epochs`` (0: the last epochs that train the ITM head alone on frozen towers),
@@ -29,8 +30,9 @@ a fraction p of positives starts closer to its prior at log(p / (1 - p))),
 ``vocab_size`` (learned BPE tokens, 256), ``context_length`` (16; 32 for folders),
 ``captions_per_image`` (training copies of each digit, 4), ``num_scenes`` (training scenes,
 4000; every scene is drawn afresh from its index, so more scenes cost no more per epoch),
-``eval_scenes`` (val and test scenes each; a quarter of ``num_scenes``), ``converse`` (0.5: how often a
-scene's caption uses the converse phrasing, "a 7 to the right of a 3" for "a 3 to the left of a 7"), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
+``eval_scenes`` (val and test scenes each; a quarter of ``num_scenes``), ``converse`` (0.5: how
+often a scene's caption uses the converse phrasing, "a 7 to the right of a 3" for "a 3 to the
+left of a 7"), ``canvas_size`` (24) and ``digit_size`` ((8, 11)) of the scenes. The tokenizer is a BPE trained on the
 training captions and travels inside every checkpoint (``pretrained_cfg["tokenizer"]``).
 """
 
