@@ -1,9 +1,9 @@
 """Image-text matching (ITM): a cross-modal head that re-ranks contrastive retrieval.
 
 The text tokens (the text tower's normed token features) cross-attend to the image tokens
-(the image backbone's tokens before pooling; optionally with a fixed 2-D sine-cosine encoding of
-where each token sits, for backbones whose tokens carry no absolute position, such as Swin) with the shared
-:class:`~vitlab.components.attention.CrossAttention`, then run a causal self-attention block;
+(the image backbone's tokens before pooling; optionally with a fixed 2-D sine-cosine encoding
+of where each token sits, for backbones whose tokens carry no absolute position, such as Swin)
+with the shared :class:`~vitlab.components.attention.CrossAttention`, then run a causal self-attention block;
 the end-of-text token's feature gives one match logit. It is trained with hard negatives
 mined from the contrastive similarities of the batch (the most similar non-positive text of
 every image and image of every text), and used to re-rank the top-k of retrieval.
@@ -78,7 +78,6 @@ class ITMHead(nn.Module):
             x = blk(x, attn_bias=mask)
         pooled = self.norm(x[torch.arange(x.shape[0], device=x.device), eos])  # (B, Ct)
         return self.head(pooled).squeeze(-1)  # (B, 1) -> (B,)
-
 
     def position_encoding(self, num_tokens: int) -> Tensor:
         """(N, width) fixed encoding of N image tokens: zeros for the prefix tokens, then the
