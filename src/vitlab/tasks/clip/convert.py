@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...config import config_to_dict
 from ...errors import CheckpointError
 from ...models.text import TextConfig
 from .model import CLIP, CLIPConfig
@@ -153,11 +154,7 @@ def save_clip(model: CLIP, folder: str | Path, tokenizer: CLIPTokenizer | None =
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    c = model.config
-    cfg = dict(image_model=c.image_model, image_overrides=c.image_overrides, text=vars(c.text),
-               embed_dim=c.embed_dim, init_logit_scale=c.init_logit_scale, max_logit_scale=c.max_logit_scale,
-               logit_bias=c.logit_bias, itm_depth=c.itm_depth, itm_heads=c.itm_heads,
-               itm_image_pos=c.itm_image_pos)
+    cfg = config_to_dict(model.config)  # every field, the text tower's config as a nested dict
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=list))
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     if tokenizer is not None:
