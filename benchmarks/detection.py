@@ -87,7 +87,7 @@ def run(name: str, extra: list[str], quick: bool, log: bool, overfit: int = 0, k
         res = trainer.fit()
         model = trainer.model
         if overfit:  # AP on the training scenes themselves
-            from vitlab.tasks.detection.task import evaluate_detector
+            from vitlab.tasks.detection.inference import evaluate_detector
 
             train = evaluate_detector(model, trainer.train_loader.dataset, cfg.data.eval_batch_size)
             res = {**res, "test_AP50": train["AP50"], "test_AP": train["AP"]}

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from vitlab.tasks.detection.detr import REMEDIES
-from vitlab.tasks.detection.task import (
-    DETECTION_RECIPE,
+from vitlab.tasks.detection.task import DETECTION_RECIPE
+from vitlab.tasks.detection.inference import (
     data_for_checkpoint,
     detect,
     detections_to_json,

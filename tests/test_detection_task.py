@@ -25,9 +25,9 @@ from vitlab.tasks.detection.task import (  # noqa: E402
     DetectionTask,
     build_dense_augment,
     collate_detection,
-    load_detector,
     unpad_targets,
 )
+from vitlab.tasks.detection.inference import load_detector  # noqa: E402
 from vitlab.training.checkpoint import latest_checkpoint  # noqa: E402
 from vitlab.training.config import load_config  # noqa: E402
 from vitlab.training.run import build_trainer  # noqa: E402
@@ -257,7 +257,7 @@ def test_predict_detection_writes_png_and_json_in_original_pixels(tmp_path):
 
 @needs_detection_extra
 def test_eval_detection_checkpoint_prints_the_coco_table(tmp_path, capsys):
-    from vitlab.tasks.detection.task import evaluate_detector
+    from vitlab.tasks.detection.inference import evaluate_detector
 
     ck, model, test_data = _tiny_checkpoint(tmp_path)
     assert main(["eval", "--checkpoint", str(ck), "--device", "cpu"]) == 0

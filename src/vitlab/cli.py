@@ -135,7 +135,7 @@ def _cmd_predict_detection(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .tasks.detection.task import detect, detections_to_json, draw_detections, load_detector
+    from .tasks.detection.inference import detect, detections_to_json, draw_detections, load_detector
 
     if not args.checkpoint:
         raise ValueError("vitlab predict --task detection needs --checkpoint (a detection run's checkpoint)")
@@ -174,7 +174,8 @@ def _cmd_predict_detection(args: argparse.Namespace) -> int:
 def _cmd_eval_detection(args: argparse.Namespace) -> int:
     """``vitlab eval`` on a DETR / YOLOS checkpoint: the COCO box metrics table."""
     from .tasks.detection import COCO_METRICS
-    from .tasks.detection.task import data_for_checkpoint, evaluate_detector, load_detector, plot_predictions
+    from .tasks.detection.inference import data_for_checkpoint, evaluate_detector, load_detector
+    from .tasks.detection.plots import plot_predictions
 
     model = load_detector(args.checkpoint)
     split = args.split or "test"
@@ -294,7 +295,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .tasks.detection.task import is_detection_checkpoint
+    from .tasks.detection.inference import is_detection_checkpoint
     from .tasks.segmentation.model import is_segmenter_checkpoint
 
     if is_segmenter_checkpoint(args.checkpoint):

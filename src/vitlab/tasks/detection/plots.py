@@ -1,0 +1,58 @@
+"""Detection figures: loss / AP curves and predictions against the ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+
+def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Training loss and validation AP / AP50 per epoch."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h.get("train_loss") for h in history], marker=".", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    for key in ("val_AP50", "val_AP"):
+        vals = [h.get(key) for h in history]
+        if any(v is not None for v in vals):
+            ax2.plot(epochs, vals, marker=".", label=key[4:])
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("AP")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_predictions(samples: Sequence[Mapping[str, Any]], labels: Sequence[str], path: str | Path,
+                     score_threshold: float = 0.5) -> Path:
+    """Images with ground truth (green, dashed) and predictions scoring >= ``score_threshold`` (red)."""
+    from ..plots import _pyplot
+
+    plt = _pyplot()
+    n = len(samples)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
+    for ax, s in zip(axes[0], samples):
+        img = s["image"].float()
+        ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray", vmin=0, vmax=1)
+        for (x0, y0, x1, y1), lab in zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist()):
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", ls="--", lw=1))
+        for (x0, y0, x1, y1), lab, sc in zip(s["boxes"].tolist(), s["labels"].tolist(), s["scores"].tolist()):
+            if sc < score_threshold:
+                continue
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=1))
+            ax.text(x0, y0, f"{labels[lab]} {sc:.2f}", color="red", fontsize=7, va="bottom")
+        ax.axis("off")
+    fig.suptitle("ground truth (green, dashed) vs predictions (red)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["plot_detection_curves", "plot_predictions"]
