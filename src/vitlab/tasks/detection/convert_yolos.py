@@ -33,8 +33,12 @@ def yolos_config_from_hf(hf: dict[str, Any]) -> YOLOSConfig:
         raise CheckpointError(f"YOLOS checkpoint uses hidden_act {act!r}; only 'gelu' is supported")
     size = hf.get("image_size", [512, 864])
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    patch = hf.get("patch_size", 16)
+    # HF sizes the position-embedding grid as image_size // patch_size (hustvl/yolos-*: 800 x 1333 -> 50 x 83);
+    # vitlab's ViT rounds a partial patch up, so hand it the largest whole-patch size inside the HF one
+    size = tuple(s // patch * patch for s in size)  # e.g. (800, 1333) -> (800, 1328)
     vit = ViTConfig(
-        image_size=size, patch_size=hf.get("patch_size", 16), in_channels=hf.get("num_channels", 3), num_classes=0,
+        image_size=size, patch_size=patch, in_channels=hf.get("num_channels", 3), num_classes=0,
         dim=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
         mlp_dim=hf["intermediate_size"], qkv_bias=hf.get("qkv_bias", True), norm_eps=hf.get("layer_norm_eps", 1e-12),
         dropout=hf.get("hidden_dropout_prob", 0.0), attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
