@@ -2,8 +2,10 @@
 
 Reading validates every annotation up front: a box outside its image, an empty box, an unknown
 category or image id, or a missing image file raises one :class:`AnnotationError` (or, for a
-file, :class:`MissingImageError`) that names the annotation id or the file, unless
-``on_error="skip"``, which drops them and counts them in :attr:`CocoDetection.skipped`.
+file, :class:`MissingImageError`) that names the annotations file and the annotation id or
+image file, unless ``on_error="skip"``, which drops them and counts them in
+:attr:`CocoDetection.skipped`. Duplicate image or annotation ids always raise: which entry
+is meant cannot be told.
 """
 
 from __future__ import annotations
@@ -117,6 +119,20 @@ def write_coco(
     return path
 
 
+def _reject_duplicates(ids: Sequence[Any], kind: str, path: Path) -> None:
+    """Raise an :class:`AnnotationError` naming ``path`` and every ``kind`` id that occurs more than once."""
+    seen: set[Any] = set()
+    dup: list[Any] = []
+    for i in ids:
+        if i in seen and i not in dup:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        shown = ", ".join(str(i) for i in dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        raise AnnotationError(f"{path}: duplicate {kind} id{'s' if len(dup) > 1 else ''} {shown}; every {kind} "
+                              f"needs its own id")
+
+
 class CocoDetection(Dataset):
     """A COCO ``instances`` dataset: annotation JSON plus image folder.
 
@@ -150,7 +166,10 @@ class CocoDetection(Dataset):
         if not path.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise AnnotationError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); COCO JSON must be "
+                                  f"UTF-8") from None
         except json.JSONDecodeError as e:
             raise AnnotationError(f"{path} is not valid JSON: {e}") from None
         missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
@@ -161,6 +180,13 @@ class CocoDetection(Dataset):
         self.on_error = on_error
         self.load_masks = load_masks
         self.skipped = {"images": 0, "annotations": 0}
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data[key], list):
+                raise AnnotationError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
+        for key in ("annotations", "categories"):  # image entries are checked one by one below
+            bad = next((k for k, e in enumerate(data[key]) if not isinstance(e, dict)), None)
+            if bad is not None:
+                raise AnnotationError(f"{path}: {key} entry {bad} is not a JSON object: {data[key][bad]!r}")
         self.category_ids: list[int] = sorted(int(c["id"]) for c in data["categories"])
         names = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
         self.classes = [names[c] for c in self.category_ids]
@@ -171,11 +197,14 @@ class CocoDetection(Dataset):
             absent = [key for key in ("id", "file_name", "width", "height") if not isinstance(img, dict) or key not in img]
             if absent:
                 raise AnnotationError(f"{path}: image entry {k} has no {', '.join(absent)}")
+        _reject_duplicates([img["id"] for img in data["images"]], "image", path)
+        _reject_duplicates([ann["id"] for ann in data["annotations"] if "id" in ann], "annotation", path)
         self.images: dict[int, dict[str, Any]] = {}
         for img in data["images"]:
             file = self.image_dir / str(img["file_name"])
             if not file.is_file():
-                error = MissingImageError(f"image {img['file_name']!r} (id {img['id']}) not found in {self.image_dir}")
+                error = MissingImageError(f"{path}: image {img['file_name']!r} (id {img['id']}) not found in "
+                                          f"{self.image_dir}")
                 self._bad(error, "images")
                 continue
             self.images[int(img["id"])] = img
@@ -185,7 +214,7 @@ class CocoDetection(Dataset):
         for ann in data["annotations"]:
             aid, image_id = ann.get("id"), ann.get("image_id")
             if image_id not in known_images:
-                self._bad(AnnotationError(f"annotation {aid}: unknown image_id {image_id}"), "annotations")
+                self._bad(AnnotationError(f"{path}: annotation {aid}: unknown image_id {image_id}"), "annotations")
                 continue
             if image_id not in self.images:  # its image is missing and was skipped
                 self.skipped["annotations"] += 1
@@ -193,7 +222,7 @@ class CocoDetection(Dataset):
             if ann.get("category_id") not in cat_to_label:
                 self._bad(
                     AnnotationError(
-                        f"annotation {aid}: unknown category_id {ann.get('category_id')} "
+                        f"{path}: annotation {aid}: unknown category_id {ann.get('category_id')} "
                         f"(the file declares {self.category_ids})"
                     ),
                     "annotations",
@@ -204,19 +233,19 @@ class CocoDetection(Dataset):
             img = self.images[image_id]
             bbox = ann.get("bbox")
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-                error = AnnotationError(f"annotation {aid}: bbox must be [x, y, width, height], got {bbox!r}")
+                error = AnnotationError(f"{path}: annotation {aid}: bbox must be [x, y, width, height], got {bbox!r}")
                 self._bad(error, "annotations")
                 continue
             x, y, bw, bh = (float(v) for v in bbox)
             W, H, tol = float(img["width"]), float(img["height"]), box_tolerance
             if bw <= 0 or bh <= 0:
-                error = AnnotationError(f"annotation {aid}: empty box {bbox} (width and height must be > 0)")
+                error = AnnotationError(f"{path}: annotation {aid}: empty box {bbox} (width and height must be > 0)")
                 self._bad(error, "annotations")
                 continue
             if x < -tol or y < -tol or x + bw > W + tol or y + bh > H + tol:
                 self._bad(
                     AnnotationError(
-                        f"annotation {aid}: box {bbox} (x, y, w, h) lies outside its image "
+                        f"{path}: annotation {aid}: box {bbox} (x, y, w, h) lies outside its image "
                         f"{img['file_name']!r} of {int(W)}x{int(H)} pixels"
                     ),
                     "annotations",
@@ -258,11 +287,12 @@ class CocoDetection(Dataset):
                 im.load()
                 pil = im if im.mode == "L" else im.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
-            raise AnnotationError(f"image {str(file)!r} cannot be read as an image: {e}") from None
+            raise AnnotationError(f"image {str(file)!r} cannot be read as an image: {e} (listed in "
+                                  f"{self.annotation_file})") from None
         if (pil.width, pil.height) != (int(info["width"]), int(info["height"])):
             raise AnnotationError(
                 f"image {str(file)!r} is {pil.width}x{pil.height} pixels but its annotation says "
-                f"{info['width']}x{info['height']}"
+                f"{info['width']}x{info['height']} (in {self.annotation_file})"
             )
         arr = np.asarray(pil, dtype=np.float32) / 255.0
         image = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())  # (H, W[, 3]) -> (C, H, W)
@@ -274,21 +304,22 @@ class CocoDetection(Dataset):
             "image_id": image_id,
         }
         if self.load_masks:
-            sample["instance_masks"] = self._masks(objs, int(info["height"]), int(info["width"]))
+            h, w = int(info["height"]), int(info["width"])
+            sample["instance_masks"] = self._masks(objs, h, w, self.annotation_file)
         return sample
 
     @staticmethod
-    def _masks(objs: list[tuple[list[float], int, dict[str, Any]]], h: int, w: int) -> Tensor:
+    def _masks(objs: list[tuple[list[float], int, dict[str, Any]]], h: int, w: int, path: Path) -> Tensor:
         masks = np.zeros((len(objs), h, w), dtype=bool)
         for k, (_, _, ann) in enumerate(objs):
             seg = ann.get("segmentation")
             if not seg:
-                raise AnnotationError(f"annotation {ann.get('id')}: no segmentation, but masks were requested")
+                raise AnnotationError(f"{path}: annotation {ann.get('id')}: no segmentation, but masks were requested")
             if isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
                 try:
                     masks[k] = _rle_decode(seg["counts"], h, w)
                 except ValueError as e:
-                    raise AnnotationError(f"annotation {ann.get('id')}: bad RLE segmentation: {e}") from None
+                    raise AnnotationError(f"{path}: annotation {ann.get('id')}: bad RLE segmentation: {e}") from None
                 continue
             try:
                 from pycocotools import mask as mask_utils
