@@ -185,7 +185,7 @@ def test_perfect_predictions_give_ap_one():
     res = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.5} for a in gt["annotations"]]
     m = evaluate_coco(gt, res)
     assert m["AP"] == m["AP50"] == m["AP75"] == m["AP_small"] == 1.0
-    assert m["AP_medium"] == m["AP_large"] == -1.0  # no such objects
+    assert m["AP_medium"] is None and m["AP_large"] is None  # no such objects (pycocotools' -1)
 
 
 def test_shifted_box_gives_the_hand_computed_ap():
@@ -236,11 +236,12 @@ def test_evaluator_equals_cocoeval_run_on_the_written_files(tmp_path):
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-    direct = ev.stats.tolist()
+    direct = [None if v == -1 else v for v in ev.stats.tolist()]  # -1: nothing to measure, reported as None
     ours = evaluator.compute()
     from_files = evaluate_coco(gt_path, res_path)
-    assert list(ours.values()) == pytest.approx(direct, abs=1e-9)
-    assert list(from_files.values()) == pytest.approx(direct, abs=1e-9)
+    for got in (list(ours.values()), list(from_files.values())):
+        assert [v is None for v in got] == [v is None for v in direct]
+        assert [v for v in got if v is not None] == pytest.approx([v for v in direct if v is not None], abs=1e-9)
     assert 0.05 < ours["AP"] < 0.95  # neither trivial nor perfect
 
 

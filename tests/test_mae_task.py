@@ -171,9 +171,14 @@ def test_run_directory_has_a_reconstruction_grid_per_evaluation_and_loss_curves(
     # the grid: original / masked input (grey at hidden patches) / reconstruction, 4x upscaled
     img = np.asarray(Image.open(mae_run / "reconstructions" / "epoch-0002.png"))
     scale, pad, side = 4, 2, 16
-    assert img.shape == (scale * (3 * (side + pad) + pad), scale * (GRID_IMAGES * (side + pad) + pad))
+    grid_width = scale * (GRID_IMAGES * (side + pad) + pad)
+    margin = img.shape[1] - grid_width  # the row labels' white margin, left of the grid
+    assert img.shape[0] == scale * (3 * (side + pad) + pad) and margin > 0
+    for row in range(3):  # each row has its label's dark text in the margin
+        band = img[scale * (pad + row * (side + pad)):scale * (pad + row * (side + pad) + side), :margin]
+        assert (band < 128).any()
     cell = lambda row, i: img[scale * (pad + row * (side + pad)):scale * (pad + row * (side + pad) + side):scale,  # noqa: E731
-                              scale * (pad + i * (side + pad)):scale * (pad + i * (side + pad) + side):scale]
+                              margin + scale * (pad + i * (side + pad)):margin + scale * (pad + i * (side + pad) + side):scale]
     cfg = mae_cfg(mae_run)
     val = get_task("mae").from_config(cfg).val_data
     for i in range(GRID_IMAGES):

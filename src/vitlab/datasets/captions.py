@@ -20,6 +20,7 @@ duplicate captions in a batch are never pushed apart.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -201,11 +202,27 @@ CAPTION_COLUMNS = ("image", "caption")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def _read_text(file: Path) -> str:
+    """The UTF-8 text of ``file`` (a leading byte-order mark dropped).
+
+    Raises:
+        ValueError: The file is not UTF-8; the message names the file and the line of the first bad byte.
+    """
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{file} line {line} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                         f"save the caption file as UTF-8") from None
+
+
 def _read_caption_rows(file: Path) -> list[tuple[int, str, str]]:
     """(line number, image, caption) of every row of a CSV or JSONL caption file."""
     rows: list[tuple[int, str, str]] = []
+    text = _read_text(file)
     if file.suffix.lower() == ".csv":
-        with file.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in CAPTION_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
@@ -214,11 +231,11 @@ def _read_caption_rows(file: Path) -> list[tuple[int, str, str]]:
             for line, rec in enumerate(reader, start=2):
                 rows.append((line, rec["image"] or "", rec["caption"] or ""))
     else:
-        for line, text in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
+        for line, row in enumerate(text.splitlines(), start=1):
+            if not row.strip():
                 continue
             try:
-                rec = json.loads(text)
+                rec = json.loads(row)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} line {line} is not valid JSON: {e.msg}") from None
             if not isinstance(rec, dict) or any(c not in rec for c in CAPTION_COLUMNS):

@@ -245,6 +245,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     """
 
     family: str = ""
+    #: The task a checkpoint of this model is loaded for (``meta["task"]``).
+    task: str = "classification"
     #: Parameter names (or last name parts) excluded from weight decay besides norms and biases.
     no_weight_decay_names: tuple[str, ...] = ()
     #: Attributes holding the classifier(s) that ``reset_classifier`` replaces.
@@ -424,9 +426,18 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def reject_mask(self, mask: Tensor | None) -> None:
         """Raise the one clear error of a family that does not take a patch mask yet."""
         if mask is not None:
+            from .registry import list_families  # here: the registry imports this module
+
+            # SimMIM: families whose config has a mask token (the MAE task's rule); MAE: the other
+            # families whose forward_features takes the mask (does not call reject_mask)
+            families = list_families()
+            simmim = sorted(f for f, (_, c) in families.items() if "mask_token" in {x.name for x in dataclasses.fields(c)})
+            mae = sorted(f for f, (m, _) in families.items()
+                         if f not in simmim and "reject_mask" not in m.forward_features.__code__.co_names)
             raise ValueError(
-                f"forward_features(mask=...) is not yet supported for {type(self).__name__} (family {self.family!r}); "
-                "call it without a mask"
+                f"{type(self).__name__} (family {self.family!r}) cannot be pre-trained by masked image modelling: "
+                f"MAE needs a plain ViT family ({', '.join(mae)}), SimMIM a hierarchical family with a mask token "
+                f"({', '.join(simmim)}); choose a model of one of those families (`vitlab models` lists them)"
             )
 
     @classmethod

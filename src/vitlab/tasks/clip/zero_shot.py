@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..inputs import background_for, input_notes, to_unit_tensor
 
 if TYPE_CHECKING:
     from .model import CLIP
@@ -74,3 +76,36 @@ def zero_shot_accuracy(image_emb: Tensor, weights: Tensor, targets: Tensor, topk
     top = logits.topk(k_max, dim=1).indices  # (B, k_max)
     hit = top == targets[:, None]
     return {f"top{k}": float(hit[:, : min(k, k_max)].any(dim=1).float().mean()) for k in topk}
+
+
+def zero_shot_notes(model: CLIP, images: Sequence[Any]) -> list[list[str]]:
+    """Per image: notes on how far it is from the CLIP checkpoint's training images.
+
+    The check of ``vitlab predict`` and ``vitlab explain``
+    (:func:`~vitlab.tasks.inputs.input_notes`: size, channels, a uniform image, inverted polarity,
+    mean intensity), against the image tower's input size and channels and the checkpoint's
+    normalisation; a zero-shot answer on an image far from the training data is no answer.
+
+    Args:
+        model: The CLIP model (its ``pretrained_cfg`` holds the training data's ``mean`` / ``std``).
+        images: Paths, PIL images, arrays or tensors (a (B, ...) array or tensor counts as B images).
+
+    Returns:
+        One list of note strings per image, empty when nothing looks off.
+
+    Raises:
+        FileNotFoundError: A path that does not exist.
+        InputError: An input that is not an image.
+    """
+    from .inference import _input_spec  # here: inference imports this module
+
+    size, channels, mean, std = _input_spec(model)
+    pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": [channels, size, size],
+            "mean": list(mean), "std": list(std)}
+    background = background_for(pcfg)
+    notes: list[list[str]] = []
+    for image in images:
+        t = to_unit_tensor(image, background)
+        for unit in t.unbind(0) if t.ndim == 4 else [t]:
+            notes.append(input_notes(unit, pcfg, channels))
+    return notes

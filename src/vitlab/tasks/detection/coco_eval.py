@@ -78,7 +78,7 @@ def detections_to_coco_results(
 def evaluate_coco(
     ground_truth: str | Path | Mapping[str, Any],
     results: str | Path | Sequence[Mapping[str, Any]],
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Box mAP of COCO results against COCO ground truth, with pycocotools' ``COCOeval``.
 
     Args:
@@ -88,8 +88,9 @@ def evaluate_coco(
 
     Returns:
         ``COCO_METRICS`` -> value: AP@[.5:.95], AP@.5, AP@.75, AP per object size, and the
-        recalls; ``-1`` where there is nothing to measure (e.g. no large objects), as in
-        COCO. With no results at all every value is 0 (or -1 where there is nothing to measure).
+        recalls; ``None`` (JSON ``null``) where there is nothing to measure (e.g. no large
+        objects: pycocotools' ``-1``). With no results at all every value is 0 (or None where
+        there is nothing to measure).
     """
     COCO, COCOeval = _pycocotools()
     gt_data = _load_json(ground_truth, "COCO ground truth")
@@ -115,7 +116,8 @@ def evaluate_coco(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: float(v) for name, v in zip(COCO_METRICS, ev.stats)}
+    # pycocotools writes -1 for "no ground-truth object of this kind": not a score, so None
+    return {name: None if float(v) == -1.0 else float(v) for name, v in zip(COCO_METRICS, ev.stats)}
 
 
 class CocoEvaluator:
@@ -145,7 +147,7 @@ class CocoEvaluator:
         ids = image_ids.tolist() if isinstance(image_ids, torch.Tensor) else list(image_ids)
         self.records.extend(detections_to_coco_results(detections, ids, self.category_ids))
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, float | None]:
         """COCO box metrics of everything added so far (see :func:`evaluate_coco`)."""
         return evaluate_coco(self.ground_truth, self.records)
 

@@ -18,8 +18,8 @@ def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path) -
     ax1.legend()
     for key in ("val_AP50", "val_AP"):
         vals = [h.get(key) for h in history]
-        if any(v is not None for v in vals):
-            ax2.plot(epochs, vals, marker=".", label=key[4:])
+        if any(v is not None for v in vals):  # None (nothing to measure, or not evaluated): a gap
+            ax2.plot(epochs, [float("nan") if v is None else v for v in vals], marker=".", label=key[4:])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("AP")
     ax2.legend()
@@ -29,9 +29,13 @@ def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path) -
     return Path(path)
 
 
-def plot_predictions(samples: Sequence[Mapping[str, Any]], labels: Sequence[str], path: str | Path,
-                     score_threshold: float = 0.5) -> Path:
-    """Images with ground truth (green, dashed) and predictions scoring >= ``score_threshold`` (red)."""
+def predictions_figure(samples: Sequence[Mapping[str, Any]], labels: Sequence[str],
+                       score_threshold: float = 0.5) -> Any:
+    """The matplotlib figure of :func:`plot_predictions` (not saved, not closed).
+
+    A panel where no prediction scores ``>= score_threshold`` says so
+    (``"no detection >= 0.50"``) instead of showing only the ground truth.
+    """
     from ..plots import _pyplot
 
     plt = _pyplot()
@@ -42,17 +46,34 @@ def plot_predictions(samples: Sequence[Mapping[str, Any]], labels: Sequence[str]
         ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray", vmin=0, vmax=1)
         for (x0, y0, x1, y1), lab in zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist()):
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", ls="--", lw=1))
+        shown = 0
         for (x0, y0, x1, y1), lab, sc in zip(s["boxes"].tolist(), s["labels"].tolist(), s["scores"].tolist()):
             if sc < score_threshold:
                 continue
+            shown += 1
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=1))
             ax.text(x0, y0, f"{labels[lab]} {sc:.2f}", color="red", fontsize=7, va="bottom")
+        if not shown:
+            ax.text(0.5, 0.03, f"no detection >= {score_threshold:.2f}", transform=ax.transAxes, ha="center",
+                    va="bottom", color="red", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
         ax.axis("off")
     fig.suptitle("ground truth (green, dashed) vs predictions (red)", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_predictions(samples: Sequence[Mapping[str, Any]], labels: Sequence[str], path: str | Path,
+                     score_threshold: float = 0.5) -> Path:
+    """Images with ground truth (green, dashed) and predictions scoring >= ``score_threshold`` (red).
+
+    A panel with no prediction at or above the threshold reads ``no detection >= 0.50``.
+    """
+    from ..plots import _pyplot
+
+    fig = predictions_figure(samples, labels, score_threshold)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
 
 
-__all__ = ["plot_detection_curves", "plot_predictions"]
+__all__ = ["plot_detection_curves", "plot_predictions", "predictions_figure"]

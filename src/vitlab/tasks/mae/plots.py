@@ -9,13 +9,24 @@ import torch
 from torch import Tensor
 
 
-def save_reconstruction_grid(grid: Tensor, path: Path, scale: int = 4) -> Path:
-    """Write a (3, K, C, H, W) grid in [0, 1] as a PNG: rows original / masked / reconstruction."""
+#: The rows of a reconstruction grid, top to bottom.
+GRID_ROWS: tuple[str, ...] = ("original", "masked", "reconstruction")
+
+
+def save_reconstruction_grid(grid: Tensor, path: Path, scale: int = 4,
+                             row_labels: Sequence[str] = GRID_ROWS) -> Path:
+    """Write a (3, K, C, H, W) grid in [0, 1] as a PNG: rows original / masked / reconstruction.
+
+    Each row is labelled on the left ("original", "masked", "reconstruction"; ``row_labels``
+    for other rows), in black on the grid's white background.
+    """
     try:
-        from PIL import Image
+        from PIL import Image, ImageDraw, ImageFont
     except ImportError:
         raise ImportError("reconstruction grids need Pillow: pip install pillow") from None
     rows, k, c, h, w = grid.shape
+    if len(row_labels) != rows:
+        raise ValueError(f"{rows} grid rows but {len(row_labels)} row labels")
     pad = 2
     canvas = torch.ones(c, rows * (h + pad) + pad, k * (w + pad) + pad)
     for r in range(rows):
@@ -26,8 +37,21 @@ def save_reconstruction_grid(grid: Tensor, path: Path, scale: int = 4) -> Path:
     img = img[0] if c == 1 else img.permute(1, 2, 0)  # (C, H, W) -> (H, W) or (H, W, C)
     pil = Image.fromarray(img.numpy())
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    # the labels go into a white margin left of the grid, each centred on its row
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(pil)
+    boxes = [probe.textbbox((0, 0), str(t), font=font) for t in row_labels]
+    margin = max(b[2] - b[0] for b in boxes) + 8
+    white = 255 if pil.mode == "L" else (255,) * len(pil.getbands())
+    out = Image.new(pil.mode, (pil.width + margin, pil.height), white)
+    out.paste(pil, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    black = 0 if out.mode == "L" else (0,) * len(out.getbands())
+    for r, (text, box) in enumerate(zip(row_labels, boxes)):
+        centre = (pad + r * (h + pad) + h / 2) * scale
+        draw.text((4, centre - (box[3] + box[1]) / 2), str(text), fill=black, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path)
+    out.save(path)
     return path
 
 
@@ -51,4 +75,4 @@ def plot_loss_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-__all__ = ["plot_loss_curves", "save_reconstruction_grid"]
+__all__ = ["GRID_ROWS", "plot_loss_curves", "save_reconstruction_grid"]

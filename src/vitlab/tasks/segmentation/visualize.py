@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -85,15 +85,19 @@ def save_mask_png(mask: Tensor | np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def save_overlay_grid(images: Sequence[Tensor], targets: Sequence[Tensor], preds: Sequence[Tensor],
-                      path: str | Path, labels: Sequence[str] | None = None, ignore_index: int = 255) -> Path:
-    """A figure with one row per image: the image, ground truth overlay, prediction overlay.
+def overlay_grid_figure(images: Sequence[Tensor], targets: Sequence[Tensor], preds: Sequence[Tensor],
+                        labels: Sequence[str] | None = None, ignore_index: int = 255) -> Any:
+    """The matplotlib figure of :func:`save_overlay_grid` (not saved, not closed).
 
-    Needs matplotlib (the ``viz`` extra).
+    With ``labels``, each row's prediction panel gets a legend: one colour patch per class in
+    the row's ground truth or prediction (background excluded), in that class's overlay colour.
     """
     from ..plots import _pyplot
 
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    pal = voc_palette()
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
     for i, (x, t, p) in enumerate(zip(images, targets, preds)):
@@ -106,12 +110,28 @@ def save_overlay_grid(images: Sequence[Tensor], targets: Sequence[Tensor], preds
                 ax.set_title(title)
         if labels is not None:
             present = sorted(set(t.unique().tolist()) | set(p.unique().tolist()))
-            axes[i, 2].text(1.02, 0.5, "\n".join(labels[c] for c in present if 0 < c < len(labels)),
-                            transform=axes[i, 2].transAxes, va="center", fontsize=7)
+            handles = [Patch(facecolor=pal[c % 256] / 255.0, edgecolor="black", linewidth=0.5, label=labels[c])
+                       for c in present if 0 < c < len(labels)]
+            if handles:
+                axes[i, 2].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7,
+                                  frameon=False, handlelength=1.2, borderaxespad=0.0)
     fig.tight_layout()
+    return fig
+
+
+def save_overlay_grid(images: Sequence[Tensor], targets: Sequence[Tensor], preds: Sequence[Tensor],
+                      path: str | Path, labels: Sequence[str] | None = None, ignore_index: int = 255) -> Path:
+    """A figure with one row per image: the image, ground truth overlay, prediction overlay.
+
+    With ``labels``, a legend of colour patches (one per class present, in its overlay colour)
+    sits right of each prediction. Needs matplotlib (the ``viz`` extra).
+    """
+    from ..plots import _pyplot
+
+    fig = overlay_grid_figure(images, targets, preds, labels, ignore_index)
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight": the legends right of the last column fit
+    _pyplot().close(fig)
     return path
 
 
@@ -139,5 +159,5 @@ def plot_segmentation_curves(history: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["colorize", "overlay", "plot_segmentation_curves", "save_mask_png", "save_overlay_grid", "to_rgb",
-           "voc_palette"]
+__all__ = ["colorize", "overlay", "overlay_grid_figure", "plot_segmentation_curves", "save_mask_png",
+           "save_overlay_grid", "to_rgb", "voc_palette"]
