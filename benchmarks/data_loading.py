@@ -28,7 +28,7 @@ from vitlab.datasets import build_dataset
 from vitlab.datasets.pipeline import RandomResizedCropSample
 from vitlab import create_model
 from vitlab.training.config import AugmentSection
-from vitlab.training.run import build_augment
+from vitlab.tasks.image_classification import build_augment
 
 
 def make_tree(root: Path, n: int, seed: int = 0) -> Path:

@@ -40,7 +40,8 @@ from torch.utils.data import Subset
 from vitlab.tasks import get_task
 from vitlab.tasks.mae import init_from_overrides
 from vitlab.training import Trainer, load_config
-from vitlab.training.recipes import DIGITS_RECIPE, MAE_DIGITS_RECIPE
+from vitlab.tasks.mae.task import MAE_DIGITS_RECIPE
+from vitlab.training.recipes import DIGITS_RECIPE
 
 VIT = "{patch_size: 4, dim: 64, depth: 4, heads: 4, mlp_dim: 128}"  # the mae_digits recipe's encoder
 VIT_LARGE = "{patch_size: 4, dim: 128, depth: 6, heads: 4, mlp_dim: 256}"

@@ -26,7 +26,8 @@ from torch.utils.data import Subset
 from vitlab.tasks import get_task
 from vitlab.tasks.mae import encoder_from_run, init_from_overrides
 from vitlab.training import Trainer, load_config
-from vitlab.training.recipes import DIGITS_RECIPE, MAE_DIGITS_RECIPE
+from vitlab.tasks.mae.task import MAE_DIGITS_RECIPE
+from vitlab.training.recipes import DIGITS_RECIPE
 
 
 def fit(cfg, train_indices: list[int] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Batched augmentation (vitlab.datasets.augment) and Mixup/CutMix (vitlab.training.mixup)."""
+"""Batched augmentation (vitlab.datasets.augment) and Mixup/CutMix (vitlab.tasks.mixup)."""
 
 import math
 
@@ -12,7 +12,7 @@ from vitlab.datasets.augment import (
     RandomHorizontalFlip, RandomResizedCrop, RandomVerticalFlip, Resize, build_eval_transform, build_train_augment,
     equalize, parse_rand_augment,
 )
-from vitlab.training.mixup import Mixup, one_hot_smooth
+from vitlab.tasks.mixup import Mixup, one_hot_smooth
 
 
 def gen(seed: int) -> torch.Generator:

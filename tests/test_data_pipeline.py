@@ -20,7 +20,7 @@ from vitlab.datasets.pipeline import RandomResizedCropSample, ResizeCenterCropSa
 from vitlab.deploy import ViTClassifier
 from vitlab.training import build_trainer, load_config
 from vitlab.training.checkpoint import latest_checkpoint
-from vitlab.training.run import build_datasets
+from vitlab.tasks.image_classification import build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A ViT small enough to train a step in well under a second.
@@ -236,7 +236,7 @@ def test_vit_trainer_records_given_preprocessing_and_refuses_to_guess(tmp_path):
         ViTTrainer(config, output_dir=tmp_path / "unknown", progress=False).train(_tiny_loader(), epochs=1)
     with pytest.raises(ValueError, match="does not record its preprocessing"):
         ViTClassifier.from_pretrained(latest_checkpoint(tmp_path / "unknown"))
-    from vitlab.training.evaluate import evaluate_checkpoint
+    from vitlab.tasks.classify import evaluate_checkpoint
 
     with pytest.raises(ValueError, match="does not record its preprocessing"):
         evaluate_checkpoint(latest_checkpoint(tmp_path / "unknown"), "synthetic")

@@ -265,7 +265,7 @@ def test_cifar_trains_at_its_own_size_and_crops_like_folders(tmp_path):
     from vitlab.cli import main as cli
     from vitlab.datasets.pipeline import ResizeCenterCropSample
     from vitlab.training import load_config
-    from vitlab.training.run import build_datasets
+    from vitlab.tasks.image_classification import build_datasets
 
     _fake_cifar10(tmp_path / "data")
     out = tmp_path / "run"

@@ -61,7 +61,7 @@ def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
 
     cfg = _train_config(build_parser().parse_args(["train", "--task", "detection"]))
     assert cfg.task == "detection" and cfg.data.dataset == "digit_scenes" and cfg.recipe == "detection_digits"
-    assert cfg.detection["detr"]["remedy"] == "two_stage" and cfg.detection["detr"]["spatial_prior"]  # measured best
+    assert cfg.detection.detr["remedy"] == "two_stage" and cfg.detection.detr["spatial_prior"]  # measured best
 
 
 @needs_detection_extra

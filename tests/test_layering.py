@@ -275,3 +275,30 @@ def test_readme_layout_matches_the_tree() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+#: What the engine may import of ``vitlab.tasks``: the plugin interface, never a task.
+TASK_PLUGIN_API = {"vitlab.tasks.base", "vitlab.tasks.registry"}
+
+
+def training_task_imports(root: Path = PACKAGE) -> list[str]:
+    """``file:line imports module`` for every import by ``vitlab.training`` of a ``vitlab.tasks``
+    module other than the plugin interface (:data:`TASK_PLUGIN_API`)."""
+    return [f"{path.name}:{line} imports {target}" for mod, path, line, target in import_edges(root)
+            if mod.startswith("vitlab.training") and target.startswith("vitlab.tasks")
+            and target not in TASK_PLUGIN_API]
+
+
+def test_training_imports_no_task_module() -> None:
+    assert training_task_imports() == []
+
+
+def test_training_task_import_check_catches_a_task_import(tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "vitlab"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    trainer = copy / "training" / "trainer.py"
+    trainer.write_text(trainer.read_text() + "\nfrom ..tasks.segmentation.task import SegmentationSection\n")
+    found = training_task_imports(copy)
+    assert len(found) == 1 and "vitlab.tasks.segmentation.task" in found[0]

@@ -1,4 +1,4 @@
-"""Losses (vitlab.training.losses) against numbers computed by hand with math.log/exp."""
+"""Losses (vitlab.tasks.losses) against numbers computed by hand with math.log/exp."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitlab.training.losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from vitlab.tasks.losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 CLS = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 DIST = [[2.0, 0.0, 1.0], [0.5, 1.5, -0.5]]

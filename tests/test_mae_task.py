@@ -25,7 +25,8 @@ from vitlab.tasks.mae.model import patchify
 from vitlab.tasks.mae.task import GRID_IMAGES
 from vitlab.training import Trainer, load_config
 from vitlab.training.checkpoint import latest_checkpoint, load_training_checkpoint
-from vitlab.training.recipes import DIGITS_RECIPE, MAE_DIGITS_RECIPE
+from vitlab.tasks.mae.task import MAE_DIGITS_RECIPE
+from vitlab.training.recipes import DIGITS_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MAE = [

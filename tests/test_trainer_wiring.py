@@ -12,7 +12,7 @@ import torch.utils.checkpoint as tuc
 from vitlab.cli import main as cli
 from vitlab.training import Trainer, build_trainer, load_config
 from vitlab.training.recipes import DIGITS_RECIPE
-from vitlab.training.trainer import evaluate_model
+from vitlab.tasks.image_classification import evaluate_classifier as evaluate_model
 
 DEPTH = 2
 # 1257 training digits in batches of 256: 5 optimizer steps per epoch.

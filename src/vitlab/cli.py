@@ -48,16 +48,52 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    if getattr(args, "task", "classification") == "segmentation":
-        return _cmd_predict_segmentation(args)
+    """``vitlab predict``: the checkpoint's task (read from it) predicts; ``--task`` only checks it."""
+    from .tasks.loading import checkpoint_task
+
+    if not args.checkpoint and args.task not in (None, "classification"):
+        raise ValueError(f"vitlab predict --task {args.task} needs --checkpoint (a {args.task} run or checkpoint)")
+    task = checkpoint_task(args.checkpoint) if args.checkpoint else "classification"
+    if args.task is not None and args.task != task:
+        raise ValueError(f"{args.checkpoint} is a {task} checkpoint, not {args.task}: drop --task (predict reads "
+                         "the task from the checkpoint)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if task == "classification":
+        return _predict_classification(args)
+    return _predict_with_hooks(args, task)
+
+
+def _predict_with_hooks(args: argparse.Namespace, task: str) -> int:
+    """Any task's predict hook: a line per image, the task's pictures in ``--output-dir``."""
+    import inspect
+
+    from .tasks.registry import get_inference
+
+    hooks = get_inference(task)
+    model = hooks.load(args.checkpoint, args.device)
+    wanted = inspect.signature(hooks.predict).parameters
+    given = {"top_k": args.top_k, "score_threshold": args.score_threshold, "mode": args.mode,
+             "scales": args.scales, "flip": not args.no_flip}
+    options = {k: v for k, v in given.items() if k in wanted and v is not None}
+    out_dir = Path(args.output_dir or "predictions")
+    records = []
+    for path, record in zip(args.images, hooks.predict(model, [str(p) for p in args.images], **options)):
+        for note in record.get("notes", []):
+            print(f"vitlab predict: note: {path}: {note}", file=sys.stderr)
+        files = hooks.draw(str(path), record, out_dir, Path(path).stem)
+        records.append({"image": str(path), **{k: v for k, v in record.items() if k not in hooks.json_exclude},
+                        "files": [str(f) for f in files]})
+        if not args.json:
+            print(hooks.describe(str(path), record) + "".join(f"\n    wrote {f}" for f in files))
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return 0
+
+
+def _predict_classification(args: argparse.Namespace) -> int:
     from .deploy import ViTClassifier
 
-    if args.task == "detection":
-        return _cmd_predict_detection(args)
-    if args.top_k is None:
-        args.top_k = 5
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.checkpoint:  # a path or hub id only: never taken as a model name
         from .pretrained import load_model
 
@@ -66,139 +102,36 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         clf = ViTClassifier.from_pretrained(resolve_model_name(args.model), device=args.device,
                                             precision=args.precision, compile=args.compile)
-    results = clf.predict([str(p) for p in args.images], top_k=args.top_k)
+    results = clf.predict([str(p) for p in args.images], top_k=args.top_k or 5)
     for path, r in zip(args.images, results):  # notes go to stderr: stdout stays parseable
         for note in r["notes"]:
             print(f"vitlab predict: note: {path}: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": str(p), **r} for p, r in zip(args.images, results)], indent=2))
         return 0
+    from .tasks.classify import ClassificationInference
+
     for path, r in zip(args.images, results):
-        print(f"{path}: {r['class']} ({r['confidence']:.1%})")
-        for t in r["top_k"][1:]:
-            print(f"    {t['class']} ({t['confidence']:.1%})")
-    return 0
-
-
-def _cmd_predict_segmentation(args: argparse.Namespace) -> int:
-    """``vitlab predict --task segmentation``: a mask PNG and a colour overlay PNG per image."""
-    from .tasks.segmentation.apply import segment_files
-
-    if not args.checkpoint:
-        raise ValueError("vitlab predict --task segmentation needs --checkpoint (a segmentation run or checkpoint)")
-    records = segment_files(args.checkpoint, [str(p) for p in args.images], args.output_dir or "predictions",
-                            mode=args.mode,
-                            scales=args.scales, flip=not args.no_flip, device=args.device)
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return 0
-    for r in records:
-        top = ", ".join(f"{k} {v:.1%}" for k, v in sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5])
-        print(f"{r['image']}: {top}\n    wrote {r['mask']} and {r['overlay']}")
+        print(ClassificationInference.describe(str(path), r))
     return 0
 
 
 def _add_segmentation_predict_args(pr: argparse.ArgumentParser) -> None:
-    """The options of ``vitlab predict --task segmentation``."""
+    """The options of ``vitlab predict`` on a segmentation checkpoint."""
     pr.add_argument("--mode", default="whole", choices=["whole", "sliding", "tta"],
                     help="segmentation: whole image, sliding windows of the training size, or multi-scale + flip TTA")
     pr.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25], help="segmentation TTA scales")
     pr.add_argument("--no-flip", action="store_true", help="segmentation TTA without the mirrored pass")
 
 
-def _cmd_eval_segmentation(args: argparse.Namespace) -> int:
-    """``vitlab eval`` on a segmentation checkpoint: the per-class IoU table, mIoU, pixel accuracy."""
-    from .tasks.segmentation.apply import evaluate_segmentation_checkpoint, format_iou_table
-
-    dataset = None if args.dataset in (None, "digits") else args.dataset  # default: the data it was trained on
-    res = evaluate_segmentation_checkpoint(args.checkpoint, dataset, split=args.split, output_dir=args.output_dir,
-                                           device=args.device, batch_size=args.batch_size)
-    print(f"{res['dataset']} {res['split']} (n={res['n']})")
-    print(format_iou_table(res))
-    print(f"wrote {res['json']}")
-    return 0
-
-
 def _default_recipe(args: argparse.Namespace) -> dict:
     """The recipe under the command line when there is no --config: digits, or the task's own."""
-    from .training.recipes import DIGITS_RECIPE, TASK_RECIPES
+    from .training.recipes import task_recipe
 
     # --task, or a task=NAME override: both start from that task's built-in recipe
     task = getattr(args, "task", None) or next(
         (o.split("=", 1)[1] for o in getattr(args, "overrides", []) if o.startswith("task=")), None)
-    return TASK_RECIPES.get(task or "", DIGITS_RECIPE)
-
-
-def _cmd_predict_detection(args: argparse.Namespace) -> int:
-    """``vitlab predict --task detection``: per image a PNG with the boxes drawn and a JSON of detections."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .tasks.detection.inference import detect, detections_to_json, draw_detections, load_detector
-
-    if not args.checkpoint:
-        raise ValueError("vitlab predict --task detection needs --checkpoint (a detection run's checkpoint)")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    model = load_detector(args.checkpoint).to(args.device)
-    channels, size = int(model.pretrained_cfg["input_size"][0]), int(model.pretrained_cfg["input_size"][-1])
-    out_dir = Path(args.output_dir or ".")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in args.images:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                original = im.copy()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path} as an image: {e}") from None
-        pil = original.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
-        det = detect(model, x[None].to(args.device), args.score_threshold, args.top_k,
-                     image_sizes=[(original.height, original.width)])[0]
-        dets = detections_to_json(det, getattr(model, "labels", None))
-        png = out_dir / f"{Path(path).stem}_detections.png"
-        draw_detections(original, det, getattr(model, "labels", None)).save(png)
-        js = out_dir / f"{Path(path).stem}_detections.json"
-        record = {"image": str(path), "width": original.width, "height": original.height, "detections": dets}
-        js.write_text(json.dumps(record, indent=2))
-        records.append(record)
-        print(f"{path}: {len(dets)} detections -> {png}, {js}")
-    if args.json:
-        print(json.dumps(records, indent=2))
-    return 0
-
-
-def _cmd_eval_detection(args: argparse.Namespace) -> int:
-    """``vitlab eval`` on a DETR / YOLOS checkpoint: the COCO box metrics table."""
-    from .tasks.detection import COCO_METRICS
-    from .tasks.detection.inference import data_for_checkpoint, evaluate_detector, load_detector
-    from .tasks.detection.plots import plot_predictions
-
-    model = load_detector(args.checkpoint)
-    split = args.split or "test"
-    dataset = None if args.dataset in (None, "digits", "digit_scenes") else args.dataset
-    data = data_for_checkpoint(model, split, dataset)
-    device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
-    res = evaluate_detector(model, data, args.batch_size, device, num_plot_images=6)
-    names = {"AP": "AP @[.50:.95]", "AP50": "AP @.50", "AP75": "AP @.75", "AP_small": "AP small",
-             "AP_medium": "AP medium", "AP_large": "AP large", "AR1": "AR maxDets 1", "AR10": "AR maxDets 10",
-             "AR100": "AR maxDets 100", "AR_small": "AR small", "AR_medium": "AR medium", "AR_large": "AR large"}
-    print(f"COCO box metrics: {dataset or 'digit scenes'} {split} (n={res['n']})")
-    for k in COCO_METRICS:
-        print(f"  {names[k]:<16} {res[k]:7.3f}")
-    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint)
-    out = out if out.is_dir() else out.parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"eval_detection_{split}.json").write_text(json.dumps({k: res[k] for k in COCO_METRICS} | {"n": res["n"]},
-                                                                 indent=2))
-    if res["samples"]:
-        labels = getattr(model, "labels", None) or data.classes
-        print(f"predictions: {plot_predictions(res['samples'], labels, out / f'predictions_{split}.png')}")
-    return 0
+    return task_recipe(task)
 
 
 def resolve_model_name(name: str) -> str:
@@ -295,23 +228,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .tasks.detection.inference import is_detection_checkpoint
-    from .tasks.segmentation.model import is_segmenter_checkpoint
+    """``vitlab eval``: the checkpoint's task (read from it) evaluates and reports."""
+    from .tasks.loading import checkpoint_task
+    from .tasks.registry import get_inference
 
-    if is_segmenter_checkpoint(args.checkpoint):
-        return _cmd_eval_segmentation(args)
-    from .training.evaluate import evaluate_checkpoint
-
-    if is_detection_checkpoint(args.checkpoint):
-        return _cmd_eval_detection(args)
-    if _is_clip_checkpoint(args.checkpoint):
-        return _cmd_eval_clip(args)
-
-    res = evaluate_checkpoint(args.checkpoint, args.dataset, split=args.split, data_dir=args.data_dir,
-                              output_dir=args.output_dir, device=args.device, batch_size=args.batch_size)
-    print(f"{args.dataset} {res['split']}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  (n={res['n']})")
-    if res.get("confusion_matrix_png"):
-        print(f"confusion matrix: {res['confusion_matrix_png']}")
+    hooks = get_inference(checkpoint_task(args.checkpoint))
+    options = {"data_dir": args.data_dir} if args.data_dir else {}
+    res = hooks.evaluate(args.checkpoint, args.dataset, split=args.split, output_dir=args.output_dir,
+                         device=args.device, batch_size=args.batch_size, **options)
+    print(hooks.report(res))
     return 0
 
 
@@ -409,13 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", type=Path, help="image files")
     pr.add_argument("--top-k", type=int, default=None,
                     help="classes shown (default 5); detection: most detections per image (default all)")
-    pr.add_argument("--task", choices=["classification", "detection", "segmentation"], default="classification",
-                    help="classification: the top-k classes; detection: a PNG with the boxes drawn and a JSON of "
-                         "detections per image; segmentation: a mask PNG and a colour overlay PNG per image")
+    pr.add_argument("--task", default=None,
+                    help="optional: the task is read from the checkpoint (classification: the top-k classes; "
+                         "detection: boxes drawn + JSON; segmentation: mask + overlay PNGs); given, it must match")
     pr.add_argument("--score-threshold", type=float, default=0.5, help="detection: minimum score kept")
     pr.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
-                    help="detection / segmentation: where the PNG and JSON files go (default: the current "
-                         "folder for detection, predictions/ for segmentation)")
+                    help="detection / segmentation: where the PNG and JSON files go (default: predictions/)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-amp", "fp16", "int8"],
@@ -458,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5 and a confusion matrix "
                                     "(segmentation: the per-class IoU table and mIoU; detection: the COCO box table)")
     e.add_argument("--checkpoint", required=True, help="checkpoint file or folder (or a run's checkpoints/epoch-N)")
-    e.add_argument("--dataset", default="digits",
+    e.add_argument("--dataset", default=None,
                    help="classification: digits | cifar10 | ... | PATH; segmentation: digit_scenes | PATH "
                         "(default: the data the checkpoint was trained on)")
     e.add_argument("--split", default=None, choices=["train", "val", "test"],
@@ -530,41 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- CLIP commands
-def _is_clip_checkpoint(path: str) -> bool:
-    """Whether ``path`` holds a CLIP model (vitlab-trained, saved with save_clip, or a HF CLIPModel folder)."""
-    import json
-
-    from .pretrained.io import read_weights
-
-    p = Path(path)
-    if p.is_dir() and (p / "clip_config.json").is_file():
-        return True
-    if p.is_dir() and (p / "config.json").is_file():
-        try:
-            if "text_config" in json.loads((p / "config.json").read_text()):
-                return True
-        except (OSError, ValueError):
-            pass
-    try:
-        meta = read_weights(p).vitlab_config or {}
-    except Exception:  # noqa: BLE001 - not readable here: the classification path reports it
-        return False
-    return meta.get("family") == "CLIP"
-
-
 def _cmd_zero_shot(args: argparse.Namespace) -> int:
-    from .tasks.clip.inference import load_for_inference, load_images, zero_shot_predict
+    """``vitlab zero-shot``: a thin alias of ``vitlab predict`` on a CLIP checkpoint with ``--labels``."""
+    from .tasks.clip.inference import CLIPInference
 
     labels = [c.strip() for c in args.labels.split(",")]
     if not any(labels) or any(not c for c in labels):
         raise ValueError(f"--labels must be comma-separated class names, e.g. --labels 'cat,dog'; got {args.labels!r}")
-    model, tokenizer = load_for_inference(args.checkpoint, args.device)
-    probs = zero_shot_predict(model, tokenizer, load_images(model, args.images), labels, args.templates)
-    k = min(args.top_k, len(labels))
-    for path, p in zip(args.images, probs):
-        top = p.topk(k)
-        ranked = "  ".join(f"{labels[i]} {float(v):.1%}" for v, i in zip(top.values, top.indices))
-        print(f"{path}: {ranked}")
+    model = CLIPInference.load(args.checkpoint, args.device)
+    records = CLIPInference.predict(model, [str(p) for p in args.images], labels=labels, templates=args.templates,
+                                    top_k=args.top_k)
+    for path, record in zip(args.images, records):
+        for note in record.get("notes", []):
+            print(f"vitlab zero-shot: note: {path}: {note}", file=sys.stderr)
+        print(CLIPInference.describe(str(path), record))
     return 0
 
 
@@ -585,23 +488,6 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
         for i, path in enumerate(args.images):
             top = sim[i].topk(k)
             print(f"image {path}: " + "  ".join(f"{args.texts[j]!r} ({float(v):.3f})" for v, j in zip(top.values, top.indices)))
-    return 0
-
-
-def _cmd_eval_clip(args: argparse.Namespace) -> int:
-    from .tasks.clip.inference import evaluate_clip_checkpoint
-
-    dataset = None if args.dataset == "digits" else args.dataset  # default: the checkpoint's own dataset
-    res = evaluate_clip_checkpoint(args.checkpoint, dataset, split=args.split or "test", device=args.device
-                                   if args.device != "auto" else "cpu", batch_size=args.batch_size)
-    print(f"{res['dataset']} {res['split']} (n={res['n']}), CLIP checkpoint")
-    if "zero_shot_top1" in res:
-        print(f"zero-shot accuracy: top-1 {100 * res['zero_shot_top1']:.2f}%")
-    for d, name in (("i2t", "image->text"), ("t2i", "text->image"), ("itm_t2i", "text->image, ITM re-ranked")):
-        if f"{d}_R@1" in res:
-            print(f"{name}: R@1 {100 * res[f'{d}_R@1']:.2f}%  R@5 {100 * res[f'{d}_R@5']:.2f}%  "
-                  f"R@10 {100 * res[f'{d}_R@10']:.2f}%  mean rank {res[f'{d}_mean_rank']:.2f}  "
-                  f"median rank {res[f'{d}_median_rank']:.0f}")
     return 0
 
 

@@ -52,8 +52,17 @@ def _as_list(v: Any) -> Any:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Inverse of :func:`config_to_dict`; lists become tuples where the field held a pair."""
-    return build_config(cls, {k: _as_tuple(v) for k, v in values.items()})
+    """Inverse of :func:`config_to_dict`; lists become tuples where the field held a pair, and a
+    mapping for a field typed as a config dataclass (``YOLOSConfig.vit``) becomes that config."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        tp = hints.get(k)
+        nested = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        out[k] = config_from_dict(nested[0], v) if nested and isinstance(v, dict) else _as_tuple(v)
+    return build_config(cls, out)
 
 
 def _as_tuple(v: Any) -> Any:

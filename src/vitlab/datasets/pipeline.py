@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from .transforms import center_crop, resize
 
@@ -156,3 +157,20 @@ def preprocessing_record(image_size: int, mean: Sequence[float], std: Sequence[f
     """The ``pretrained_cfg`` keys a checkpoint carries so that predict/eval repeat its preprocessing."""
     return {"input_size": int(image_size), "mean": tuple(float(m) for m in mean),
             "std": tuple(float(s) for s in std), "crop_pct": float(crop_pct), "interpolation": str(interpolation)}
+
+
+class Resized(Dataset):
+    """A dataset with a per-sample transform applied to its images; keeps its metadata."""
+
+    def __init__(self, dataset: Any, transform: Callable[[Tensor], Tensor]) -> None:
+        self.dataset, self.transform = dataset, transform
+        for attr in ("classes", "num_classes", "mean", "std", "targets"):
+            if hasattr(dataset, attr):
+                setattr(self, attr, getattr(dataset, attr))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x, y = self.dataset[index]
+        return self.transform(x), y

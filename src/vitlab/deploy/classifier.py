@@ -6,24 +6,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..datasets.transforms import EvalTransform, ImageLike
+from ..tasks.classify import ImageClassifier
 from .inference import prepare_for_inference
-from ..tasks.inputs import background_for, check_finite, input_notes, to_unit_tensor
 
 
-def _is_batch(image: Any) -> bool:
-    if isinstance(image, (list, tuple)):
-        return True
-    if isinstance(image, Tensor):
-        return image.ndim == 4
-    if hasattr(image, "ndim") and not isinstance(image, (str, Path)):
-        return image.ndim == 4
-    return False
-
-
-class ViTClassifier:
+class ViTClassifier(ImageClassifier):
     """A model with its preprocessing and class names, ready to classify images.
 
     Args:
@@ -48,24 +37,8 @@ class ViTClassifier:
 
     def __init__(self, model: nn.Module, labels: Sequence[str] | None = None, device: str | torch.device = "cpu",
                  precision: str = "fp32", compile: bool = False) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        super().__init__(model, labels, device)
         self.runner = prepare_for_inference(self.model, precision, compile=compile, device=self.device)
-        n = model.config.num_classes
-        if labels is None:
-            labels = getattr(model, "labels", None)
-        if labels is None and n == 1000:
-            from ..pretrained import imagenet_labels
-
-            labels = imagenet_labels()
-        if labels is None:
-            labels = [f"class_{i}" for i in range(n)]
-        if len(labels) != n:
-            raise ValueError(f"got {len(labels)} labels for a model with {n} classes")
-        self.labels = list(labels)
-        self.transform = EvalTransform.from_config(model.pretrained_cfg, channels=model.config.in_channels)
-        #: Value transparent pixels are composited on (0: black, 1: white).
-        self.background = background_for(model.pretrained_cfg)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> "ViTClassifier":
@@ -88,59 +61,3 @@ class ViTClassifier:
         else:
             model = create_model(resolve_model_name(src), pretrained=True)
         return cls(model, device=device, **kwargs)
-
-    def _unit_images(self, image: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
-        """Checked images, each float (C, H, W) in [0, 1] (a batch is split into its images)."""
-        items = list(image) if isinstance(image, (list, tuple)) else [image]
-        out: list[Tensor] = []
-        for item in items:
-            t = to_unit_tensor(item, self.background)
-            out.extend(t.unbind(0) if t.ndim == 4 else [t])
-        return out
-
-    def preprocess(self, image: ImageLike | Sequence[ImageLike]) -> Tensor:
-        """Images -> the normalised batch the model expects (B, C, S, S)."""
-        return torch.cat([self.transform(t) for t in self._unit_images(image)]).to(self.device)
-
-    def notes(self, image: ImageLike | Sequence[ImageLike]) -> list[list[str]]:
-        """Per image: notes on how far it is from the training data (size, channels, polarity)."""
-        channels = self.model.config.in_channels
-        return [input_notes(t, self.model.pretrained_cfg, channels) for t in self._unit_images(image)]
-
-    @torch.inference_mode()
-    def predict_proba(self, image: ImageLike | Sequence[ImageLike]) -> Tensor:
-        """Class probabilities (B, num_classes).
-
-        Raises:
-            NonFiniteOutputError: The model's outputs hold NaN or infinity.
-        """
-        logits = self.runner(self.preprocess(image))
-        check_finite(logits)
-        return logits.softmax(dim=-1)
-
-    def predict(self, image: ImageLike | Sequence[ImageLike], top_k: int = 5) -> dict[str, Any] | list[dict[str, Any]]:
-        """Classify one image (a dict) or a batch/list (a list of dicts).
-
-        Each result: ``{"class": label, "index": i, "confidence": p, "top_k": [{"class", "index",
-        "confidence"}, ...], "notes": [...]}``; ``notes`` says when the image is far from the
-        training data (size, channels, inverted polarity, mean intensity), else it is empty.
-
-        Raises:
-            InputError: An image vitlab cannot take (see the class docstring).
-            NonFiniteOutputError: The model's outputs hold NaN or infinity.
-        """
-        units = self._unit_images(image)
-        with torch.inference_mode():
-            logits = self.runner(torch.cat([self.transform(t) for t in units]).to(self.device))
-        names = [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)] \
-            if isinstance(image, (str, Path)) else None
-        check_finite(logits, names)
-        probs = logits.softmax(dim=-1)
-        channels = self.model.config.in_channels
-        k = max(1, min(top_k, probs.shape[1]))
-        values, indices = probs.topk(k, dim=1)
-        results = []
-        for unit, vals, idx in zip(units, values.tolist(), indices.tolist()):
-            top = [{"class": self.labels[i], "index": i, "confidence": p} for p, i in zip(vals, idx)]
-            results.append({**top[0], "top_k": top, "notes": input_notes(unit, self.model.pretrained_cfg, channels)})
-        return results if _is_batch(image) else results[0]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .figures import save_figure
 from .layouts import AttentionLayer
-from .plots import _pyplot
+from ..tasks.plots import _pyplot
 
 LOCAL, GLOBAL = 0.5, 0.85
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .plots import _pyplot
+from ..tasks.plots import _pyplot
 
 __all__ = ["save_figure"]
 

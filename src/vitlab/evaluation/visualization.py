@@ -37,7 +37,7 @@ from .interpretation import (
 )
 from .layouts import AttentionLayer, TokenGrid, adapter_for, grid_to_image, require_attention, resolve_layers
 from .figures import save_figure  # noqa: F401  (re-exported: vitlab.evaluation.visualization.save_figure)
-from .plots import _pyplot
+from ..tasks.plots import _pyplot
 
 Heads = Literal["mean", "max", "all"] | int
 Query = str | tuple[float, float]

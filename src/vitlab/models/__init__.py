@@ -18,13 +18,13 @@ from .cait import CaiT, CaiTConfig
 from .base import Backbone, BackboneConfig
 from .convnet import ConvNet, ConvNetConfig
 from .deit import DeiTConfig, DistilledVisionTransformer
-from .registry import (ModelEntry, build_model, get_entry, list_families, list_models, model_config,
-                       resolve_model_name)
+from .registry import (ModelEntry, build_model, get_entry, list_families, list_models, list_task_models,
+                       model_config, register_task_model, resolve_model_name)
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
     "Backbone", "BackboneConfig", "ConvNet", "ConvNetConfig", "DeiTConfig", "DistilledVisionTransformer", "ModelEntry", "ViTConfig", "VisionTransformer",
-    "build_model", "get_entry", "list_families", "list_models", "model_config", "resolve_model_name",
+    "list_task_models", "register_task_model", "build_model", "get_entry", "list_families", "list_models", "model_config", "resolve_model_name",
 ]
 __all__ += ["CaiT", "CaiTConfig"]
 __all__ += ["CrossViT", "CrossViTConfig"]

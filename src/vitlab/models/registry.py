@@ -37,6 +37,26 @@ class ModelEntry:
 
 _MODELS: dict[str, ModelEntry] = {}
 _FAMILIES: dict[str, tuple[type, type]] = {}
+#: Task model families (DETR, YOLOS, segmenter, CLIP, MAE, SimMIM...): family -> (class, config class, task).
+_TASK_MODELS: dict[str, tuple[type, type, str]] = {}
+
+
+def register_task_model(family: str, model_class: type, config_class: type, task: str) -> None:
+    """Register a task's model family beside the backbones: its class, its typed config and the
+    task that loads its checkpoints. A class built from its config alone (``model_class(config)``)
+    loads generically (:func:`vitlab.pretrained.load_task_model`).
+
+    Raises:
+        ValueError: ``family`` is taken by a backbone or by another class.
+    """
+    if family in _FAMILIES or (family in _TASK_MODELS and _TASK_MODELS[family][0] is not model_class):
+        raise ValueError(f"model family {family!r} is already registered")
+    _TASK_MODELS[family] = (model_class, config_class, task)
+
+
+def list_task_models() -> dict[str, tuple[type, type, str]]:
+    """Task model family -> (model class, config class, task)."""
+    return dict(_TASK_MODELS)
 
 
 def register_family(

@@ -29,7 +29,7 @@ from . import convert_pvt  # noqa: F401  (registers converters)
 
 __all__ = [
     "Checkpoint", "checkpoint_metadata", "convert_checkpoint", "create_model", "convert_state_dict", "detect_layout", "download",
-    "imagenet_labels", "infer_model_name", "is_hub_id", "load_model", "load_pretrained", "load_state_dict_checked",
+    "imagenet_labels", "infer_model_name", "is_hub_id", "load_model", "load_task_model", "load_pretrained", "load_state_dict_checked",
     "read_checkpoint", "read_weights", "register_converter", "save_checkpoint",
 ]
 
@@ -114,6 +114,36 @@ def _from_hf_vit_config(hf: dict[str, Any], sd: dict[str, torch.Tensor]) -> tupl
             base = name
             break
     return base, values
+
+
+def load_task_model(source: str | Path) -> torch.nn.Module:
+    """A task model (registered with :func:`vitlab.models.registry.register_task_model`) from a
+    vitlab checkpoint: ``model_class(config)`` with the saved typed config, the weights loaded
+    strictly, ``pretrained_cfg`` and ``labels`` restored; eval mode.
+
+    Raises:
+        CheckpointError: Not a vitlab checkpoint of a registered task model, or weights that do
+            not fit its config (the missing and unexpected keys named).
+    """
+    from ..errors import CheckpointError
+    from ..models.registry import list_task_models
+
+    ck = read_weights(source)
+    meta = ck.vitlab_config or {}
+    entry = list_task_models().get(meta.get("family"))
+    if entry is None:
+        raise CheckpointError(f"{source} is not a checkpoint of a registered task model (family "
+                              f"{meta.get('family')!r}; registered: {', '.join(sorted(list_task_models()))})")
+    model_class, config_class, _task = entry
+    model = model_class(config_from_dict(config_class, meta.get("config") or {}))
+    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"the weights in {source} do not fit its {meta.get('family')} config: missing "
+                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("pretrained_cfg") or {}).items()}
+    model.labels = meta.get("labels")
+    model.model_name = meta.get("model_name")
+    return model.eval()
 
 
 def load_model(source: str | Path) -> Backbone:

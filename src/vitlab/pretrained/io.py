@@ -155,12 +155,19 @@ def read_weights(path: str | Path) -> Checkpoint:
     return Checkpoint(sd, file, vitlab_cfg, hf_cfg)
 
 
-def checkpoint_metadata(model: nn.Module, labels: list[str] | None = None) -> dict[str, Any]:
-    """The ``vitlab`` metadata block of a model: name, family, config, preprocessing, labels."""
+def checkpoint_metadata(model: nn.Module, labels: list[str] | None = None, task: str | None = None) -> dict[str, Any]:
+    """The ``vitlab`` metadata block of a model: name, family, task, config, preprocessing, labels.
+
+    ``task`` (the registered task that loads it: ``vitlab.load`` dispatches on it) defaults to
+    the model's ``task`` attribute (backbones: ``classification``); without either it is left
+    out and readers go by the family.
+    """
+    task = task or getattr(model, "task", None)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model_name": getattr(model, "model_name", None),
         "family": getattr(model, "family", type(model).__name__),
+        **({"task": task} if isinstance(task, str) else {}),
         "config": config_to_dict(model.config),
         "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in getattr(model, "pretrained_cfg", {}).items()},
     }
@@ -169,7 +176,8 @@ def checkpoint_metadata(model: nn.Module, labels: list[str] | None = None) -> di
     return meta
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, labels: list[str] | None = None) -> Path:
+def save_checkpoint(model: nn.Module, path: str | Path, labels: list[str] | None = None,
+                    task: str | None = None) -> Path:
     """Save a model as a vitlab checkpoint.
 
     ``path`` ending in ``.safetensors`` writes that one file (config in its metadata);
@@ -180,7 +188,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, labels: list[str] | None
         The weights file written.
     """
     path = Path(path)
-    meta = checkpoint_metadata(model, labels)
+    meta = checkpoint_metadata(model, labels, task)
     if path.suffix == ".safetensors":
         file, folder = path, None
     else:

@@ -28,7 +28,7 @@ import abc
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,16 @@ class Task(abc.ABC):
     higher_is_better: bool = False
     labels: list[str] | None = None
 
+    # ------------------------------------------------------------ what the plugin declares
+    #: The task's own section of the training config (``segmentation``, ``mae``...), or None.
+    config_section: ClassVar[str | None] = None
+    #: The dataclass of that section (validated like every other section).
+    config_class: ClassVar[type | None] = None
+    #: The recipe ``vitlab train --task NAME`` runs without ``--config`` (None: the digits recipe).
+    default_recipe: ClassVar[dict[str, Any] | None] = None
+    #: Checkpoint families (``meta["family"]``) this task loads, for checkpoints without ``task``.
+    families: ClassVar[tuple[str, ...]] = ()
+
     def to(self, device: torch.device) -> "Task":
         """Move the task's own modules (a teacher, a loss with buffers) to ``device``."""
         return self
@@ -164,6 +174,70 @@ class Task(abc.ABC):
         return []
 
 
+class TaskInference:
+    """The inference hooks of a task plugin: what :func:`vitlab.load`, :func:`vitlab.pipeline`,
+    ``vitlab predict`` and ``vitlab eval`` call for a checkpoint of that task.
+
+    Register a subclass with :func:`vitlab.tasks.registry.register_inference` under the task's
+    name (the training class is registered with ``register_task``; both usually sit in the
+    task's package, the toy task of the tests keeps both in one file).
+    """
+
+    #: The task's registry name (set by ``register_inference``).
+    task: str = "task"
+    #: Record keys ``vitlab predict --json`` leaves out (bulky values drawn into files instead).
+    json_exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+        """The model of a checkpoint of this task (eval mode, ``pretrained_cfg`` and ``labels`` set).
+
+        Default: a model registered with :func:`vitlab.models.registry.register_task_model`,
+        rebuilt from its typed config (:func:`vitlab.pretrained.load_task_model`)."""
+        from ..pretrained import load_task_model
+
+        return load_task_model(path).to(device)
+
+    @classmethod
+    def predict(cls, model: nn.Module, images: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
+        """One JSON-ready record per image (paths, PIL images or arrays), preprocessed as the
+        checkpoint records; a ``notes`` list says when an image is far from the training data."""
+        raise NotImplementedError(f"task {cls.task!r} has no predict")
+
+    @classmethod
+    def evaluate(cls, checkpoint: str | Path, dataset: str | None = None, split: str | None = None,
+                 output_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
+                 **options: Any) -> dict[str, Any]:
+        """The task's metrics of a checkpoint on ``dataset`` (None: the data it was trained on)."""
+        raise NotImplementedError(f"task {cls.task!r} has no evaluate")
+
+    @classmethod
+    def draw(cls, image: Any, record: dict[str, Any], output_dir: str | Path, stem: str) -> list[Path]:
+        """Files showing one :meth:`predict` record on its image (default: none)."""
+        return []
+
+    @classmethod
+    def report(cls, results: dict[str, Any]) -> str:
+        """The lines ``vitlab eval`` prints for :meth:`evaluate`'s results."""
+        return "\n".join(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()
+                         if isinstance(v, (int, float, str)))
+
+    @classmethod
+    def describe(cls, name: str, record: dict[str, Any]) -> str:
+        """The line ``vitlab predict`` prints for one :meth:`predict` record of image ``name``."""
+        return f"{name}: " + ", ".join(f"{k} {v}" for k, v in record.items() if k not in ("notes", "image"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
 def resize_images(x: Tensor, size: int | None) -> Tensor:
     """Bilinear (antialiased) resize of a batch to ``size`` x ``size`` (no-op when it has that size)."""
     if size is None or tuple(x.shape[-2:]) == (size, size):
@@ -206,4 +280,4 @@ def evaluate_task(model: nn.Module, task: Task, loader: Any, device: torch.devic
     return metrics.compute()
 
 
-__all__ = ["Batch", "Metrics", "NoMetrics", "Task", "autocast", "evaluate_task", "resize_images"]
+__all__ = ["Batch", "Metrics", "NoMetrics", "Task", "TaskInference", "autocast", "evaluate_task", "resize_images", "resolve_device"]

@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from ..datasets.augment import (
     ColorJitter,
@@ -32,6 +31,7 @@ from ..datasets.factory import build_dataset
 from ..datasets.pipeline import (
     RandomResizedCropSample,
     ResizeCenterCropSample,
+    Resized,
     dataset_kind,
     preprocessing_record,
 )
@@ -291,23 +291,6 @@ def build_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int 
     return teacher.eval()
 
 
-class _Resized(Dataset):
-    """A dataset with a per-sample transform applied to its images; keeps its metadata."""
-
-    def __init__(self, dataset: Any, transform: Callable[[Tensor], Tensor]) -> None:
-        self.dataset, self.transform = dataset, transform
-        for attr in ("classes", "num_classes", "mean", "std", "targets"):
-            if hasattr(dataset, attr):
-                setattr(self, attr, getattr(dataset, attr))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x, y = self.dataset[index]
-        return self.transform(x), y
-
-
 def build_datasets(cfg: Any) -> tuple[Any, Any, Any | None]:
     """Train/val/test datasets yielding [0, 1] images at ``cfg.data.image_size``.
 
@@ -346,11 +329,11 @@ def build_datasets(cfg: Any) -> tuple[Any, Any, Any | None]:
     if size is None:
         size = data.image_size = int(native[-1])
     if native != (size, size):
-        train_set = _Resized(train_set, ResizeCenterCropSample(size, 1.0, data.interpolation))
+        train_set = Resized(train_set, ResizeCenterCropSample(size, 1.0, data.interpolation))
     if native != (size, size) or data.crop_pct != 1.0:
         evaluate = ResizeCenterCropSample(size, data.crop_pct, data.interpolation)
-        val_set = _Resized(val_set, evaluate)
-        test_set = _Resized(test_set, evaluate) if test_set is not None else None
+        val_set = Resized(val_set, evaluate)
+        test_set = Resized(test_set, evaluate) if test_set is not None else None
     return train_set, val_set, test_set
 
 

@@ -1,7 +1,19 @@
 """The task registry: ``vitlab train --task NAME`` and ``task: NAME`` in a recipe pick a task here.
 
-A registered task is a :class:`~vitlab.tasks.base.Task` subclass with a ``from_config(cfg)``
-classmethod returning a :class:`TaskSetup` (the task, the model and the datasets of a run).
+A registered task is a plugin: a :class:`~vitlab.tasks.base.Task` subclass declaring, in one
+place (see :class:`~vitlab.tasks.base.Task`'s plugin attributes):
+
+- its typed config section (``config_section`` / ``config_class``): the engine's
+  :class:`~vitlab.training.TrainConfig` takes every registered section from here, so
+  :mod:`vitlab.training` imports no task;
+- its built-in recipe (``default_recipe``, what ``vitlab train --task NAME`` runs);
+- the checkpoint families it loads (``families``; its model classes sit in the model
+  registry, :func:`vitlab.models.registry.register_task_model`);
+- ``from_config(cfg)``, returning a :class:`TaskSetup` (the task, the model and the datasets);
+- its inference hooks: a :class:`~vitlab.tasks.base.TaskInference` subclass registered with
+  :func:`register_inference` (``load``, ``predict``, ``evaluate``, ``draw``, ``report``), which
+  :func:`vitlab.load`, :func:`vitlab.pipeline`, ``vitlab predict`` and ``vitlab eval`` call.
+
 The built-in tasks register themselves when :mod:`vitlab.tasks` is imported (its ``__init__``
 imports them; importing this module imports the package first), so the registry never
 imports a task module back.
@@ -20,6 +32,7 @@ from .base import Task
 T = TypeVar("T", bound=type)
 
 _TASKS: dict[str, type] = {}
+_INFERENCE: dict[str, type] = {}
 
 
 class UnknownTaskError(ValueError):
@@ -54,6 +67,59 @@ def register_task(name: str) -> Callable[[T], T]:
     return deco
 
 
+def register_inference(name: str) -> Callable[[T], T]:
+    """Class decorator registering a task's inference hooks (a
+    :class:`~vitlab.tasks.base.TaskInference` subclass) under the task's ``name``."""
+
+    def deco(cls: T) -> T:
+        if name in _INFERENCE and _INFERENCE[name] is not cls:
+            raise ValueError(f"inference of task {name!r} is already registered ({_INFERENCE[name].__name__})")
+        cls.task = name
+        _INFERENCE[name] = cls
+        return cls
+
+    return deco
+
+
+def get_inference(name: str) -> type:
+    """The inference hooks of task ``name``.
+
+    Raises:
+        UnknownTaskError: No such task, or a task without inference (the message says which).
+    """
+    get_task(name)
+    try:
+        return _INFERENCE[name]
+    except KeyError:
+        raise UnknownTaskError(f"task {name!r} has no inference hooks: its checkpoints cannot be loaded or run "
+                               f"(tasks with inference: {', '.join(sorted(_INFERENCE))})") from None
+
+
+def config_sections() -> dict[str, type]:
+    """Config section name -> its dataclass, for every registered task that declares one.
+
+    Raises:
+        ValueError: Two tasks declare one section name with different classes.
+    """
+    out: dict[str, type] = {}
+    for cls in _TASKS.values():
+        key, section = getattr(cls, "config_section", None), getattr(cls, "config_class", None)
+        if key is None or section is None:
+            continue
+        if key in out and out[key] is not section:
+            raise ValueError(f"config section {key!r} is declared by two tasks with different classes")
+        out[key] = section
+    return out
+
+
+def task_for_family(family: str | None) -> str | None:
+    """The task whose checkpoints hold models of ``family`` (None when no task claims it)."""
+    for name in sorted(_TASKS):
+        if family in getattr(_TASKS[name], "families", ()):
+            return name
+    return None
+
+
 def list_tasks() -> list[str]:
     """The registered task names, sorted."""
     return sorted(_TASKS)
@@ -73,4 +139,5 @@ def get_task(name: str) -> type:
         ) from None
 
 
-__all__ = ["TaskSetup", "UnknownTaskError", "get_task", "list_tasks", "register_task"]
+__all__ = ["TaskSetup", "UnknownTaskError", "config_sections", "get_inference", "get_task", "list_tasks",
+           "register_inference", "register_task", "task_for_family"]

@@ -3,14 +3,12 @@
 from .api import ViTTrainer, ViTTransferLearning
 from .config import TrainConfig, load_config
 from .ema import ModelEma
-from .losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from .mixup import Mixup
 from .optim import WarmupCosineScheduler, build_optimizer, param_groups, warmup_cosine
 from .run import build_trainer, train
-from .trainer import Trainer, TrainingDiverged, evaluate_model
+from .trainer import Trainer, TrainingDiverged, resolve_device
 
 __all__ = [
-    "DistillationLoss", "LabelSmoothingCrossEntropy", "Mixup", "ModelEma", "SoftTargetCrossEntropy", "TrainConfig",
+    "ModelEma", "TrainConfig",
     "Trainer", "TrainingDiverged", "ViTTrainer", "ViTTransferLearning", "WarmupCosineScheduler", "build_optimizer",
-    "build_trainer", "evaluate_model", "load_config", "param_groups", "train", "warmup_cosine",
+    "build_trainer", "load_config", "resolve_device", "param_groups", "train", "warmup_cosine",
 ]

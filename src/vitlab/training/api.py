@@ -15,7 +15,7 @@ from ..datasets.pipeline import ResizeCenterCropSample, dataset_kind, preprocess
 from ..datasets.transforms import UNKNOWN
 from ..models.vit import ViTConfig, VisionTransformer
 from .config import TrainConfig
-from .run import _Resized
+from ..datasets.pipeline import Resized
 from .trainer import Trainer
 
 
@@ -185,7 +185,7 @@ class ViTTransferLearning:
                 dataset = build_dataset(name, "train")
                 val_dataset = val_dataset or build_dataset(name, "val")
                 test_dataset = test_dataset or build_dataset(name, "test")
-            dataset, val_dataset, test_dataset = (None if d is None else _Resized(d, per_sample)
+            dataset, val_dataset, test_dataset = (None if d is None else Resized(d, per_sample)
                                                   for d in (dataset, val_dataset, test_dataset))
         n = getattr(dataset, "num_classes", self.num_classes)
         if n != self.num_classes:

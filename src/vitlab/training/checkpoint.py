@@ -64,6 +64,7 @@ def save_training_checkpoint(
     ema_model: nn.Module | None = None,
     labels: list[str] | None = None,
     keep: int = 2,
+    task: str | None = None,
 ) -> Path:
     """Write ``checkpoints/epoch-NNNN`` atomically and point ``latest`` at it.
 
@@ -74,6 +75,7 @@ def save_training_checkpoint(
         state: Optimizer/scheduler/scaler states, counters, metrics (tensors and plain values).
         ema_model: The EMA model, if any.
         labels: Class names stored with the weights.
+        task: The task's registry name, recorded in the weights' metadata (``vitlab.load``).
         keep: How many most recent checkpoints to keep.
     """
     ck_dir = Path(run_dir) / "checkpoints"
@@ -85,9 +87,9 @@ def save_training_checkpoint(
     replaced = None
     try:
         tmp.mkdir()
-        files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels)]
+        files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels, task=task)]
         if ema_model is not None:
-            files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels))
+            files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels, task=task))
         _torch_save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
         files.append(tmp / "state.pt")
         for f in files:

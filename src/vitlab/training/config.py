@@ -18,8 +18,7 @@ from typing import Any
 import yaml
 
 from ..config import suggest
-from ..tasks.registry import UnknownTaskError, get_task
-from ..tasks.segmentation.task import SegmentationSection
+from ..tasks.registry import UnknownTaskError, config_sections, get_task
 
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
 
@@ -119,34 +118,14 @@ class LogSection:
 
 
 @dataclass
-class MAESection:
-    """Masked-image pre-training (``task: mae``): MAE for plain ViT families, SimMIM for hierarchical ones.
-
-    ``mask_ratio`` is the fraction of patches hidden (MAE: 0.75; SimMIM: 0.6 in its paper);
-    ``decoder_*`` shape MAE's light decoder (``decoder_mlp_dim`` None: 4 x ``decoder_dim``);
-    ``norm_pix_loss`` regresses per-patch normalised pixels; ``simmim_loss`` is ``l1`` or ``l2``;
-    ``probe_pool`` is the feature ``task: linear_probe`` reads: ``head`` (the encoder's pooled
-    pre-logits, a ViT's class token) or ``mean`` (the mean of the patch tokens).
-    """
-
-    mask_ratio: float = 0.75
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    decoder_mlp_dim: int | None = None
-    norm_pix_loss: bool = False
-    simmim_loss: str = "l1"
-    probe_pool: str = "head"
-
-
-@dataclass
 class TrainConfig:
     """A whole training run.
 
     ``task`` names a registered task (:func:`vitlab.tasks.list_tasks`): what a batch is, the
     loss, the metrics and the plots; the engine does the rest. A task's own options sit in
-    its section: ``mae``, ``segmentation`` (typed) and ``detection`` (a mapping the detection
-    task validates, naming the valid keys).
+    the typed section it registers (``segmentation``, ``mae``, ``detection``, ``clip``...):
+    read as ``cfg.segmentation`` and written as a top-level key of a recipe, held in
+    ``sections``; every registered section is present with its defaults.
     """
 
     task: str = "classification"
@@ -156,8 +135,6 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     distill: DistillSection = field(default_factory=DistillSection)
     log: LogSection = field(default_factory=LogSection)
-    segmentation: SegmentationSection = field(default_factory=SegmentationSection)
-    mae: MAESection = field(default_factory=MAESection)
     epochs: int = 30
     seed: int = 0
     device: str = "auto"
@@ -168,9 +145,21 @@ class TrainConfig:
     progress: bool = True
     save_every: int = 1
     eval_every: int = 1
-    detection: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """A registered task's section (``cfg.segmentation``)."""
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or task section {name!r}")
 
     def __post_init__(self) -> None:
+        for key, section in config_sections().items():
+            if key not in self.sections:
+                self.sections[key] = section()
+            elif isinstance(self.sections[key], dict):
+                self.sections[key] = _build(section, self.sections[key], key)
         errors = []
         try:
             get_task(self.task)
@@ -200,10 +189,6 @@ class TrainConfig:
             errors.append(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.batch_size <= 0:
             errors.append(f"data.batch_size must be positive, got {self.data.batch_size}")
-        if self.mae.simmim_loss not in ("l1", "l2"):
-            errors.append(f"mae.simmim_loss must be l1 or l2, got {self.mae.simmim_loss!r}")
-        if self.mae.probe_pool not in ("head", "mean"):
-            errors.append(f"mae.probe_pool must be head or mean, got {self.mae.probe_pool!r}")
         errors += range_errors(self)
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
@@ -218,7 +203,6 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
                                                 "cutmix_alpha")},
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.min_lr": (0.0, None),
     "optim.warmup_epochs": (0.0, None), "distill.alpha": (0.0, 1.0), "distill.tau": (0.0, None),
-    "mae.mask_ratio": (0.0, 0.99),
 }
 
 
@@ -298,7 +282,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
     types_ = _field_types(cls)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    if cls is TrainConfig:  # the registered task sections are top-level keys too
+        sections = config_sections()
+        types_ = {k: v for k, v in types_.items() if k != "sections"} | sections
+        kwargs["sections"] = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in types_:
@@ -306,7 +294,10 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
                 f"unknown config key {path!r}.{suggest(key, list(types_))} "
                 f"Valid keys{' in ' + where if where else ''}: {', '.join(types_)}"
             )
-        kwargs[key] = _coerce(value, types_[key], path)
+        if cls is TrainConfig and key in sections:
+            kwargs["sections"][key] = _coerce(value, types_[key], path)
+        else:
+            kwargs[key] = _coerce(value, types_[key], path)
     return cls(**kwargs)
 
 
@@ -321,7 +312,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(cfg)
+    out = plain(cfg)
+    if isinstance(cfg, TrainConfig):  # the task sections as top-level keys, as a recipe writes them
+        out.update(out.pop("sections"))
+    return out
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

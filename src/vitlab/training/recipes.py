@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-from ..tasks.clip import CLIP_DIGITS_RECIPE
-from ..tasks.detection.task import DETECTION_RECIPE
-from ..tasks.segmentation.task import SEGMENTATION_RECIPE
+from ..tasks.registry import get_task
 
 #: A small ViT on scikit-learn's 8x8 digits: 2x2 patches (16 tokens + class token). The
 #: model's input size is the data's (``DATASET_DEFAULTS["digits"]``: 8); the augmentation is
@@ -35,34 +32,13 @@ DIGITS_RECIPE: dict[str, Any] = {
     "ema_decay": 0.998,
 }
 
-#: ``vitlab train --task mae`` with no recipe (configs/mae_digits.yaml holds the same values): MAE
-#: pre-training of a small ViT on the digits upsampled to 32x32 with 4x4 patches. The 8x8
-#: originals with 2x2 patches give 16 patches, so 75% masking would leave 4 visible ones;
-#: at 32 px / patch 4 the grid is 8x8 = 64 patches (one per original pixel), 16 stay visible,
-#: and the encoder still runs on 17 tokens. No norm_pix_loss: an upsampled patch is nearly
-#: flat, its normalised pixels would be noise. The ViT (width 64, depth 4) and the 30 epochs
-#: are the best setting measured by benchmarks/mae.py (benchmarks/README.md: 10 epochs probed
-#: below random init, 30 epochs well above it).
-MAE_DIGITS_RECIPE: dict[str, Any] = {
-    "recipe": "mae_digits",
-    "task": "mae",
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "overrides": {"patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128},
-    },
-    "data": {"dataset": "digits", "image_size": 32, "batch_size": 64, "eval_batch_size": 512},
-    "optim": {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5, "min_lr": 1e-5,
-              "clip_grad": 1.0},
-    "mae": {"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 4, "norm_pix_loss": False},
-    "epochs": 30,
-    "seed": 0,
-}
+def task_recipe(task: str | None) -> dict[str, Any]:
+    """The recipe ``vitlab train --task NAME`` starts from without ``--config``: the task's own
+    (its plugin's ``default_recipe``), else :data:`DIGITS_RECIPE`."""
+    if not task:
+        return DIGITS_RECIPE
+    return get_task(task).default_recipe or DIGITS_RECIPE
 
-#: The recipe ``vitlab train --task NAME`` starts from when no ``--config`` is given.
-TASK_RECIPES: dict[str, dict[str, Any]] = {
-    "clip": CLIP_DIGITS_RECIPE, "detection": DETECTION_RECIPE, "mae": MAE_DIGITS_RECIPE,
-    "segmentation": SEGMENTATION_RECIPE,
-}
 
 #: What each kind of dataset brings (``vitlab.datasets.pipeline.dataset_kind``): digits at
 #: 8x8 with its geometric augmentation (chosen with benchmarks/digits_sweep.py), CIFAR at

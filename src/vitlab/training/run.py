@@ -13,14 +13,6 @@ import torch
 from torch import nn
 
 from ..datasets.pipeline import dataset_label
-from ..tasks.image_classification import (  # noqa: F401  (the classification task's builders, re-exported)
-    _Resized,
-    build_augment,
-    build_criterion,
-    build_datasets,
-    build_teacher,
-    create_classifier,
-)
 from ..tasks.registry import get_task
 from .config import TrainConfig, _build, set_dotted
 from .trainer import Trainer, unwrap

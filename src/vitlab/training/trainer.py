@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..tasks.base import Task, autocast, evaluate_task
-from ..tasks.image_classification import ClassificationTask, evaluate_classifier
+from ..tasks.base import Task, autocast, evaluate_task, resolve_device
+from ..tasks.registry import get_task
 from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, GlobalBatchSampler, all_reduce_mean, init_distributed
@@ -36,26 +36,12 @@ from .optim import WarmupCosineScheduler, build_optimizer
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
-#: Kept for callers of the former classification-only engine: see
-#: :func:`vitlab.tasks.image_classification.evaluate_classifier`.
-evaluate_model = evaluate_classifier
-
 #: What ``log.tensorboard=true`` needs when ``tensorboard`` does not import.
 TENSORBOARD_HINT = "log.tensorboard=true needs the tensorboard package: pip install tensorboard (or 'vitlab[tensorboard]')"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -127,7 +113,8 @@ class Trainer:
         self.out = Path(output_dir or config.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.task: Task = task if task is not None else ClassificationTask(labels, mean, std, augment, mixup, criterion)
+        self.task: Task = task if task is not None else get_task("classification")(labels, mean, std, augment, mixup,
+                                                                                    criterion)
         self.task.to(self.device)
         self._tb_wanted = bool(config.log.tensorboard) and self.dist.is_main
         if self._tb_wanted:
@@ -330,7 +317,8 @@ class Trainer:
         if not self.dist.is_main:
             return None
         return save_training_checkpoint(self.out, self.epoch, unwrap(self.model), self.state(),
-                                        self.ema.module if self.ema else None, labels=self.task.labels)
+                                        self.ema.module if self.ema else None, labels=self.task.labels,
+                                        task=self.task.name)
 
     def resume(self, folder: str | Path | None = None) -> bool:
         """Restore the latest checkpoint of the run directory (or ``folder``); False if none."""
@@ -461,5 +449,6 @@ def _is_scalar(v: Any) -> bool:
 
 
 def _prefixed(prefix: str, metrics: dict[str, Any], keep_n: bool = False) -> dict[str, Any]:
-    """``{prefix_name: value}`` for the scalar metrics (``n`` only with ``keep_n``)."""
-    return {f"{prefix}_{k}": v for k, v in metrics.items() if _is_scalar(v) and (keep_n or k != "n")}
+    """``{prefix_name: value}`` for the scalar metrics (``n`` only with ``keep_n``); None (a metric with
+    nothing to measure, e.g. COCO AP of a size without objects) is kept as null."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if (_is_scalar(v) or v is None) and (keep_n or k != "n")}

@@ -15,13 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...config import config_to_dict
 from ...errors import CheckpointError
 from ...models.text import TextConfig
 from .model import CLIP, CLIPConfig
 from .tokenizer import CLIPTokenizer
 
-CONFIG_FILE = "clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -148,17 +146,27 @@ def _load_into(model: CLIP, state: dict[str, Tensor], source: Path) -> None:
     model.load_state_dict(state)
 
 
-def save_clip(model: CLIP, folder: str | Path, tokenizer: CLIPTokenizer | None = None) -> None:
-    """Save a vitlab CLIP (safetensors weights + config JSON), with its tokenizer when given."""
-    from safetensors.torch import save_file
+def save_clip(model: CLIP, folder: str | Path, tokenizer: CLIPTokenizer | None = None) -> Path:
+    """Save a vitlab CLIP as every vitlab checkpoint is saved (``model.safetensors`` + ``config.json``:
+    family, task, typed config, preprocessing), the tokenizer inside ``pretrained_cfg`` when given.
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = config_to_dict(model.config)  # every field, the text tower's config as a nested dict
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=list))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    Returns:
+        The weights file written.
+    """
+    from ...pretrained.io import save_checkpoint
+
+    original = getattr(model, "pretrained_cfg", None)
+    pcfg = dict(original or {})
     if tokenizer is not None:
-        tokenizer.save(folder)
+        pcfg["tokenizer"] = tokenizer.to_dict()
+    model.pretrained_cfg = pcfg
+    try:
+        return save_checkpoint(model, Path(folder), task="clip")
+    finally:
+        if original is None:
+            del model.pretrained_cfg
+        else:
+            model.pretrained_cfg = original
 
 
 def load_clip(folder: str | Path) -> tuple[CLIP, CLIPTokenizer | None]:
@@ -168,20 +176,16 @@ def load_clip(folder: str | Path) -> tuple[CLIP, CLIPTokenizer | None]:
         CheckpointError: When the folder holds no vitlab CLIP checkpoint or it does not fit.
     """
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{folder} holds no vitlab CLIP checkpoint: {CONFIG_FILE} is missing")
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
-    cfg["text"] = TextConfig(**cfg["text"])
-    model = CLIP(CLIPConfig(**cfg))
-    _load_into(model, _load_state(folder), folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file() else None
-    return model.eval(), tokenizer
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder} holds no vitlab CLIP checkpoint: {WEIGHTS_FILE} is missing")
+    return load_clip_checkpoint(folder)
 
 
 def load_clip_checkpoint(path: str | Path) -> tuple[CLIP, CLIPTokenizer | None]:
-    """Load any CLIP checkpoint: a :func:`save_clip` folder, a Hugging Face ``CLIPModel`` folder,
-    or what ``vitlab train --task clip`` writes (a run directory, its ``checkpoints/epoch-N``
-    folder or a ``model.safetensors``), whose tokenizer travels in the weights' metadata.
+    """Load any CLIP checkpoint: a Hugging Face ``CLIPModel`` folder, or the one vitlab layout that
+    :func:`save_clip` and ``vitlab train --task clip`` write (a run directory, its
+    ``checkpoints/epoch-N`` folder, a :func:`save_clip` folder or a ``model.safetensors``), whose
+    tokenizer travels in the weights' metadata.
 
     Returns:
         The model in eval mode (``pretrained_cfg`` restored: preprocessing, prompts) and its
@@ -194,8 +198,6 @@ def load_clip_checkpoint(path: str | Path) -> tuple[CLIP, CLIPTokenizer | None]:
     from ...pretrained.io import read_weights
 
     path = Path(path)
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return load_clip(path)
     if path.is_dir() and "text_config" in _json_or_empty(path / "config.json"):
         return load_hf_clip(path)
     ck = read_weights(path)

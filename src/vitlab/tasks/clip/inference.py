@@ -18,12 +18,14 @@ from torch.utils.data import DataLoader
 from ...datasets.captions import DIGIT_TEMPLATES, DigitCaptions, SceneCaptions, digit_prompts
 from ...datasets.transforms import normalize
 from ...errors import CheckpointError
-from ..base import evaluate_task, resize_images
-from ..inputs import read_image_file
+from ..base import TaskInference, evaluate_task, resize_images
+from ..inputs import to_unit_tensor
+from ..registry import register_inference
+from ...models.registry import register_task_model
 from .convert import load_clip_checkpoint
-from .model import CLIP
+from .model import CLIP, CLIPConfig
 from .tokenizer import CLIPTokenizer
-from .zero_shot import DEFAULT_TEMPLATES, zero_shot_classifier_from_prompts
+from .zero_shot import DEFAULT_TEMPLATES, _input_spec, zero_shot_classifier_from_prompts, zero_shot_notes
 
 
 def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, CLIPTokenizer]:
@@ -39,18 +41,8 @@ def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu
     return model.to(device).eval(), tokenizer
 
 
-def _input_spec(model: CLIP) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
-    pcfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = model.config.image_overrides.get("image_size", 224)
-    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
-    channels = int(model.config.image_overrides.get("in_channels", 3))
-    mean = tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))[:channels]
-    std = tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)))[:channels]
-    return size, channels, mean, std
-
-
-def load_images(model: CLIP, paths: Sequence[str | Path]) -> Tensor:
-    """Image files -> the model's normalised input batch (B, C, S, S).
+def load_images(model: CLIP, paths: Sequence[Any]) -> Tensor:
+    """Image files (or PIL images, arrays) -> the model's normalised input batch (B, C, S, S).
 
     Each image is read (colour or grey, transparency on white), converted to the model's
     channels (grey: channel mean; colour: the grey channel repeated), resized to its input
@@ -66,7 +58,7 @@ def load_images(model: CLIP, paths: Sequence[str | Path]) -> Tensor:
     size, channels, mean, std = _input_spec(model)
     out = []
     for p in paths:
-        x = torch.from_numpy(read_image_file(p)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        x = to_unit_tensor(p)  # a file, PIL image or array -> (C, H, W) in [0, 1], transparency on white
         if x.shape[0] != channels:
             x = x.mean(dim=0, keepdim=True) if channels == 1 else x.expand(channels, -1, -1)
         x = resize_images(x[None].float(), size)  # (C, H, W) -> (1, C, H, W) -> (1, C, S, S)
@@ -182,5 +174,62 @@ def evaluate_clip_checkpoint(checkpoint: str | Path, dataset: str | None = None,
     return res
 
 
-__all__ = ["DIGIT_TEMPLATES", "default_templates", "evaluate_clip", "evaluate_clip_checkpoint", "evaluation_data",
+register_task_model("CLIP", CLIP, CLIPConfig, "clip")
+
+
+@register_inference("clip")
+class CLIPInference(TaskInference):
+    """CLIP checkpoints (vitlab-trained or a Hugging Face ``CLIPModel`` folder): zero-shot labels
+    per image, retrieval metrics; the tokenizer travels as ``model.tokenizer``."""
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+        model, tokenizer = load_for_inference(path, device)
+        model.tokenizer = tokenizer
+        return model
+
+    @classmethod
+    def predict(cls, model: torch.nn.Module, images: Sequence[Any], labels: Sequence[str] | None = None,
+                templates: Sequence[str] | None = None, top_k: int = 3, **options: Any) -> list[dict[str, Any]]:
+        """Zero-shot classification over ``labels`` (default: the checkpoint's classes): per image
+        ``class``, ``confidence`` and the ``top_k`` classes."""
+        labels = list(labels) if labels is not None else (getattr(model, "pretrained_cfg", {}) or {}).get("classes")
+        if not labels:
+            raise ValueError("CLIP predictions need class names: labels=['cat', 'dog'] (vitlab zero-shot --labels)")
+        probs = zero_shot_predict(model, model.tokenizer, load_images(model, list(images)), labels, templates)
+        notes = zero_shot_notes(model, list(images))
+        k = max(1, min(top_k, len(labels)))
+        records = []
+        for p, note in zip(probs, notes):
+            top = p.topk(k)
+            ranked = [{"class": labels[int(i)], "confidence": float(v)} for v, i in zip(top.values, top.indices)]
+            records.append({**ranked[0], "top_k": ranked, "notes": note})
+        return records
+
+    @classmethod
+    def evaluate(cls, checkpoint: str | Path, dataset: str | None = None, split: str | None = None,
+                 output_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 256,
+                 **options: Any) -> dict[str, Any]:
+        dataset = None if dataset == "digits" else dataset  # default: the checkpoint's own dataset
+        return evaluate_clip_checkpoint(checkpoint, dataset, split=split or "test",
+                                        device="cpu" if device == "auto" else device, batch_size=batch_size)
+
+    @classmethod
+    def report(cls, results: dict[str, Any]) -> str:
+        lines = [f"{results['dataset']} {results['split']} (n={results['n']}), CLIP checkpoint"]
+        if "zero_shot_top1" in results:
+            lines.append(f"zero-shot accuracy: top-1 {100 * results['zero_shot_top1']:.2f}%")
+        for d, name in (("i2t", "image->text"), ("t2i", "text->image"), ("itm_t2i", "text->image, ITM re-ranked")):
+            if f"{d}_R@1" in results:
+                lines.append(f"{name}: R@1 {100 * results[f'{d}_R@1']:.2f}%  R@5 {100 * results[f'{d}_R@5']:.2f}%  "
+                             f"R@10 {100 * results[f'{d}_R@10']:.2f}%  mean rank {results[f'{d}_mean_rank']:.2f}  "
+                             f"median rank {results[f'{d}_median_rank']:.0f}")
+        return "\n".join(lines)
+
+    @classmethod
+    def describe(cls, name: str, record: dict[str, Any]) -> str:
+        return f"{name}: " + "  ".join(f"{t['class']} {t['confidence']:.1%}" for t in record["top_k"])
+
+
+__all__ = ["CLIPInference", "DIGIT_TEMPLATES", "default_templates", "evaluate_clip", "evaluate_clip_checkpoint", "evaluation_data",
            "load_for_inference", "load_images", "retrieval_scores", "zero_shot_predict"]

@@ -216,6 +216,8 @@ class CLIPTask(Task):
     """
 
     higher_is_better = True
+    default_recipe = CLIP_DIGITS_RECIPE
+    families = ("CLIP",)
 
     def __init__(self, tokenizer: CLIPTokenizer, mean: Sequence[float], std: Sequence[float], loss: str = "clip",
                  duplicate_aware: bool = True, itm_weight: float = 1.0, itm_top_k: int = 10,

@@ -78,6 +78,17 @@ def zero_shot_accuracy(image_emb: Tensor, weights: Tensor, targets: Tensor, topk
     return {f"top{k}": float(hit[:, : min(k, k_max)].any(dim=1).float().mean()) for k in topk}
 
 
+def _input_spec(model: "CLIP") -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
+    """The input side, channels, mean and std a CLIP checkpoint records."""
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = model.config.image_overrides.get("image_size", 224)
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    channels = int(model.config.image_overrides.get("in_channels", 3))
+    mean = tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))[:channels]
+    std = tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)))[:channels]
+    return size, channels, mean, std
+
+
 def zero_shot_notes(model: CLIP, images: Sequence[Any]) -> list[list[str]]:
     """Per image: notes on how far it is from the CLIP checkpoint's training images.
 
@@ -97,8 +108,6 @@ def zero_shot_notes(model: CLIP, images: Sequence[Any]) -> list[list[str]]:
         FileNotFoundError: A path that does not exist.
         InputError: An input that is not an image.
     """
-    from .inference import _input_spec  # here: inference imports this module
-
     size, channels, mean, std = _input_spec(model)
     pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": [channels, size, size],
             "mean": list(mean), "std": list(std)}

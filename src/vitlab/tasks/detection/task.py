@@ -36,7 +36,7 @@ Options (``detection``; unknown keys are an error naming the valid ones):
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -91,6 +91,37 @@ LOSS_KEYS = ("eos_coef", "weight_ce", "weight_bbox", "weight_giou", "cost_class"
 SCENE_SPLIT_KEYS = {"train": "num_train", "val": "num_val", "test": "num_test"}
 #: Normalisation of detection inputs ([0, 1] -> [-1, 1]), recorded in every checkpoint.
 MEAN_STD = 0.5
+
+
+@dataclass
+class DetectionSection:
+    """The detection task's options (config section ``detection``); the nested mappings are
+    validated by the task, naming their valid keys.
+
+    ``detector`` (``detr`` | ``yolos``); ``num_queries`` (None: the detector's default);
+    ``detr`` (keys of :class:`DETRConfig`); ``scenes`` (keyword arguments of
+    :class:`~vitlab.datasets.digit_scenes.DigitScenes` plus ``num_train`` / ``num_val`` /
+    ``num_test``); ``augment`` (keyword arguments of ``DenseAugment``, or ``false``); ``loss``
+    (:data:`LOSS_KEYS`); ``coco`` (``{split}_annotations`` / ``{split}_images``, ``on_error``);
+    ``num_plot_images`` (test images drawn in ``predictions.png``).
+    """
+
+    detector: str = "detr"
+    num_queries: int | None = None
+    detr: dict[str, Any] = field(default_factory=dict)
+    scenes: dict[str, Any] = field(default_factory=dict)
+    augment: dict[str, Any] | bool = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    coco: dict[str, Any] = field(default_factory=dict)
+    num_plot_images: int = 6
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ValueError(f"detection.detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+
+    def options(self) -> dict[str, Any]:
+        """The options as the builders read them (unset ones left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def _check_keys(values: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
@@ -258,6 +289,10 @@ class DetectionTask(Task):
 
     primary_metric = "AP50"
     higher_is_better = True
+    config_section = "detection"
+    config_class = DetectionSection
+    default_recipe = DETECTION_RECIPE
+    families = ("DETR", "YOLOS")
 
     def __init__(self, num_classes: int, labels: Sequence[str] | None = None, augment: Any = None,
                  criterion: DETRLoss | None = None, num_plot_images: int = 6) -> None:
@@ -333,7 +368,7 @@ class DetectionTask(Task):
 
     def format_metric(self, name: str, value: float) -> str:
         if name in COCO_METRICS:
-            return f"{name} {value:.3f}"
+            return f"{name} n/a" if value is None else f"{name} {value:.3f}"
         return super().format_metric(name, value)
 
     def plots(self, out_dir: Path, history: Sequence[dict[str, Any]], final: dict[str, Any] | None) -> list[Path]:
@@ -352,11 +387,8 @@ class DetectionTask(Task):
         ``pretrained_cfg`` records the input size, normalisation and the data it was trained
         on (``vitlab eval`` reads it back).
         """
-        opts = dict(cfg.detection)
-        _check_keys(opts, OPTION_KEYS, "detection")
-        detector = opts.get("detector", "detr")
-        if detector not in DETECTORS:
-            raise ValueError(f"detection.detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        opts = cfg.detection.options()
+        detector = opts["detector"]
         train_set, val_set, test_set, data_record = build_detection_datasets(cfg, opts)
         size = int(cfg.data.image_size)
         channels = int(train_set[0]["image"].shape[0])
@@ -518,6 +550,6 @@ def build_detection_datasets(cfg: Any, opts: Mapping[str, Any]) -> tuple[Any, An
     return wrapped["train"], wrapped["val"], wrapped["test"], record
 
 
-__all__ = ["DETECTION_RECIPE", "DetectionEvalMetrics", "DetectionInputs", "DetectionSamples", "DetectionTask",
+__all__ = ["DETECTION_RECIPE", "DetectionEvalMetrics", "DetectionSection", "DetectionInputs", "DetectionSamples", "DetectionTask",
            "build_criterion", "build_dense_augment", "build_detection_datasets", "build_detector",
            "collate_detection", "unpad_targets"]

@@ -41,6 +41,61 @@ EVAL_NOISE_SEED = 20220
 #: Validation images shown in each reconstruction grid.
 GRID_IMAGES = 8
 
+#: ``vitlab train --task mae`` with no recipe (configs/mae_digits.yaml holds the same values): MAE
+#: pre-training of a small ViT on the digits upsampled to 32x32 with 4x4 patches. The 8x8
+#: originals with 2x2 patches give 16 patches, so 75% masking would leave 4 visible ones;
+#: at 32 px / patch 4 the grid is 8x8 = 64 patches (one per original pixel), 16 stay visible,
+#: and the encoder still runs on 17 tokens. No norm_pix_loss: an upsampled patch is nearly
+#: flat, its normalised pixels would be noise. The ViT (width 64, depth 4) and the 30 epochs
+#: are the best setting measured by benchmarks/mae.py (benchmarks/README.md: 10 epochs probed
+#: below random init, 30 epochs well above it).
+MAE_DIGITS_RECIPE: dict[str, Any] = {
+    "recipe": "mae_digits",
+    "task": "mae",
+    "model": {
+        "name": "vit_tiny_patch16_224",
+        "overrides": {"patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128},
+    },
+    "data": {"dataset": "digits", "image_size": 32, "batch_size": 64, "eval_batch_size": 512},
+    "optim": {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5, "min_lr": 1e-5,
+              "clip_grad": 1.0},
+    "mae": {"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 4, "norm_pix_loss": False},
+    "epochs": 30,
+    "seed": 0,
+}
+
+
+@dataclasses.dataclass
+class MAESection:
+    """Masked-image pre-training (config section ``mae``): MAE for plain ViT families, SimMIM for hierarchical ones.
+
+    ``mask_ratio`` is the fraction of patches hidden (MAE: 0.75; SimMIM: 0.6 in its paper);
+    ``decoder_*`` shape MAE's light decoder (``decoder_mlp_dim`` None: 4 x ``decoder_dim``);
+    ``norm_pix_loss`` regresses per-patch normalised pixels; ``simmim_loss`` is ``l1`` or ``l2``;
+    ``probe_pool`` is the feature ``task: linear_probe`` reads: ``head`` (the encoder's pooled
+    pre-logits, a ViT's class token) or ``mean`` (the mean of the patch tokens).
+    """
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_mlp_dim: int | None = None
+    norm_pix_loss: bool = False
+    simmim_loss: str = "l1"
+    probe_pool: str = "head"
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not 0.0 <= self.mask_ratio <= 0.99:
+            errors.append(f"mae.mask_ratio must be in [0, 0.99], got {self.mask_ratio:g}")
+        if self.simmim_loss not in ("l1", "l2"):
+            errors.append(f"mae.simmim_loss must be l1 or l2, got {self.simmim_loss!r}")
+        if self.probe_pool not in ("head", "mean"):
+            errors.append(f"mae.probe_pool must be head or mean, got {self.probe_pool!r}")
+        if errors:
+            raise ValueError("invalid training config: " + "; ".join(errors))
+
 
 class MAEEvalMetrics(Metrics):
     """Mean reconstruction loss over the validation set; keeps the first batch's grid images."""
@@ -63,6 +118,11 @@ class MAEEvalMetrics(Metrics):
 
 @register_task("mae")
 class MAETask(Task):
+    config_section = "mae"
+    config_class = MAESection
+    default_recipe = MAE_DIGITS_RECIPE
+    families = ("MAE", "SimMIM")
+
     """Masked-image pre-training on batches of ([0, 1] images, anything): MAE or SimMIM.
 
     Args:
@@ -187,6 +247,11 @@ class LinearProbeTask(ClassificationTask):
     class token) or ``mean`` (the mean of the patch tokens).
     """
 
+    config_section = "mae"
+    config_class = MAESection
+    default_recipe = None
+    families = ("LinearProbe",)
+
     @classmethod
     def from_config(cls, cfg: Any) -> TaskSetup:
         setup = super().from_config(cfg)
@@ -197,4 +262,4 @@ class LinearProbeTask(ClassificationTask):
         return setup
 
 
-__all__ = ["LinearProbeTask", "MAETask"]
+__all__ = ["LinearProbeTask", "MAESection", "MAETask", "MAE_DIGITS_RECIPE"]

@@ -16,9 +16,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ...datasets.transforms import normalize
-from ..base import evaluate_task
+from ..base import TaskInference, evaluate_task
+from ..registry import register_inference
+from ...models.registry import register_task_model
 from .inference import predict_sliding, predict_tta, predict_whole
-from .model import SegmentationModel, load_segmenter
+from .model import FAMILY, SegmentationModel, SegmenterConfig, load_segmenter
 from .task import SCENE_DATASETS, SegmentationSection, SegmentationTask, folder_splits, scene_splits
 
 MODES: tuple[str, ...] = ("whole", "sliding", "tta")
@@ -180,5 +182,77 @@ def segment_files(checkpoint: str | Path, images: Sequence[str | Path], output_d
     return records
 
 
-__all__ = ["MODES", "evaluate_segmentation_checkpoint", "format_iou_table", "load_for_model", "segment",
+register_task_model(FAMILY, SegmentationModel, SegmenterConfig, "segmentation")
+
+
+@register_inference("segmentation")
+class SegmentationInference(TaskInference):
+    """Segmentation checkpoints: a class map per image, the IoU table, mask and overlay PNGs."""
+
+    json_exclude = ("mask",)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+        model, labels = load_segmenter(path)
+        model.labels = labels or [str(i) for i in range(model.config.num_classes)]
+        return model.to(device)
+
+    @classmethod
+    def predict(cls, model: torch.nn.Module, images: Sequence[Any], mode: str = "whole",
+                scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True, **options: Any) -> list[dict[str, Any]]:
+        """Per image ``mask`` (the class id of every pixel, a (H, W) list of lists) and ``classes``
+        (pixel fraction of each class present); ``mode`` as :func:`segment`."""
+        from ..inputs import to_unit_tensor
+
+        labels = list(getattr(model, "labels", None) or [str(i) for i in range(model.config.num_classes)])
+        device = next(model.parameters()).device
+        records = []
+        for image in images:
+            x = to_unit_tensor(image, 0.0)
+            channels = model.config.in_channels
+            if x.shape[0] != channels:  # grey <-> colour, as the files are read
+                x = x.mean(0, keepdim=True) if channels == 1 else x.expand(channels, *x.shape[1:])
+            pred = segment(model, x[None].to(device), mode, scales, flip).argmax(1)[0].cpu()
+            counts = torch.bincount(pred.flatten(), minlength=len(labels)).double() / pred.numel()
+            records.append({"mask": pred.tolist(),
+                            "classes": {labels[i]: float(c) for i, c in enumerate(counts) if c > 0}})
+        return records
+
+    @classmethod
+    def draw(cls, image: Any, record: dict[str, Any], output_dir: str | Path, stem: str,
+             alpha: float = 0.5) -> list[Path]:
+        """``<stem>_mask.png`` (palette PNG of class ids) and ``<stem>_overlay.png``."""
+        from PIL import Image
+
+        from ..inputs import to_unit_tensor
+        from .visualize import overlay, save_mask_png
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        pred = torch.tensor(record["mask"])
+        mask_file = save_mask_png(pred, out / f"{stem}_mask.png")
+        overlay_file = out / f"{stem}_overlay.png"
+        Image.fromarray(overlay(to_unit_tensor(image, 0.0), pred, alpha)).save(overlay_file)
+        return [mask_file, overlay_file]
+
+    @classmethod
+    def evaluate(cls, checkpoint: str | Path, dataset: str | None = None, split: str | None = None,
+                 output_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
+                 **options: Any) -> dict[str, Any]:
+        dataset = None if dataset in (None, "digits") else dataset  # default: the data it was trained on
+        return evaluate_segmentation_checkpoint(checkpoint, dataset, split=split, output_dir=output_dir,
+                                                device=device, batch_size=batch_size)
+
+    @classmethod
+    def report(cls, results: dict[str, Any]) -> str:
+        return (f"{results['dataset']} {results['split']} (n={results['n']})\n{format_iou_table(results)}\n"
+                f"wrote {results['json']}")
+
+    @classmethod
+    def describe(cls, name: str, record: dict[str, Any]) -> str:
+        top = ", ".join(f"{k} {v:.1%}" for k, v in sorted(record["classes"].items(), key=lambda kv: -kv[1])[:5])
+        return f"{name}: {top}"
+
+
+__all__ = ["MODES", "SegmentationInference", "evaluate_segmentation_checkpoint", "format_iou_table", "load_for_model", "segment",
            "segment_files"]

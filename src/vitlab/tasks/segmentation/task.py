@@ -285,6 +285,10 @@ class SegmentationTask(Task):
 
     primary_metric = "mIoU"
     higher_is_better = True
+    config_section = "segmentation"
+    config_class = SegmentationSection
+    default_recipe = SEGMENTATION_RECIPE
+    families = ("segmenter",)
 
     def __init__(self, num_classes: int, labels: Sequence[str] | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, augment: Any | None = None,
