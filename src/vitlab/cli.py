@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .errors import check_device, report_error
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     import torch
@@ -72,10 +74,8 @@ def _predict_with_hooks(args: argparse.Namespace, task: str) -> int:
 
     hooks = get_inference(task)
     model = hooks.load(args.checkpoint, args.device)
-    wanted = inspect.signature(hooks.predict).parameters
-    given = {"top_k": args.top_k, "score_threshold": args.score_threshold, "mode": args.mode,
-             "scales": args.scales, "flip": not args.no_flip}
-    options = {k: v for k, v in given.items() if k in wanted and v is not None}
+    wanted = inspect.signature(hooks.predict).parameters  # the options the plugins added, by name
+    options = {k: v for k, v in vars(args).items() if k in wanted and k not in ("model", "images") and v is not None}
     out_dir = Path(args.output_dir or "predictions")
     records = []
     for path, record in zip(args.images, hooks.predict(model, [str(p) for p in args.images], **options)):
@@ -114,14 +114,6 @@ def _predict_classification(args: argparse.Namespace) -> int:
     for path, r in zip(args.images, results):
         print(ClassificationInference.describe(str(path), r))
     return 0
-
-
-def _add_segmentation_predict_args(pr: argparse.ArgumentParser) -> None:
-    """The options of ``vitlab predict`` on a segmentation checkpoint."""
-    pr.add_argument("--mode", default="whole", choices=["whole", "sliding", "tta"],
-                    help="segmentation: whole image, sliding windows of the training size, or multi-scale + flip TTA")
-    pr.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25], help="segmentation TTA scales")
-    pr.add_argument("--no-flip", action="store_true", help="segmentation TTA without the mirrored pass")
 
 
 def _default_recipe(args: argparse.Namespace) -> dict:
@@ -240,57 +232,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import benchmark
-
-    models = [m if Path(m).exists() else resolve_model_name(m) for m in args.models]
-    report = benchmark(models, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
-                       train=args.train, reference=args.reference, device=args.device, repeats=args.repeats,
-                       warmup=args.warmup, latency_repeats=args.latency_repeats, threads=args.threads,
-                       agreement_data=args.agreement_data,
-                       log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
-    print(report.to_markdown())
-    if args.output:
-        print(f"wrote {report.save(args.output)}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .deploy import export_model
-
-    if args.checkpoint:
-        from .pretrained import load_model
-
-        model = load_model(args.checkpoint)
-    else:
-        from .pretrained import create_model
-
-        model = create_model(resolve_model_name(args.model))
-    res = export_model(model, args.output, format=args.format, batch_size=args.batch_size, image_size=args.image_size,
-                       dynamic_batch=args.dynamic_batch, opset=args.opset, check=not args.no_check)
-    batch = "dynamic batch" if res.dynamic_batch else f"batch {res.input_shape[0]}"
-    print(f"wrote {res.path} (input {'x'.join(map(str, res.input_shape[1:]))}, {batch})")
-    if res.max_abs_diff is not None:
-        print(f"onnxruntime vs PyTorch: max abs logit difference {res.max_abs_diff:.3e}")
-    return 0
-
-
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from .evaluation.explain import run_explain
-
-    model = resolve_model_name(args.model) if args.model else None
-    record = run_explain(args.image, args.method, checkpoint=args.checkpoint, model=model, layers=args.layers,
-                         target=args.target, output_dir=args.output_dir, device=args.device, heads=args.heads,
-                         pretrained=not args.random_init, progress=not args.no_progress)
-    for note in record.get("notes", []):
-        print(f"vitlab explain: note: {args.image}: {note}", file=sys.stderr)
-    top = record["prediction"][0]
-    print(f"{args.image}: predicted {top['label']} ({top['probability']:.1%})")
-    for f in record["files"]:
-        print(f"wrote {f}")
-    return 0
-
-
 def _parser_with(common: argparse.ArgumentParser) -> type:
     """An ArgumentParser class whose instances (the subcommands) inherit ``common``'s options."""
 
@@ -337,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", default=None,
                     help="optional: the task is read from the checkpoint (classification: the top-k classes; "
                          "detection: boxes drawn + JSON; segmentation: mask + overlay PNGs); given, it must match")
-    pr.add_argument("--score-threshold", type=float, default=0.5, help="detection: minimum score kept")
     pr.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                     help="detection / segmentation: where the PNG and JSON files go (default: predictions/)")
     pr.add_argument("--device", default="cpu")
@@ -345,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-amp", "fp16", "int8"],
                     help="inference precision (bf16: bfloat16 weights and activations; int8: dynamic quantization, CPU)")
     pr.add_argument("--compile", action="store_true", help="torch.compile the model (the first call compiles)")
-    _add_segmentation_predict_args(pr)
+    from .tasks.registry import list_inference
+
+    for hooks in list_inference().values():  # each task's own predict options
+        hooks.add_predict_arguments(pr)
     pr.set_defaults(func=_cmd_predict)
 
     t = sub.add_parser("train", help="train a model (no arguments: the bundled digits recipe)",
@@ -393,225 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_eval)
 
-    b = sub.add_parser("benchmark", help="throughput, latency, FLOPs, memory and agreement per inference mode",
-                       description="Benchmark models in inference modes (median throughput, batch-1 latency, "
-                                   "GFLOPs, peak memory, fraction of the measured matmul peak, agreement with fp32).")
-    b.add_argument("models", nargs="+", metavar="MODEL", help="registered names, aliases or checkpoint paths")
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--image-size", type=int, help="input side (the model's own by default)")
-    b.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="inference modes: eager bf16 bf16-amp fp16 compile compile-bf16 int8 onnx (default on "
-                        "CPU: eager bf16 bf16-amp compile-bf16 int8 onnx; CUDA: eager bf16 fp16 compile compile-bf16)")
-    b.add_argument("--train", action="store_true",
-                   help="also time training steps (fp32/bf16, with/without checkpointing)")
-    b.add_argument("--reference", nargs="+", metavar="LIB",
-                   help="time the same architecture from hf (transformers, SDPA), hf-eager or timm")
-    b.add_argument("--agreement-data", choices=["digits"], help="measure agreement on the digits test set")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--threads", type=int, help="torch (and onnxruntime) threads")
-    b.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--latency-repeats", type=int, default=20, help="timed batch-1 rounds (0: skip latency)")
-    b.add_argument("--output", type=Path, help="write the results (.md, .csv or .json)")
-    b.add_argument("--quiet", action="store_true", help="no progress messages")
-    b.set_defaults(func=_cmd_benchmark)
+    from .benchmark.harness import add_benchmark_command
+    from .deploy.onnx_export import add_export_command
+    from .evaluation.explain import add_explain_command
 
-    x = sub.add_parser("export", help="export a model to ONNX and check it in onnxruntime")
-    g = x.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="registered model name or alias (random weights)")
-    g.add_argument("--checkpoint", help="checkpoint file or folder")
-    x.add_argument("--format", default="onnx", choices=["onnx"])
-    x.add_argument("--output", required=True, type=Path, help="output file, e.g. model.onnx")
-    x.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
-    x.add_argument("--batch-size", type=int, default=1)
-    x.add_argument("--image-size", type=int, help="input side (the model's own by default)")
-    x.add_argument("--opset", type=int, default=17)
-    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    x.set_defaults(func=_cmd_export)
+    for add in (add_benchmark_command, add_export_command, add_explain_command):
+        add(sub)
+    from .tasks.registry import list_inference
 
-    from .evaluation.explain import METHODS as EXPLAIN_METHODS
-
-    ex = sub.add_parser("explain", help="attention maps, rollout, Grad-CAM, occlusion, saliency, PCA, distances",
-                        description="Explain a prediction: writes a PNG per method and a JSON of the numbers.")
-    g = ex.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="checkpoint file, folder or hub id")
-    g.add_argument("--model", help="registered model name or alias (its default pretrained weights)")
-    ex.add_argument("--image", required=True, type=Path, help="image file")
-    ex.add_argument("--method", default="attention", choices=[*EXPLAIN_METHODS, "all"])
-    ex.add_argument("--layers", type=int, nargs="+", metavar="N",
-                    help="1-based attention layers (attention), blocks / stages (gradcam, pca)")
-    ex.add_argument("--target", help="class index or name to explain (default: the prediction)")
-    ex.add_argument("--heads", default="mean", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
-                    help="attention heads: mean, max, all or a head index")
-    ex.add_argument("--output-dir", "--output_dir", dest="output_dir", default="explain")
-    ex.add_argument("--device", default="cpu")
-    ex.add_argument("--random-init", action="store_true", help="with --model: random weights (no download)")
-    ex.add_argument("--no-progress", action="store_true", help="no progress bars (occlusion, --method all)")
-    ex.set_defaults(func=_cmd_explain)
-
-    _add_clip_parsers(sub)
+    for hooks in list_inference().values():  # the task plugins' own commands (CLIP: zero-shot, retrieve)
+        hooks.add_commands(sub)
     return p
 
 
 # ----------------------------------------------------------------------------- CLIP commands
-def _cmd_zero_shot(args: argparse.Namespace) -> int:
-    """``vitlab zero-shot``: a thin alias of ``vitlab predict`` on a CLIP checkpoint with ``--labels``."""
-    from .tasks.clip.inference import CLIPInference
-
-    labels = [c.strip() for c in args.labels.split(",")]
-    if not any(labels) or any(not c for c in labels):
-        raise ValueError(f"--labels must be comma-separated class names, e.g. --labels 'cat,dog'; got {args.labels!r}")
-    model = CLIPInference.load(args.checkpoint, args.device)
-    records = CLIPInference.predict(model, [str(p) for p in args.images], labels=labels, templates=args.templates,
-                                    top_k=args.top_k)
-    for path, record in zip(args.images, records):
-        for note in record.get("notes", []):
-            print(f"vitlab zero-shot: note: {path}: {note}", file=sys.stderr)
-        print(CLIPInference.describe(str(path), record))
-    return 0
-
-
-def _cmd_retrieve(args: argparse.Namespace) -> int:
-    from .tasks.clip.inference import load_for_inference, load_images, retrieval_scores
-
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    model, tokenizer = load_for_inference(args.checkpoint, args.device)
-    sim = retrieval_scores(model, tokenizer, load_images(model, args.images), args.texts, rerank=args.rerank)
-    if args.direction in ("t2i", "both"):
-        k = min(args.top_k, sim.shape[0])
-        for j, text in enumerate(args.texts):
-            top = sim[:, j].topk(k)
-            print(f"text {text!r}: " + "  ".join(f"{args.images[i]} ({float(v):.3f})" for v, i in zip(top.values, top.indices)))
-    if args.direction in ("i2t", "both"):
-        k = min(args.top_k, sim.shape[1])
-        for i, path in enumerate(args.images):
-            top = sim[i].topk(k)
-            print(f"image {path}: " + "  ".join(f"{args.texts[j]!r} ({float(v):.3f})" for v, j in zip(top.values, top.indices)))
-    return 0
-
-
-def _add_clip_parsers(sub: argparse._SubParsersAction) -> None:
-    """``vitlab zero-shot`` and ``vitlab retrieve``."""
-    z = sub.add_parser("zero-shot", help="classify images by class names with a CLIP checkpoint")
-    z.add_argument("--checkpoint", required=True, help="CLIP checkpoint (a clip run, its checkpoint or a HF folder)")
-    z.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'cat,dog'")
-    z.add_argument("--templates", nargs="+", metavar="TEMPLATE",
-                   help="prompt templates with {} for the class (default: the checkpoint's)")
-    z.add_argument("images", nargs="+", type=Path, help="image files")
-    z.add_argument("--top-k", type=int, default=3)
-    z.add_argument("--device", default="cpu")
-    z.set_defaults(func=_cmd_zero_shot)
-
-    r = sub.add_parser("retrieve", help="rank images for texts and texts for images with a CLIP checkpoint")
-    r.add_argument("--checkpoint", required=True, help="CLIP checkpoint (a clip run, its checkpoint or a HF folder)")
-    r.add_argument("--images", nargs="+", type=Path, required=True, help="image files (the image gallery)")
-    r.add_argument("--texts", nargs="+", required=True, help="texts (the text gallery)")
-    r.add_argument("--top-k", type=int, default=5)
-    r.add_argument("--direction", choices=["t2i", "i2t", "both"], default="both")
-    r.add_argument("--rerank", type=int, default=0, metavar="K",
-                   help="re-rank each text's top K images with the ITM head (models trained with one)")
-    r.add_argument("--device", default="cpu")
-    r.set_defaults(func=_cmd_retrieve)
-
-
-def check_device(name: str | None) -> None:
-    """Refuse a device string torch does not know, or a device this machine / build lacks.
-
-    Raises:
-        DeviceError: With what was expected (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
-    """
-    import torch
-
-    from .errors import DeviceError
-
-    if name is None or name == "auto":
-        return
-    expected = "expected auto, cpu, cuda, cuda:N or mps"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise DeviceError(f"unknown device {name!r}; {expected}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise DeviceError(f"device {name!r} requested but {why}; use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError(f"device {name!r} requested but MPS is not available; use --device cpu (or auto)")
-    elif dev.type != "cpu":
-        raise DeviceError(f"device {name!r} is not supported by vitlab; {expected}")
-
-
-def _one_line(text: str, limit: int = 600) -> str:
-    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _os_error_message(e: OSError) -> str:
-    import errno
-
-    where = e.filename if e.filename is not None else "(unknown path)"
-    if e.errno == errno.ENOSPC:
-        return (f"no space left on device while writing {where}; nothing partial was kept (an earlier "
-                f"checkpoint stays intact). Free some space and run again")
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied: {where}; choose a path you can write to"
-    if e.errno == errno.ENOTDIR:
-        return f"{where}: part of this path is a file, not a folder; choose another output path"
-    if e.errno == errno.EEXIST:
-        return f"{where} exists and is not a folder; choose another output path"
-    if e.errno == errno.EISDIR:
-        return f"{where} is a folder; expected a file"
-    if e.errno == errno.EROFS:
-        return f"{where} is on a read-only file system; choose another output path"
-    if isinstance(e, FileNotFoundError) and e.filename is None:
-        return str(e)  # vitlab's own messages say what was missing and what to do
-    return f"{e.strerror or e}: {where}"
-
-
-def _resume_hint(args: argparse.Namespace) -> str:
-    if args.command != "train":
-        return ""
-    run_dir = getattr(args, "run_dir", None) or args.output_dir
-    if not run_dir:
-        return "; resume with: vitlab train --output-dir DIR --resume (DIR: the run directory)"
-    config = f" --config {args.config}" if getattr(args, "config", None) else ""
-    return f"; resume with: vitlab train{config} --output-dir {run_dir} --resume"
-
-
-def report_error(e: BaseException, args: argparse.Namespace) -> int:
-    """Print ``e`` as one line on stderr and return the exit code (see :mod:`vitlab.errors`)."""
-    from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, VitlabError
-
-    prefix = f"vitlab {args.command}: "
-    if isinstance(e, KeyboardInterrupt):
-        print(f"{prefix}interrupted; nothing partial was saved{_resume_hint(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    code = EXIT_FAILURE
-    if isinstance(e, VitlabError):
-        message, code = str(e), e.exit_code
-    elif isinstance(e, OSError) and not (isinstance(e, FileNotFoundError) and e.filename is None):
-        message = _os_error_message(e)
-        code = EXIT_USAGE if isinstance(e, (FileNotFoundError, NotADirectoryError, FileExistsError,
-                                            IsADirectoryError)) else EXIT_FAILURE
-        hint = _resume_hint(args)
-        if hint and code == EXIT_FAILURE:
-            message += f" ({hint.removeprefix('; ')})"
-    elif isinstance(e, (ValueError, FileNotFoundError, ImportError)):
-        message, code = str(e), EXIT_USAGE
-    elif type(e).__name__ == "TrainingDiverged":
-        message = str(e)
-    elif isinstance(e, (RuntimeError, AssertionError)):
-        message = f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
-    else:
-        message = f"internal error {type(e).__name__}: {e} (rerun with --debug for the traceback)"
-    print(f"{prefix}error: {_one_line(message)}", file=sys.stderr)
-    return code
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitlab`` console script.
 

@@ -4,6 +4,7 @@ the peaks applied to the rows, and :func:`benchmark` itself."""
 from __future__ import annotations
 
 import copy
+import sys
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -338,3 +339,49 @@ def benchmark(
                                settings.describe())
     finally:
         torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- the command
+def _cmd_benchmark(args: Any) -> int:
+    models = [m if Path(m).exists() else _resolve(m) for m in args.models]
+    report = benchmark(models, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
+                       train=args.train, reference=args.reference, device=args.device, repeats=args.repeats,
+                       warmup=args.warmup, latency_repeats=args.latency_repeats, threads=args.threads,
+                       agreement_data=args.agreement_data,
+                       log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    print(report.to_markdown())
+    if args.output:
+        print(f"wrote {report.save(args.output)}")
+    return 0
+
+
+def add_benchmark_command(sub: Any) -> None:
+    """``vitlab benchmark`` (argparse subparsers ``sub``)."""
+    b = sub.add_parser("benchmark", help="throughput, latency, FLOPs, memory and agreement per inference mode",
+                       description="Benchmark models in inference modes (median throughput, batch-1 latency, "
+                                   "GFLOPs, peak memory, fraction of the measured matmul peak, agreement with fp32).")
+    b.add_argument("models", nargs="+", metavar="MODEL", help="registered names, aliases or checkpoint paths")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--image-size", type=int, help="input side (the model's own by default)")
+    b.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="inference modes: eager bf16 bf16-amp fp16 compile compile-bf16 int8 onnx (default on "
+                        "CPU: eager bf16 bf16-amp compile-bf16 int8 onnx; CUDA: eager bf16 fp16 compile compile-bf16)")
+    b.add_argument("--train", action="store_true",
+                   help="also time training steps (fp32/bf16, with/without checkpointing)")
+    b.add_argument("--reference", nargs="+", metavar="LIB",
+                   help="time the same architecture from hf (transformers, SDPA), hf-eager or timm")
+    b.add_argument("--agreement-data", choices=["digits"], help="measure agreement on the digits test set")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, help="torch (and onnxruntime) threads")
+    b.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--latency-repeats", type=int, default=20, help="timed batch-1 rounds (0: skip latency)")
+    b.add_argument("--output", type=Path, help="write the results (.md, .csv or .json)")
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
+    b.set_defaults(func=_cmd_benchmark)
+
+
+def _resolve(name: str) -> str:
+    from ..models.registry import resolve_model_name
+
+    return resolve_model_name(name)

@@ -229,5 +229,46 @@ def export_model(
     return ExportResult(out, format, model_input_shape(model, batch_size, image_size), dynamic_batch, diff)
 
 
+# ----------------------------------------------------------------------------- the command
+def _cmd_export(args: Any) -> int:
+    if args.checkpoint:
+        from ..pretrained import load_model
+
+        model = load_model(args.checkpoint)
+    else:
+        from ..pretrained import create_model
+
+        model = create_model(_resolve(args.model))
+    res = export_model(model, args.output, format=args.format, batch_size=args.batch_size, image_size=args.image_size,
+                       dynamic_batch=args.dynamic_batch, opset=args.opset, check=not args.no_check)
+    batch = "dynamic batch" if res.dynamic_batch else f"batch {res.input_shape[0]}"
+    print(f"wrote {res.path} (input {'x'.join(map(str, res.input_shape[1:]))}, {batch})")
+    if res.max_abs_diff is not None:
+        print(f"onnxruntime vs PyTorch: max abs logit difference {res.max_abs_diff:.3e}")
+    return 0
+
+
+def add_export_command(sub: Any) -> None:
+    """``vitlab export`` (argparse subparsers ``sub``)."""
+    x = sub.add_parser("export", help="export a model to ONNX and check it in onnxruntime")
+    g = x.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="registered model name or alias (random weights)")
+    g.add_argument("--checkpoint", help="checkpoint file or folder")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--output", required=True, type=Path, help="output file, e.g. model.onnx")
+    x.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
+    x.add_argument("--batch-size", type=int, default=1)
+    x.add_argument("--image-size", type=int, help="input side (the model's own by default)")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    x.set_defaults(func=_cmd_export)
+
+
+def _resolve(name: str) -> str:
+    from ..models.registry import resolve_model_name
+
+    return resolve_model_name(name)
+
+
 __all__ = ["EXPORT_FORMATS", "ExportResult", "OnnxRuntimeModel", "check_onnx", "export_model", "export_onnx",
            "model_input_shape", "onnx_metadata", "read_onnx_metadata", "write_onnx_metadata"]

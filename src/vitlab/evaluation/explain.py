@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -312,3 +313,46 @@ def run_explain(image: str | Path, method: str = "attention", checkpoint: str | 
     if method == "all":
         return explain_all(net, image, output_dir, layers, target, progress=progress)
     return explain(net, image, method, layers, target, output_dir, heads, progress=progress)
+
+
+# ----------------------------------------------------------------------------- the command
+def _cmd_explain(args: Any) -> int:
+    model = _resolve(args.model) if args.model else None
+    record = run_explain(args.image, args.method, checkpoint=args.checkpoint, model=model, layers=args.layers,
+                         target=args.target, output_dir=args.output_dir, device=args.device, heads=args.heads,
+                         pretrained=not args.random_init, progress=not args.no_progress)
+    for note in record.get("notes", []):
+        print(f"vitlab explain: note: {args.image}: {note}", file=sys.stderr)
+    top = record["prediction"][0]
+    print(f"{args.image}: predicted {top['label']} ({top['probability']:.1%})")
+    for f in record["files"]:
+        print(f"wrote {f}")
+    return 0
+
+
+def add_explain_command(sub: Any) -> None:
+    """``vitlab explain`` (argparse subparsers ``sub``)."""
+
+    ex = sub.add_parser("explain", help="attention maps, rollout, Grad-CAM, occlusion, saliency, PCA, distances",
+                        description="Explain a prediction: writes a PNG per method and a JSON of the numbers.")
+    g = ex.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="checkpoint file, folder or hub id")
+    g.add_argument("--model", help="registered model name or alias (its default pretrained weights)")
+    ex.add_argument("--image", required=True, type=Path, help="image file")
+    ex.add_argument("--method", default="attention", choices=[*METHODS, "all"])
+    ex.add_argument("--layers", type=int, nargs="+", metavar="N",
+                    help="1-based attention layers (attention), blocks / stages (gradcam, pca)")
+    ex.add_argument("--target", help="class index or name to explain (default: the prediction)")
+    ex.add_argument("--heads", default="mean", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
+                    help="attention heads: mean, max, all or a head index")
+    ex.add_argument("--output-dir", "--output_dir", dest="output_dir", default="explain")
+    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--random-init", action="store_true", help="with --model: random weights (no download)")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars (occlusion, --method all)")
+    ex.set_defaults(func=_cmd_explain)
+
+
+def _resolve(name: str) -> str:
+    from ..models.registry import resolve_model_name
+
+    return resolve_model_name(name)

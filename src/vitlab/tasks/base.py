@@ -223,6 +223,15 @@ class TaskInference:
                          if isinstance(v, (int, float, str)))
 
     @classmethod
+    def add_predict_arguments(cls, parser: Any) -> None:
+        """Options this task's :meth:`predict` takes on ``vitlab predict`` (an argparse parser;
+        an option reaches ``predict`` when its ``dest`` names a ``predict`` parameter)."""
+
+    @classmethod
+    def add_commands(cls, sub: Any) -> None:
+        """Commands of this task's own (argparse subparsers), e.g. CLIP's ``vitlab zero-shot``."""
+
+    @classmethod
     def describe(cls, name: str, record: dict[str, Any]) -> str:
         """The line ``vitlab predict`` prints for one :meth:`predict` record of image ``name``."""
         return f"{name}: " + ", ".join(f"{k} {v}" for k, v in record.items() if k not in ("notes", "image"))

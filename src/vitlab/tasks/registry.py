@@ -95,6 +95,11 @@ def get_inference(name: str) -> type:
                                f"(tasks with inference: {', '.join(sorted(_INFERENCE))})") from None
 
 
+def list_inference() -> dict[str, type]:
+    """Task name -> its inference hooks, for every task that has them."""
+    return dict(sorted(_INFERENCE.items()))
+
+
 def config_sections() -> dict[str, type]:
     """Config section name -> its dataclass, for every registered task that declares one.
 
@@ -139,5 +144,5 @@ def get_task(name: str) -> type:
         ) from None
 
 
-__all__ = ["TaskSetup", "UnknownTaskError", "config_sections", "get_inference", "get_task", "list_tasks",
+__all__ = ["TaskSetup", "UnknownTaskError", "config_sections", "get_inference", "list_inference", "get_task", "list_tasks",
            "register_inference", "register_task", "task_for_family"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -229,6 +231,69 @@ class CLIPInference(TaskInference):
     @classmethod
     def describe(cls, name: str, record: dict[str, Any]) -> str:
         return f"{name}: " + "  ".join(f"{t['class']} {t['confidence']:.1%}" for t in record["top_k"])
+
+    @classmethod
+    def add_commands(cls, sub: Any) -> None:
+        """``vitlab zero-shot`` and ``vitlab retrieve``."""
+        add_clip_commands(sub)
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_zero_shot(args: Any) -> int:
+    """``vitlab zero-shot``: a thin alias of ``vitlab predict`` on a CLIP checkpoint with ``--labels``."""
+    labels = [c.strip() for c in args.labels.split(",")]
+    if not any(labels) or any(not c for c in labels):
+        raise ValueError(f"--labels must be comma-separated class names, e.g. --labels 'cat,dog'; got {args.labels!r}")
+    model = CLIPInference.load(args.checkpoint, args.device)
+    records = CLIPInference.predict(model, [str(p) for p in args.images], labels=labels, templates=args.templates,
+                                    top_k=args.top_k)
+    for path, record in zip(args.images, records):
+        for note in record.get("notes", []):
+            print(f"vitlab zero-shot: note: {path}: {note}", file=sys.stderr)
+        print(CLIPInference.describe(str(path), record))
+    return 0
+
+
+def _cmd_retrieve(args: Any) -> int:
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    sim = retrieval_scores(model, tokenizer, load_images(model, args.images), args.texts, rerank=args.rerank)
+    if args.direction in ("t2i", "both"):
+        k = min(args.top_k, sim.shape[0])
+        for j, text in enumerate(args.texts):
+            top = sim[:, j].topk(k)
+            print(f"text {text!r}: " + "  ".join(f"{args.images[i]} ({float(v):.3f})" for v, i in zip(top.values, top.indices)))
+    if args.direction in ("i2t", "both"):
+        k = min(args.top_k, sim.shape[1])
+        for i, path in enumerate(args.images):
+            top = sim[i].topk(k)
+            print(f"image {path}: " + "  ".join(f"{args.texts[j]!r} ({float(v):.3f})" for v, j in zip(top.values, top.indices)))
+    return 0
+
+
+def add_clip_commands(sub: Any) -> None:
+    """``vitlab zero-shot`` and ``vitlab retrieve``."""
+    z = sub.add_parser("zero-shot", help="classify images by class names with a CLIP checkpoint")
+    z.add_argument("--checkpoint", required=True, help="CLIP checkpoint (a clip run, its checkpoint or a HF folder)")
+    z.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'cat,dog'")
+    z.add_argument("--templates", nargs="+", metavar="TEMPLATE",
+                   help="prompt templates with {} for the class (default: the checkpoint's)")
+    z.add_argument("images", nargs="+", type=Path, help="image files")
+    z.add_argument("--top-k", type=int, default=3)
+    z.add_argument("--device", default="cpu")
+    z.set_defaults(func=_cmd_zero_shot)
+
+    r = sub.add_parser("retrieve", help="rank images for texts and texts for images with a CLIP checkpoint")
+    r.add_argument("--checkpoint", required=True, help="CLIP checkpoint (a clip run, its checkpoint or a HF folder)")
+    r.add_argument("--images", nargs="+", type=Path, required=True, help="image files (the image gallery)")
+    r.add_argument("--texts", nargs="+", required=True, help="texts (the text gallery)")
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--direction", choices=["t2i", "i2t", "both"], default="both")
+    r.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-rank each text's top K images with the ITM head (models trained with one)")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=_cmd_retrieve)
 
 
 __all__ = ["CLIPInference", "DIGIT_TEMPLATES", "default_templates", "evaluate_clip", "evaluate_clip_checkpoint", "evaluation_data",

@@ -258,6 +258,10 @@ class DetectionInference(TaskInference):
         return "\n".join(lines)
 
     @classmethod
+    def add_predict_arguments(cls, parser: Any) -> None:
+        parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: minimum score kept")
+
+    @classmethod
     def describe(cls, name: str, record: dict[str, Any]) -> str:
         dets = record["detections"]
         top = ", ".join(f"{d['class']} {d['score']:.2f}" for d in dets[:5])

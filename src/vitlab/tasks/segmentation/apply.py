@@ -249,6 +249,16 @@ class SegmentationInference(TaskInference):
                 f"wrote {results['json']}")
 
     @classmethod
+    def add_predict_arguments(cls, parser: Any) -> None:
+        parser.add_argument("--mode", default="whole", choices=list(MODES),
+                            help="segmentation: whole image, sliding windows of the training size, or multi-scale + "
+                                 "flip TTA")
+        parser.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25],
+                            help="segmentation TTA scales")
+        parser.add_argument("--no-flip", dest="flip", action="store_false",
+                            help="segmentation TTA without the mirrored pass")
+
+    @classmethod
     def describe(cls, name: str, record: dict[str, Any]) -> str:
         top = ", ".join(f"{k} {v:.1%}" for k, v in sorted(record["classes"].items(), key=lambda kv: -kv[1])[:5])
         return f"{name}: {top}"
