@@ -53,7 +53,11 @@ def tiny_config(*extra: str):
 
 
 def test_recipe_yaml_is_the_builtin_detection_recipe():
+    from vitlab.tasks.detection.task import DETECTION_BACKBONE_RECIPE
+
     assert yaml.safe_load((ROOT / "configs" / "detection_digits.yaml").read_text()) == DETECTION_RECIPE
+    assert yaml.safe_load((ROOT / "configs" / "detection_backbone_digits.yaml").read_text()) == DETECTION_BACKBONE_RECIPE
+    assert DETECTION_RECIPE["detection"]["pretrain_backbone"] is True  # the measured configuration in one command
 
 
 def test_train_task_detection_without_data_arguments_trains_on_digit_scenes():
@@ -286,10 +290,31 @@ def test_detection_example_runs(tmp_path):
 
 @needs_detection_extra
 @pytest.mark.slow
-def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys):
+def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys, monkeypatch):
+    from vitlab.pretrained import load_model
+    from vitlab.tasks.detection.task import DETECTION_BACKBONE_RECIPE
+    from vitlab.training.run import resume_config
+
+    monkeypatch.setitem(DETECTION_BACKBONE_RECIPE, "epochs", 1)  # the recipe's classifier step, cut short
     out = tmp_path / "run"
     assert main(["train", "--task", "detection", *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
     assert "test AP50:" in capsys.readouterr().out
+    # step 1: the digits classifier of the run's own backbone at the digits' 24-pixel scale
+    backbone = out / "backbone"
+    step = json.loads((backbone / "config.json").read_text())
+    assert step["task"] == "classification" and step["data"]["dataset"] == "digits" and step["data"]["image_size"] == 24
+    assert step["model"]["overrides"]["dim"] == 32 and step["model"]["overrides"]["pool"] == "mean"
+    assert "test_top1" in json.loads((backbone / "results.json").read_text())
+    # step 2 starts DETR's backbone from it (blocks copied; head dropped, position embedding resampled)
+    cfg = resume_config(out)
+    assert cfg.model.pretrained == str(backbone)
+    detr = DetectionTask.from_config(cfg).model.state_dict()
+    classifier = load_model(backbone).state_dict()
+    copied = [k for k in classifier if k.startswith("blocks.")]
+    assert copied and all(torch.equal(detr[f"backbone.{k}"], classifier[k]) for k in copied)
+    # no first step when switched off or when model.pretrained names other weights
+    assert DetectionTask.prerequisite(tiny_config("detection.pretrain_backbone=false"), out) is None
+    assert DetectionTask.prerequisite(tiny_config(f"model.pretrained={backbone}"), tmp_path / "other") is None
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "detection" and results["primary_metric"] == "AP50" and results["test_n"] == 6
     assert (out / "predictions.png").is_file()

@@ -110,6 +110,14 @@ class Task(abc.ABC):
     #: Checkpoint families (``meta["family"]``) this task loads, for checkpoints without ``task``.
     families: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def prerequisite(cls, cfg: Any, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+        """A run the engine trains first, inside ``run_dir``, and hands to this one as
+        ``model.pretrained`` (e.g. the detection recipe's backbone classifier): ``(folder, recipe)``
+        or None (default). The engine trains ``recipe`` into ``folder`` unless it has finished
+        there (a killed first step resumes), then sets ``cfg.model.pretrained = folder``."""
+        return None
+
     def to(self, device: torch.device) -> "Task":
         """Move the task's own modules (a teacher, a loss with buffers) to ``device``."""
         return self

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..datasets.pipeline import dataset_label
 from ..tasks.registry import get_task
-from .config import TrainConfig, _build, set_dotted
+from .config import TrainConfig, _build, config_to_dict, set_dotted
 from .trainer import Trainer, unwrap
 
 
@@ -239,6 +239,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     so it is the run's own. A finished run is not trained or rewritten again.
     """
     out = prepare_output_dir(cfg, resume, overwrite)
+    stage = get_task(cfg.task).prerequisite(cfg, out)
+    if stage is not None:
+        _train_prerequisite(cfg, out, *stage, log=log)
     trainer = build_trainer(cfg, output_dir=out, log=log)
     if resume:
         stored_epochs = None
@@ -258,6 +261,24 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                 f"spans {cfg.epochs} epochs (lr continues at {lr_now:.3e} from step {trainer.step})")
     _warn_if_slow(trainer, cfg, log)
     return trainer.fit()
+
+
+def _train_prerequisite(cfg: TrainConfig, out: Path, folder: Path, recipe: dict[str, Any],
+                        log: Callable[[str], None]) -> None:
+    """Train the task's first step (``recipe``) into ``folder`` unless it finished there, then point
+    ``cfg.model.pretrained`` at it. The run's ``config.json`` is written first, so a run killed
+    during the first step resumes it with ``--resume``."""
+    cfg.model.pretrained = str(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    if (folder / "results.json").is_file():
+        return
+    step = _build(TrainConfig, {**copy.deepcopy(recipe), "output_dir": str(folder), "progress": cfg.progress,
+                                "device": cfg.device, "seed": cfg.seed})
+    log(f"first step: training {step.task} ({step.model.name}) into {folder}")
+    resumed = (folder / "config.json").is_file()
+    train(resume_config(folder, {}) if resumed else step, resume=resumed, log=log)
+    log(f"first step done; {cfg.task} starts from {folder}")
 
 
 def _warn_if_slow(trainer: Trainer, cfg: TrainConfig, log: Callable[[str], None]) -> None:
