@@ -315,6 +315,7 @@ def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys, monkeypatch):
     # no first step when switched off or when model.pretrained names other weights
     assert DetectionTask.prerequisite(tiny_config("detection.pretrain_backbone=false"), out) is None
     assert DetectionTask.prerequisite(tiny_config(f"model.pretrained={backbone}"), tmp_path / "other") is None
+    assert DetectionTask.prerequisite(tiny_config("model.name=pvt_v2_b0", "model.overrides={}"), out) is None
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "detection" and results["primary_metric"] == "AP50" and results["test_n"] == 6
     assert (out / "predictions.png").is_file()

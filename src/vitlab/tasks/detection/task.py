@@ -405,12 +405,16 @@ class DetectionTask(Task):
 
     @classmethod
     def prerequisite(cls, cfg: Any, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-        """With ``detection.pretrain_backbone`` on digit scenes (the recipe): the backbone classifier
-        (:data:`DETECTION_BACKBONE_RECIPE` with the run's ``model.name`` / ``model.overrides``) in
-        ``<run>/backbone``, unless ``model.pretrained`` names other weights."""
+        """With ``detection.pretrain_backbone`` on digit scenes (the recipe) and a plain ViT backbone:
+        the backbone classifier (:data:`DETECTION_BACKBONE_RECIPE` with the run's ``model.name`` /
+        ``model.overrides``) in ``<run>/backbone``, unless ``model.pretrained`` names other weights."""
         folder = Path(run_dir) / "backbone"
         s: DetectionSection = cfg.detection
         if not s.pretrain_backbone or s.detector != "detr" or cfg.data.dataset != "digit_scenes":
+            return None
+        from ...models.registry import get_entry
+
+        if get_entry(cfg.model.name).family != "vit":  # the measured step is a plain ViT's; others start as they are
             return None
         if cfg.model.pretrained not in (None, str(folder)):
             return None
