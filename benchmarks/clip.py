@@ -48,7 +48,8 @@ from vitlab.datasets.captions import SceneCaptions  # noqa: E402
 from vitlab.tasks.clip import CLIP_DIGITS_RECIPE  # noqa: E402
 from vitlab.training import build_trainer, load_config  # noqa: E402
 
-DIGIT_MODEL = "patch_size: 2, dim: 64, depth: 4, heads: 4, mlp_dim: 128, embed_dim: 64"
+DIGIT_MODEL = "patch_size: 2, dim: 64, depth: 4, heads: 4, mlp_dim: 128"
+DIGIT_CLIP = "embed_dim: 64"
 #: SigLIP's bias starts at the prior of a positive pair, log(p / (1 - p)): the paper's -10 is that
 #: prior for its batches of 32k with one positive per row; with duplicate-aware targets on 10
 #: digit classes a tenth of every row is positive (Adam moves the bias about lr per step, so
@@ -61,9 +62,10 @@ SCENE_CANVAS, SCENE_DIGIT = 16, (8, 8)
 #: tokens carry only relative positions). A mean-pooled ViT (patch 4) gave the same contrastive R@1 but global
 #: tokens: its head gained +7.9 and +0.0 points on two seeds (benchmarks/README.md).
 SCENE_BACKBONE = "swin_tiny_patch4_window7_224"
-SCENE_MODEL = ("patch_size: 2, dim: 32, depths: [2, 2], heads: [2, 4], window_size: 2, embed_dim: 64, itm_depth: 1, "
-               f"itm_image_pos: true, canvas_size: {SCENE_CANVAS}, digit_size: [{SCENE_DIGIT[0]}, {SCENE_DIGIT[1]}], "
-               "itm_hard_negatives: 2, itm_shifted_negatives: 1")
+SCENE_MODEL = "patch_size: 2, dim: 32, depths: [2, 2], heads: [2, 4], window_size: 2"
+SCENE_CLIP = ("embed_dim: 64, itm_depth: 1, "
+              f"itm_image_pos: true, canvas_size: {SCENE_CANVAS}, digit_size: [{SCENE_DIGIT[0]}, {SCENE_DIGIT[1]}], "
+              "itm_hard_negatives: 2, itm_shifted_negatives: 1")
 #: How often a scene caption uses the converse phrasing ("a 7 to the right of a 3"). With 0 every caption
 #: names the left (upper) digit first, as the issue's "a 3 to the left of a 7" vs "a 7 to the left of a 3";
 #: with converse phrasings, whether a caption fits its image is the parity of three facts (which digit is
@@ -75,7 +77,7 @@ SCENE_VARIANTS = (
     ("ITM: mined negatives only", "swap_negatives: false"),
 )
 
-#: (name, extra model options, extra overrides) of the digit experiments.
+#: (name, extra CLIP options, extra overrides) of the digit experiments.
 DIGIT_VARIANTS = (
     ("contrastive, duplicate-aware", "loss: clip, duplicate_aware: true", []),
     ("SigLIP, duplicate-aware", f"loss: siglip, duplicate_aware: true, init_logit_bias: {SIGLIP_BIAS:.4f}", []),
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 zs, t2i = [], []
                 for seed in seed_list:
                     res = train([f"epochs={d_epochs}", f"seed={seed}", f"data.batch_size={args.digit_batch}",
-                                 f"model.overrides={{{DIGIT_MODEL}, {opts}, captions_per_image: {per_image}}}", *extra],
+                                 f"model.overrides={{{DIGIT_MODEL}}}",
+                                 f"clip={{{DIGIT_CLIP}, {opts}, captions_per_image: {per_image}}}", *extra],
                                 Path(tmp) / f"digits-{len(results)}-{seed}")
                     zs.append(res["test_zero_shot_top1"])
                     t2i.append(res["test_t2i_R@1"])
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"model.name={SCENE_BACKBONE}",
                                  f"optim.warmup_epochs={SCENE_WARMUP}", "data.batch_size=64", f"eval_every={s_epochs}",
                                  f"optim.min_lr={SCENE_MIN_LR}",
-                                 f"model.overrides={{{SCENE_MODEL}, {opts}, num_scenes: {n_scenes}, eval_scenes: {n_eval}, "
+                                 f"model.overrides={{{SCENE_MODEL}}}",
+                                 f"clip={{{SCENE_CLIP}, {opts}, num_scenes: {n_scenes}, eval_scenes: {n_eval}, "
                                  f"itm_epochs: {itm_epochs}, converse: {args.converse}}}"],
                                 Path(tmp) / f"scenes-{len(results)}-{seed}")
                     plain.append(res["test_t2i_R@1"])

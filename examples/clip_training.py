@@ -35,8 +35,8 @@ def main() -> None:
 
     overrides = [f"epochs={args.epochs}", f"output_dir={args.output_dir}", "progress=false", "device=cpu"]
     if args.tiny:
-        overrides.append("model.overrides={patch_size: 4, dim: 32, depth: 1, heads: 2, mlp_dim: 64, embed_dim: 32, "
-                         "captions_per_image: 1}")
+        overrides += ["model.overrides={patch_size: 4, dim: 32, depth: 1, heads: 2, mlp_dim: 64}",
+                      "clip={embed_dim: 32, captions_per_image: 1}"]
     cfg = load_config(None, overrides, base=CLIP_DIGITS_RECIPE)
     results = build_trainer(cfg).fit()
     print(f"test zero-shot top-1 (engine): {100 * results['test_zero_shot_top1']:.2f}%  "

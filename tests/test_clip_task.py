@@ -40,8 +40,9 @@ from vitlab.training import build_trainer, load_config  # noqa: E402
 HERE = Path(__file__).parent
 #: A tiny CLIP on digit captions for engine runs (seconds on a CPU).
 TINY = ["task=clip", "progress=false", "device=cpu", "augment.affine_p=0.0",
-        "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, embed_dim: 16, "
-        "text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, captions_per_image: 1, vocab_size: 64}"]
+        "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32}",
+        "clip={embed_dim: 16, text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, captions_per_image: 1, "
+        "vocab_size: 64}"]
 
 
 #: The CLIP tokenizer (tokenizers) and the digits (scikit-learn); the other tests run without them.
@@ -442,7 +443,7 @@ def test_logit_scale_never_exceeds_100_during_training(tmp_path):
 
     cfg = load_config(None, TINY + ["epochs=1", "data.batch_size=256", "optim.warmup_epochs=0", "optim.lr=0.1",
                                     f"output_dir={tmp_path}"], base=CLIP_DIGITS_RECIPE)
-    cfg.model.overrides["init_logit_scale"] = 99.0
+    cfg.clip.init_logit_scale = 99.0
     trainer = build_trainer(cfg, log=lambda s: None)
     model = trainer.model
     # every step pushes the temperature up hard (a gradient of -1 on the log-scale)
@@ -825,8 +826,8 @@ def test_itm_phase_is_the_last_itm_epochs_of_the_run():
 
 #: Tiny two-digit scenes for engine runs of the ITM phase.
 SCENES_TINY = ["task=clip", "progress=false", "device=cpu", "data.dataset=digit_scenes", "optim.warmup_epochs=0",
-               "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, embed_dim: 16, "
-               "text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, vocab_size: 64, itm_depth: 1, "
+               "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32}",
+               "clip={embed_dim: 16, text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, vocab_size: 64, itm_depth: 1, "
                "num_scenes: 32, canvas_size: 16, digit_size: [8, 8], itm_epochs: 1}"]
 
 
@@ -865,7 +866,8 @@ def test_itm_epochs_need_an_itm_head_and_a_contrastive_phase(tmp_path):
 
     for extra, match in (({"itm_depth": 0}, "set itm_depth >= 1"), ({"itm_epochs": 3}, "must be fewer than epochs")):
         cfg = load_config(None, SCENES_TINY + ["epochs=3", f"output_dir={tmp_path}"], base=CLIP_DIGITS_RECIPE)
-        cfg.model.overrides.update(extra)
+        for key, value in extra.items():
+            setattr(cfg.clip, key, value)
         with pytest.raises(ValueError, match=match):
             build_trainer(cfg, log=lambda s: None)
 
@@ -875,10 +877,10 @@ def test_siglip_starts_at_the_papers_scale_and_bias_or_the_given_bias(tmp_path):
     from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
 
     cfg = load_config(None, TINY + ["epochs=1", f"output_dir={tmp_path}"], base=CLIP_DIGITS_RECIPE)
-    cfg.model.overrides["loss"] = "siglip"
+    cfg.clip.loss = "siglip"
     model = build_trainer(cfg, log=lambda s: None).model
     assert model.logit_scale.item() == pytest.approx(math.log(10.0)) and model.logit_bias.item() == -10.0
-    cfg.model.overrides["init_logit_bias"] = math.log(0.1 / 0.9)  # a batch with 10% positives per row
+    cfg.clip.init_logit_bias = math.log(0.1 / 0.9)  # a batch with 10% positives per row
     model = build_trainer(cfg, log=lambda s: None).model
     assert model.logit_bias.item() == pytest.approx(math.log(0.1 / 0.9))
 
@@ -979,7 +981,7 @@ def test_itm_lr_scale_multiplies_the_learning_rate_of_the_itm_head_only(tmp_path
 
     cfg = load_config(None, SCENES_TINY + ["epochs=2", "optim.lr=0.002", f"output_dir={tmp_path}"],
                       base=CLIP_DIGITS_RECIPE)
-    cfg.model.overrides["itm_lr_scale"] = 3.0
+    cfg.clip.itm_lr_scale = 3.0
     trainer = build_trainer(cfg, log=lambda s: None)
     lrs = {name: g["lr"] for g in trainer.optimizer.param_groups for name in g["names"]}
     head = {n: v for n, v in lrs.items() if n.startswith("itm.")}
@@ -1092,8 +1094,8 @@ def test_itm_image_pos_option_reaches_the_head_with_the_backbones_prefix_and_sur
 
     def setup(model, extra, image="patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, "):
         ov = SCENES_TINY[-1].replace("num_scenes: 32", f"num_scenes: 32{extra}")
-        ov = ov.replace("patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32, ", image)
-        return CLIPTask.from_config(load_config(None, SCENES_TINY[:-1] + [f"model.name={model}", ov]))
+        tower = SCENES_TINY[-2].replace("patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32", image.rstrip(", "))
+        return CLIPTask.from_config(load_config(None, SCENES_TINY[:-2] + [f"model.name={model}", tower, ov]))
 
     vit = setup("vit_tiny_patch16_224", ", itm_image_pos: true").model
     assert vit.itm.image_pos and vit.itm.num_prefix_tokens == 1  # the class token gets no encoding
@@ -1109,3 +1111,19 @@ def test_itm_image_pos_option_reaches_the_head_with_the_backbones_prefix_and_sur
         _, img_tok = swin.image_features(images)
         _, txt_tok = swin.text_features(ids)
         torch.testing.assert_close(again.itm_logits(img_tok, txt_tok, ids), swin.itm_logits(img_tok, txt_tok, ids))
+
+
+def test_clip_options_live_in_their_own_typed_section():
+    from vitlab.tasks.clip import CLIP_DIGITS_RECIPE
+    from vitlab.tasks.clip.task import CLIPSection
+
+    cfg = load_config(None, ["clip.itm_depth=2", "clip.converse=0"], base=CLIP_DIGITS_RECIPE)
+    assert isinstance(cfg.clip, CLIPSection) and (cfg.clip.itm_depth, cfg.clip.converse) == (2, 0.0)
+    with pytest.raises(ValueError, match="unknown config key 'clip.itm_dept'.*itm_depth"):
+        load_config(None, ["clip.itm_dept=2"], base=CLIP_DIGITS_RECIPE)
+    with pytest.raises(ValueError, match="clip.loss must be clip or siglip"):
+        load_config(None, ["clip.loss=triplet"], base=CLIP_DIGITS_RECIPE)
+    # the image tower's overrides take no CLIP option: one place for each, said in one line
+    cfg = load_config(None, ["model.overrides.itm_depth=1"], base=CLIP_DIGITS_RECIPE)
+    with pytest.raises(ValueError, match=r"model.overrides.itm_depth is a CLIP option: set it in the clip section"):
+        CLIPTask.from_config(cfg)

@@ -13,8 +13,8 @@ Data (``data.dataset``): ``digits`` (the default: :class:`~vitlab.datasets.capti
 ``digit_scenes`` (:class:`~vitlab.datasets.captions.SceneCaptions`) or a folder with
 ``captions.csv`` / ``captions.jsonl`` (:class:`~vitlab.datasets.captions.CaptionFolder`).
 
-Options come from ``model.overrides`` (the rest of it configures the image backbone
-``model.name``): ``text`` (a text-tower variant, ``clip_text_tiny``), ``text_overrides``,
+Options come from the typed ``clip`` section (:class:`CLIPSection`; ``model.overrides``
+configures the image backbone ``model.name`` alone): ``text`` (a text-tower variant, ``clip_text_tiny``), ``text_overrides``,
 ``embed_dim`` (64), ``loss`` (``clip`` | ``siglip``), ``duplicate_aware`` (true), ``itm_depth``
 (0 for digits, 1 for scenes), ``itm_heads`` (2), ``itm_image_pos`` (false: the head adds a 2-D
 sin-cos encoding of each image token's place; for backbones without absolute positions, Swin),
@@ -37,6 +37,8 @@ training captions and travels inside every checkpoint (``pretrained_cfg["tokeniz
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,16 +66,68 @@ CLIP_DIGITS_RECIPE: dict[str, Any] = {
     "task": "clip",
     "model": {
         "name": "vit_tiny_patch16_224",
-        "overrides": {"patch_size": 2, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128, "text": "clip_text_tiny",
-                      "embed_dim": 64, "loss": "clip", "duplicate_aware": True, "captions_per_image": 4},
+        "overrides": {"patch_size": 2, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128},
     },
+    "clip": {"text": "clip_text_tiny", "embed_dim": 64, "loss": "clip", "duplicate_aware": True, "captions_per_image": 4},
     "data": {"dataset": "digits", "batch_size": 128, "eval_batch_size": 512},
     "optim": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2, "min_lr": 1e-5, "clip_grad": 1.0},
     "epochs": 30,
     "seed": 0,
 }
 
-#: ``model.overrides`` keys that configure CLIP (the others go to the image backbone).
+
+@dataclasses.dataclass
+class CLIPSection:
+    """The CLIP task's options (config section ``clip``; ``model`` names the image tower and
+    ``model.overrides`` holds its options only). None: the dataset's default (``itm_depth`` 1
+    on digit scenes, else 0; ``context_length`` 16, 32 for caption folders; ``eval_scenes`` a
+    quarter of ``num_scenes``; ``init_logit_scale`` 1/0.07, 10 for SigLIP).
+
+    Towers: ``text`` (a text variant), ``text_overrides``, ``embed_dim``, ``vocab_size`` and
+    ``context_length`` of the BPE tokenizer trained on the captions. Loss: ``loss`` (clip |
+    siglip), ``duplicate_aware``, ``init_logit_scale``, ``init_logit_bias``, ``swap_contrastive``.
+    Image-text matching: ``itm_depth``, ``itm_heads``, ``itm_weight``, ``itm_top_k``,
+    ``itm_fusion``, ``swap_negatives``, ``itm_epochs``, ``itm_hard_negatives``,
+    ``itm_shifted_negatives``, ``itm_residual``, ``itm_lr_scale``, ``itm_image_pos``. Data:
+    ``captions_per_image`` (digits), ``num_scenes``, ``eval_scenes``, ``canvas_size``,
+    ``digit_size``, ``converse`` (digit scenes).
+    """
+
+    text: str = "clip_text_tiny"
+    text_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    embed_dim: int = 64
+    loss: str = "clip"
+    duplicate_aware: bool = True
+    itm_depth: int | None = None
+    itm_heads: int = 2
+    itm_weight: float = 1.0
+    itm_top_k: int = 10
+    vocab_size: int = 256
+    context_length: int | None = None
+    captions_per_image: int = 4
+    num_scenes: int = 4000
+    canvas_size: int = 24
+    digit_size: tuple[int, int] = (8, 11)
+    init_logit_scale: float | None = None
+    init_logit_bias: float = -10.0
+    itm_fusion: float = 1.0
+    swap_negatives: bool = True
+    itm_epochs: int = 0
+    itm_hard_negatives: int = 4
+    itm_shifted_negatives: int = 2
+    itm_residual: bool = False
+    itm_lr_scale: float = 1.0
+    swap_contrastive: bool = False
+    eval_scenes: int | None = None
+    converse: float = 0.5
+    itm_image_pos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"clip.loss must be clip or siglip, got {self.loss!r}")
+
+
+#: The options of the ``clip`` section (``model.overrides`` holds the image tower's alone).
 CLIP_OPTIONS: tuple[str, ...] = (
     "text", "text_overrides", "embed_dim", "loss", "duplicate_aware", "itm_depth", "itm_heads", "itm_weight",
     "itm_top_k", "vocab_size", "context_length", "captions_per_image", "num_scenes", "canvas_size", "digit_size",
@@ -216,6 +270,8 @@ class CLIPTask(Task):
     """
 
     higher_is_better = True
+    config_section = "clip"
+    config_class = CLIPSection
     default_recipe = CLIP_DIGITS_RECIPE
     families = ("CLIP",)
 
@@ -367,7 +423,11 @@ class CLIPTask(Task):
     def from_config(cls, cfg: Any) -> TaskSetup:
         """Datasets, tokenizer (a BPE trained on the training captions), model and task from a ``TrainConfig``."""
         opts = dict(cfg.model.overrides)
-        clip = {k: opts.pop(k) for k in CLIP_OPTIONS if k in opts}
+        moved = sorted(k for k in opts if k in CLIP_OPTIONS)
+        if moved:
+            raise ValueError(f"model.overrides.{moved[0]} is a CLIP option: set it in the clip section "
+                             f"(clip.{moved[0]}=...); model.overrides holds the image tower's options only")
+        clip = {k: v for k, v in dataclasses.asdict(cfg.clip).items() if v is not None}
         dataset = str(cfg.data.dataset)
         aug = cfg.augment
         augment = None
@@ -452,4 +512,4 @@ class CLIPTask(Task):
         return TaskSetup(task, model, train, val, test)
 
 
-__all__ = ["CLIPTask", "CLIP_DIGITS_RECIPE", "CLIPEvalMetrics"]
+__all__ = ["CLIPSection", "CLIPTask", "CLIP_DIGITS_RECIPE", "CLIPEvalMetrics"]
