@@ -113,11 +113,57 @@ def test_clip_round_trip(tmp_path: Path) -> None:
     assert got["confidence"] == pytest.approx(float(probs.max()), abs=1e-6)
 
 
-def test_mae_checkpoint_names_what_is_missing(tmp_path: Path) -> None:
-    from vitlab.tasks.registry import UnknownTaskError, get_inference
+def test_mae_round_trip(tmp_path: Path) -> None:
+    from test_mae_task import TINY_MAE
+    from vitlab.cli import main
+    from vitlab.tasks.mae.model import MAE
+    from vitlab.tasks.mae.task import MAE_DIGITS_RECIPE, MAETask
+    from vitlab.training import build_trainer, load_config
+    from vitlab.training.checkpoint import latest_checkpoint
 
-    with pytest.raises(UnknownTaskError, match="task 'mae' has no inference hooks"):
-        get_inference("mae")
+    cfg = load_config(None, TINY_MAE + ["epochs=1", f"output_dir={tmp_path / 'mae'}"], base=MAE_DIGITS_RECIPE)
+    trainer = build_trainer(cfg, log=lambda s: None)
+    trainer.fit()
+    ck = latest_checkpoint(tmp_path / "mae")
+    assert checkpoint_task(ck) == "mae"
+    loaded = vitlab.load(ck)
+    assert isinstance(loaded, MAE)
+    _same_weights(trainer.model, loaded)
+    # the pipeline scores an image as the run's evaluation does: same normalisation, same fixed masks
+    arr = _grey_png(tmp_path / "x.png", 8, 8)
+    got = vitlab.pipeline(ck)(str(tmp_path / "x.png"))
+    task = MAETask.for_model(trainer.model, trainer.task.mean, trainer.task.std)
+    task.eval_metrics()
+    x = torch.nn.functional.interpolate(torch.from_numpy(arr / 255.0).float()[None, None], size=loaded.image_size,
+                                        mode="bilinear", align_corners=False, antialias=True)
+    batch = task.prepare(x, torch.device("cpu"), None, None)
+    with torch.no_grad():
+        loss, _, mask = trainer.model.eval()(*batch.inputs)
+    assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert got["mask_ratio"] == pytest.approx(float(mask.float().mean())) == pytest.approx(cfg.mae.mask_ratio, abs=0.02)
+    assert main(["predict", "--checkpoint", str(ck), str(tmp_path / "x.png"), "--output-dir", str(tmp_path / "p")]) == 0
+    assert Image.open(tmp_path / "p" / "x_reconstruction.png").size[1] > 0
+
+
+def test_an_mae_checkpoint_without_its_encoder_record_says_so(tmp_path: Path) -> None:
+    from vitlab.errors import CheckpointError
+    from vitlab.tasks.mae.model import MAE, MAEConfig
+
+    encoder = vitlab.create_model("vit_tiny_patch16_224", num_classes=0, image_size=16, patch_size=4, dim=16, depth=1,
+                                  heads=2, mlp_dim=32)
+    mae = MAE(encoder, MAEConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2))
+    save_checkpoint(mae, tmp_path / "old.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import json
+
+    with safe_open(tmp_path / "old.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["vitlab"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("encoder")  # as an older vitlab wrote it
+    save_file(tensors, tmp_path / "old.safetensors", metadata={"vitlab": json.dumps(meta), "format": "pt"})
+    with pytest.raises(CheckpointError, match="records no encoder.*--init-from"):
+        vitlab.load(tmp_path / "old.safetensors")
 
 
 def test_pipeline_of_a_task_needs_a_model() -> None:

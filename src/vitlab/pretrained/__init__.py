@@ -29,7 +29,7 @@ from . import convert_pvt  # noqa: F401  (registers converters)
 
 __all__ = [
     "Checkpoint", "checkpoint_metadata", "convert_checkpoint", "create_model", "convert_state_dict", "detect_layout", "download",
-    "imagenet_labels", "infer_model_name", "is_hub_id", "load_model", "load_task_model", "load_pretrained", "load_state_dict_checked",
+    "imagenet_labels", "infer_model_name", "is_hub_id", "load_model", "load_task_model", "model_from_meta", "load_pretrained", "load_state_dict_checked",
     "read_checkpoint", "read_weights", "register_converter", "save_checkpoint",
 ]
 
@@ -41,6 +41,12 @@ def imagenet_labels() -> list[str]:
     if len(labels) != 1000:
         raise RuntimeError(f"imagenet1k_classes.txt holds {len(labels)} names instead of 1000 (damaged install?)")
     return labels
+
+
+def model_from_meta(meta: dict[str, Any]) -> Backbone:
+    """A backbone with random weights from a vitlab metadata block (``model_name`` / ``family``,
+    ``config``, ``pretrained_cfg``), e.g. a pre-training checkpoint's ``meta["encoder"]``."""
+    return _model_from_vitlab_meta(meta)
 
 
 def _model_from_vitlab_meta(meta: dict[str, Any]) -> Backbone:

@@ -171,6 +171,12 @@ def checkpoint_metadata(model: nn.Module, labels: list[str] | None = None, task:
         "config": config_to_dict(model.config),
         "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in getattr(model, "pretrained_cfg", {}).items()},
     }
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, nn.Module) and encoder is not model and hasattr(encoder, "config"):
+        # a wrapper (MAE, SimMIM): its encoder's own record, so the whole model can be rebuilt
+        meta["encoder"] = {"model_name": getattr(encoder, "model_name", None),
+                           "family": getattr(encoder, "family", type(encoder).__name__),
+                           "config": config_to_dict(encoder.config)}
     if labels is not None:
         meta["labels"] = list(labels)
     return meta

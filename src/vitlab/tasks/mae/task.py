@@ -233,6 +233,8 @@ class MAETask(Task):
                                            decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
                                            decoder_mlp_dim=m.decoder_mlp_dim, norm_pix_loss=m.norm_pix_loss))
         mean, std = tuple(train_set.mean), tuple(train_set.std)
+        model.pretrained_cfg = {"task": "mae", "input_size": [channels, size, size], "mean": list(mean),
+                                "std": list(std), "crop_pct": 1.0, "interpolation": "bilinear"}
         augment = build_augment(cfg.augment, size, mean, std)
         return TaskSetup(cls.for_model(model, mean, std, augment), model, train_set, val_set, test_set)
 
