@@ -198,3 +198,19 @@ def test_train_resume_load_pipeline_predict_eval(tmp_path: Path, capsys: pytest.
     assert main(["eval", "--checkpoint", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert f"mean absolute error {results['test_mae']:.6f} (n=16)" in capsys.readouterr().out
+
+
+def test_the_engine_config_is_the_run_config_tasks_are_typed_with() -> None:
+    import typing
+
+    from vitlab.tasks.base import DataOptions, ModelOptions, RunConfig
+    from vitlab.training.config import load_config
+
+    cfg = load_config(None, [])
+    for proto, obj in ((RunConfig, cfg), (ModelOptions, cfg.model), (DataOptions, cfg.data)):
+        hints = typing.get_type_hints(proto)
+        assert hints and all(hasattr(obj, name) for name in hints), proto.__name__
+    tasks = Path(vitlab.__file__).parent / "tasks"
+    untyped = [f"{p.name}:{i}" for p in tasks.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+               if "cfg: Any" in line]
+    assert untyped == []

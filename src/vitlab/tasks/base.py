@@ -28,7 +28,7 @@ import abc
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,49 @@ class NoMetrics(Metrics):
         return {"n": self.n}
 
 
+class ModelOptions(Protocol):
+    """The ``model`` section a task reads: a registered name, weights, config overrides."""
+
+    name: str
+    pretrained: str | None
+    overrides: dict[str, Any]
+    grad_checkpointing: bool
+
+
+class DataOptions(Protocol):
+    """The ``data`` section a task reads (a task may set ``image_size`` to the size it chose)."""
+
+    dataset: str
+    data_dir: str | None
+    image_size: int | None
+    crop_pct: float
+    interpolation: str
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+
+class RunConfig(Protocol):
+    """What a task reads of a run's configuration. :class:`vitlab.training.TrainConfig` is one
+    (typed structurally: tasks never import the engine); a task's own section is the attribute
+    of its ``config_section`` name (``cfg.detection``), typed by its ``config_class``."""
+
+    task: str
+    model: ModelOptions
+    data: DataOptions
+    augment: Any  # vitlab.training.config.AugmentSection
+    optim: Any  # vitlab.training.config.OptimSection
+    distill: Any  # vitlab.training.config.DistillSection
+    epochs: int
+    seed: int
+    device: str
+    progress: bool
+    output_dir: str | None
+
+    def __getattr__(self, name: str) -> Any:  # pragma: no cover - the task sections
+        ...
+
+
 class Task(abc.ABC):
     """The base of every task; see the module docstring for the split of duties.
 
@@ -111,7 +154,7 @@ class Task(abc.ABC):
     families: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def prerequisite(cls, cfg: Any, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    def prerequisite(cls, cfg: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         """A run the engine trains first, inside ``run_dir``, and hands to this one as
         ``model.pretrained`` (e.g. the detection recipe's backbone classifier): ``(folder, recipe)``
         or None (default). The engine trains ``recipe`` into ``folder`` unless it has finished
@@ -297,4 +340,4 @@ def evaluate_task(model: nn.Module, task: Task, loader: Any, device: torch.devic
     return metrics.compute()
 
 
-__all__ = ["Batch", "Metrics", "NoMetrics", "Task", "TaskInference", "autocast", "evaluate_task", "resize_images", "resolve_device"]
+__all__ = ["Batch", "DataOptions", "Metrics", "ModelOptions", "NoMetrics", "RunConfig", "Task", "TaskInference", "autocast", "evaluate_task", "resize_images", "resolve_device"]

@@ -37,7 +37,7 @@ from ..datasets.pipeline import (
 )
 from ..datasets.transforms import normalize
 from ..pretrained import create_model
-from .base import Batch, Metrics, Task, evaluate_task, resize_images
+from .base import Batch, Metrics, RunConfig, Task, evaluate_task, resize_images
 from .losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .metrics import confusion_matrix, topk_correct
 from .mixup import Mixup
@@ -171,7 +171,7 @@ class ClassificationTask(Task):
         return files
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TaskSetup:
+    def from_config(cls, cfg: RunConfig) -> TaskSetup:
         """Datasets, model, augmentation, mixup, teacher and loss of a run from a ``TrainConfig``.
 
         The model is built for the data's size (``data.image_size``) unless
@@ -259,7 +259,7 @@ def build_augment(aug: Any, image_size: int, mean: Sequence[float], std: Sequenc
     return Compose(ops)
 
 
-def build_criterion(cfg: Any, teacher: nn.Module | None) -> Criterion:
+def build_criterion(cfg: RunConfig, teacher: nn.Module | None) -> Criterion:
     """Cross-entropy (soft targets under mixup, label smoothing otherwise), wrapped for distillation."""
     a = cfg.augment
     if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
@@ -272,7 +272,7 @@ def build_criterion(cfg: Any, teacher: nn.Module | None) -> Criterion:
     return DistillationLoss(base, teacher, d.type if teacher is not None else "none", d.alpha, d.tau)
 
 
-def build_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int | None) -> nn.Module | None:
+def build_teacher(cfg: RunConfig, num_classes: int, in_channels: int, image_size: int | None) -> nn.Module | None:
     """The distillation teacher: a registered model (optionally with weights) or a checkpoint."""
     d = cfg.distill
     if d.type == "none":
@@ -291,7 +291,7 @@ def build_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int 
     return teacher.eval()
 
 
-def build_datasets(cfg: Any) -> tuple[Any, Any, Any | None]:
+def build_datasets(cfg: RunConfig) -> tuple[Any, Any, Any | None]:
     """Train/val/test datasets yielding [0, 1] images at ``cfg.data.image_size``.
 
     Image folders and ImageNet trees (images of any size and mode) are decoded and cropped
@@ -337,7 +337,7 @@ def build_datasets(cfg: Any) -> tuple[Any, Any, Any | None]:
     return train_set, val_set, test_set
 
 
-def create_classifier(cfg: Any, num_classes: int, channels: int, image_size: int) -> nn.Module:
+def create_classifier(cfg: RunConfig, num_classes: int, channels: int, image_size: int) -> nn.Module:
     """``cfg.model`` built for ``num_classes`` classes of ``channels`` x ``image_size`` images.
 
     ``model.pretrained`` may also be a run directory of ``vitlab train`` (an MAE pre-training

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ...datasets.captions import DIGIT_TEMPLATES, CaptionFolder, DigitCaptions, SceneCaptions, digit_prompts
 from ...datasets.transforms import normalize
 from ...models.text import text_config
-from ..base import Batch, Metrics, NoMetrics, Task, resize_images
+from ..base import Batch, Metrics, NoMetrics, RunConfig, Task, resize_images
 from ..registry import TaskSetup, register_task
 from .distributed import gather_no_grad, gather_with_grad
 from .itm import itm_loss, rerank_top_k
@@ -420,7 +420,7 @@ class CLIPTask(Task):
         return files
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TaskSetup:
+    def from_config(cls, cfg: RunConfig) -> TaskSetup:
         """Datasets, tokenizer (a BPE trained on the training captions), model and task from a ``TrainConfig``."""
         opts = dict(cfg.model.overrides)
         moved = sorted(k for k in opts if k in CLIP_OPTIONS)

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ...config import suggest
-from ..base import Batch, Metrics, Task, resize_images
+from ..base import Batch, Metrics, RunConfig, Task, resize_images
 from ..registry import TaskSetup, register_task
 from .box_ops import normalize_boxes
 from .coco_eval import COCO_METRICS, evaluate_coco
@@ -404,7 +404,7 @@ class DetectionTask(Task):
         return files
 
     @classmethod
-    def prerequisite(cls, cfg: Any, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    def prerequisite(cls, cfg: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         """With ``detection.pretrain_backbone`` on digit scenes (the recipe) and a plain ViT backbone:
         the backbone classifier (:data:`DETECTION_BACKBONE_RECIPE` with the run's ``model.name`` /
         ``model.overrides``) in ``<run>/backbone``, unless ``model.pretrained`` names other weights."""
@@ -423,7 +423,7 @@ class DetectionTask(Task):
         return folder, recipe
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TaskSetup:
+    def from_config(cls, cfg: RunConfig) -> TaskSetup:
         """Datasets, model, augmentation and loss of a detection run from a ``TrainConfig``.
 
         Sets ``cfg.data.image_size`` (64 for digit scenes when unset). The model's
@@ -531,7 +531,7 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
     return model
 
 
-def _coco_split(cfg: Any, opts: Mapping[str, Any], split: str) -> Any | None:
+def _coco_split(cfg: RunConfig, opts: Mapping[str, Any], split: str) -> Any | None:
     from ...datasets.coco import CocoDetection
 
     coco = dict(opts.get("coco", {}))
@@ -554,7 +554,7 @@ def _coco_split(cfg: Any, opts: Mapping[str, Any], split: str) -> Any | None:
                          on_error=str(coco.get("on_error", "raise")))
 
 
-def build_detection_datasets(cfg: Any, opts: Mapping[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+def build_detection_datasets(cfg: RunConfig, opts: Mapping[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Train / val / test :class:`DetectionSamples` and a record of the data (for checkpoints).
 
     ``data.dataset``: ``digit_scenes`` (also ``digits``) or ``coco``.

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ...datasets.transforms import normalize
 from ...models.registry import get_entry
 from ...pretrained import create_model
-from ..base import Batch, Metrics, Task, resize_images
+from ..base import Batch, Metrics, RunConfig, Task, resize_images
 from ..image_classification import ClassificationTask, build_augment, build_datasets
 from ..registry import TaskSetup, register_task
 from .model import MAE, LinearProbe, MAEConfig, compose_reconstruction, unpatchify
@@ -207,7 +207,7 @@ class MAETask(Task):
         return [plot_loss_curves(history, Path(out_dir) / "loss_curves.png")] if history else []
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TaskSetup:
+    def from_config(cls, cfg: RunConfig) -> TaskSetup:
         """Datasets, encoder and MAE / SimMIM model of a pre-training run from a ``TrainConfig``.
 
         Records ``in_channels`` in ``cfg.model.overrides`` and the size in ``cfg.data.image_size``,
@@ -255,7 +255,7 @@ class LinearProbeTask(ClassificationTask):
     families = ("LinearProbe",)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TaskSetup:
+    def from_config(cls, cfg: RunConfig) -> TaskSetup:
         setup = super().from_config(cfg)
         backbone = setup.model
         probe = LinearProbe(backbone, int(backbone.config.num_classes), pool=cfg.mae.probe_pool)

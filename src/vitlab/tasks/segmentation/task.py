@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ...datasets.transforms import normalize
-from ..base import Batch, Metrics, Task, resize_images
+from ..base import Batch, Metrics, RunConfig, Task, resize_images
 from ..registry import TaskSetup, register_task
 from .losses import SegmentationLoss
 from .metrics import SegmentationMetrics
@@ -367,7 +367,7 @@ class SegmentationTask(Task):
         return files
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TaskSetup:
+    def from_config(cls, cfg: RunConfig) -> TaskSetup:
         """Datasets, model, augmentation and loss of a run from a ``TrainConfig``.
 
         ``cfg.model.name`` is the backbone, built with ``cfg.model.overrides`` for the data's
