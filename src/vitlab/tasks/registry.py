@@ -50,35 +50,37 @@ class TaskSetup:
     test_data: Any = None
 
 
+def _registrar(table: dict[str, type], name: str, attribute: str, what: str) -> Callable[[T], T]:
+    """A class decorator putting the class into ``table`` under ``name`` and setting its ``attribute``."""
+
+    def deco(cls: T) -> T:
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{what} {name!r} is already registered ({table[name].__name__})")
+        setattr(cls, attribute, name)
+        table[name] = cls
+        return cls
+
+    return deco
+
+
 def register_task(name: str) -> Callable[[T], T]:
     """Class decorator registering a task class under ``name`` (its ``name`` attribute is set too).
 
     Raises:
         ValueError: ``name`` is taken by another class.
     """
-
-    def deco(cls: T) -> T:
-        if name in _TASKS and _TASKS[name] is not cls:
-            raise ValueError(f"task {name!r} is already registered ({_TASKS[name].__name__})")
-        cls.name = name
-        _TASKS[name] = cls
-        return cls
-
-    return deco
+    return _registrar(_TASKS, name, "name", "task")
 
 
 def register_inference(name: str) -> Callable[[T], T]:
     """Class decorator registering a task's inference hooks (a
-    :class:`~vitlab.tasks.base.TaskInference` subclass) under the task's ``name``."""
+    :class:`~vitlab.tasks.base.TaskInference` subclass) under the task's ``name`` (set as its
+    ``task`` attribute).
 
-    def deco(cls: T) -> T:
-        if name in _INFERENCE and _INFERENCE[name] is not cls:
-            raise ValueError(f"inference of task {name!r} is already registered ({_INFERENCE[name].__name__})")
-        cls.task = name
-        _INFERENCE[name] = cls
-        return cls
-
-    return deco
+    Raises:
+        ValueError: ``name`` has other inference hooks.
+    """
+    return _registrar(_INFERENCE, name, "task", "inference of task")
 
 
 def get_inference(name: str) -> type:
