@@ -309,3 +309,15 @@ def test_coco_metrics_are_none_where_there_is_nothing_to_measure():
     assert m["AP_small"] is None and m["AP_large"] is None and m["AR_small"] is None and m["AR_large"] is None
     assert m["AP"] == pytest.approx(1.0) and m["AP_medium"] == pytest.approx(1.0)
     assert json.loads(json.dumps(m))["AP_small"] is None  # null in results.json
+
+
+def test_results_json_keeps_a_metric_with_nothing_to_measure_as_null():
+    import json
+
+    from vitlab.tasks.detection.task import DetectionTask
+    from vitlab.training.trainer import _prefixed
+
+    record = _prefixed("test", {"AP50": 0.9, "AP_small": None, "n": 6, "samples": [1]}, keep_n=True)
+    assert record == {"test_AP50": 0.9, "test_AP_small": None, "test_n": 6}
+    assert json.loads(json.dumps(record))["test_AP_small"] is None  # null in results.json, not -1, not dropped
+    assert DetectionTask.format_metric(None, "AP_small", None) == "AP_small n/a"
