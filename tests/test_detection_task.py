@@ -29,7 +29,7 @@ from vitlab.tasks.detection.task import (  # noqa: E402
 )
 from vitlab.tasks.detection.inference import load_detector  # noqa: E402
 from vitlab.training.checkpoint import latest_checkpoint  # noqa: E402
-from vitlab.training.config import load_config  # noqa: E402
+from vitlab.training.config import config_to_dict, load_config  # noqa: E402
 from vitlab.training.run import build_trainer  # noqa: E402
 from vitlab.pretrained.io import save_checkpoint  # noqa: E402
 
@@ -304,6 +304,10 @@ def test_vitlab_train_task_detection_end_to_end(tmp_path, capsys, monkeypatch):
     step = json.loads((backbone / "config.json").read_text())
     assert step["task"] == "classification" and step["data"]["dataset"] == "digits" and step["data"]["image_size"] == 24
     assert step["model"]["overrides"]["dim"] == 32 and step["model"]["overrides"]["pool"] == "mean"
+    # composed as `vitlab train --config configs/detection_backbone_digits.yaml` is: the digits' augmentation too
+    by_hand = load_config(ROOT / "configs" / "detection_backbone_digits.yaml")
+    assert step["augment"] == json.loads(json.dumps(config_to_dict(by_hand)["augment"]))
+    assert step["augment"]["affine_p"] > 0 and step["augment"]["cutmix_alpha"] > 0
     assert "test_top1" in json.loads((backbone / "results.json").read_text())
     # step 2 starts DETR's backbone from it (blocks copied; head dropped, position embedding resampled)
     cfg = resume_config(out)

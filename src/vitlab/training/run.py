@@ -14,7 +14,7 @@ from torch import nn
 
 from ..datasets.pipeline import dataset_label
 from ..tasks.registry import get_task
-from .config import TrainConfig, _build, config_to_dict, set_dotted
+from .config import TrainConfig, _build, config_to_dict, load_config, set_dotted
 from .trainer import Trainer, unwrap
 
 
@@ -273,8 +273,10 @@ def _train_prerequisite(cfg: TrainConfig, out: Path, folder: Path, recipe: dict[
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     if (folder / "results.json").is_file():
         return
-    step = _build(TrainConfig, {**copy.deepcopy(recipe), "output_dir": str(folder), "progress": cfg.progress,
-                                "device": cfg.device, "seed": cfg.seed})
+    # composed as `vitlab train --config RECIPE` composes it: the dataset's defaults (the digits'
+    # augmentation) under the recipe
+    step = load_config(None, base=copy.deepcopy(recipe), flags={"output_dir": str(folder), "progress": cfg.progress,
+                                                                 "device": cfg.device, "seed": cfg.seed})
     log(f"first step: training {step.task} ({step.model.name}) into {folder}")
     resumed = (folder / "config.json").is_file()
     train(resume_config(folder, {}) if resumed else step, resume=resumed, log=log)
