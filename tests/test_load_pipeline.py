@@ -166,6 +166,37 @@ def test_an_mae_checkpoint_without_its_encoder_record_says_so(tmp_path: Path) ->
         vitlab.load(tmp_path / "old.safetensors")
 
 
+def test_linear_probe_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from vitlab.cli import main
+    from vitlab.tasks.classify import ImageClassifier
+    from vitlab.tasks.mae.model import LinearProbe
+    from vitlab.training.checkpoint import latest_checkpoint
+
+    out = tmp_path / "probe"
+    assert main(["train", "--task", "linear_probe", "--epochs", "1", "--no-progress", "--output-dir", str(out),
+                 "model.overrides={patch_size: 2, dim: 16, depth: 1, heads: 2, mlp_dim: 32}", "mae.probe_pool=mean",
+                 "ema_decay=null"]) == 0
+    ck = latest_checkpoint(out)
+    assert checkpoint_task(ck) == "linear_probe"
+    loaded = vitlab.load(ck)
+    assert isinstance(loaded, LinearProbe) and loaded.pool == "mean"
+    from vitlab.pretrained.io import read_weights
+
+    saved = read_weights(ck).state_dict
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(loaded.state_dict()[k], saved[k]) for k in saved)
+    arr = _grey_png(tmp_path / "x.png", 8, 8)
+    expected = ImageClassifier(loaded).predict(arr)
+    got = vitlab.pipeline(ck)(str(tmp_path / "x.png"))
+    assert got["class"] == expected["class"] and got["confidence"] == pytest.approx(expected["confidence"], abs=1e-6)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ck)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert f"top-1 {results['test_top1']:.2f}%" in capsys.readouterr().out
+
+
 def test_pipeline_of_a_task_needs_a_model() -> None:
     with pytest.raises(ValueError, match=r"pipeline\('detection'\) needs model="):
         vitlab.pipeline("detection")

@@ -18,7 +18,7 @@ from .registry import (TaskSetup, UnknownTaskError, get_inference, get_task, lis
 from .classify import ClassificationInference  # noqa: F401  (each inference module registers its hooks)
 from .clip.inference import CLIPInference  # noqa: F401
 from .detection.inference import DetectionInference  # noqa: F401
-from .mae.inference import MAEInference  # noqa: F401
+from .mae.inference import LinearProbeInference, MAEInference  # noqa: F401
 from .segmentation.apply import SegmentationInference  # noqa: F401
 from .loading import checkpoint_task, load
 

@@ -31,6 +31,7 @@ def evaluate_checkpoint(
     output_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 256,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a dataset split, preprocessed as the checkpoint records.
 
@@ -40,7 +41,7 @@ def evaluate_checkpoint(
     else ``val``. Writes ``eval_<dataset>_<split>.json`` and a confusion matrix PNG into
     ``output_dir`` (default: the checkpoint's folder); the split used is ``res["split"]``.
     """
-    model = load_model(checkpoint)
+    model = model if model is not None else load_model(checkpoint)  # model: the checkpoint already loaded
     pcfg = model.pretrained_cfg
     EvalTransform.from_config(pcfg)  # refuses a checkpoint whose preprocessing is unknown
     size = pcfg.get("input_size")

@@ -21,7 +21,8 @@ from ...models.registry import register_task_model
 from ..base import TaskInference, resize_images
 from ..inputs import to_unit_tensor
 from ..registry import register_inference
-from .model import MAE, MAEConfig
+from ..classify import ClassificationInference
+from .model import MAE, LinearProbe, MAEConfig
 from .plots import save_reconstruction_grid
 from .simmim import SimMIM, SimMIMConfig
 from .task import MAETask
@@ -102,4 +103,46 @@ class MAEInference(TaskInference):
         return f"{name}: reconstruction loss {record['loss']:.4f} on {record['mask_ratio']:.0%} hidden patches"
 
 
-__all__ = ["MAEInference", "load_pretraining_model"]
+def load_probe(path: str | Path) -> nn.Module:
+    """A :class:`LinearProbe` from a ``task: linear_probe`` checkpoint (eval mode, labels set).
+
+    Raises:
+        CheckpointError: Not a probe checkpoint, one without its encoder's record, or weights
+            that do not fit.
+    """
+    from ...pretrained import model_from_meta, read_weights
+
+    ck = read_weights(path)
+    meta = ck.vitlab_config or {}
+    if meta.get("family") != "LinearProbe" or not meta.get("encoder"):
+        raise CheckpointError(f"{path} is not a linear-probe checkpoint with its encoder's record (family "
+                              f"{meta.get('family')!r})")
+    pcfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("pretrained_cfg") or {}).items()}
+    encoder = model_from_meta(meta["encoder"])
+    probe = LinearProbe(encoder, int(encoder.config.num_classes), pool=str(pcfg.get("probe_pool", "head")))
+    missing, unexpected = probe.load_state_dict(ck.state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"the weights in {path} do not fit its probe: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    probe.pretrained_cfg = pcfg
+    probe.labels = meta.get("labels")
+    return probe.eval()
+
+
+@register_inference("linear_probe")
+class LinearProbeInference(ClassificationInference):
+    """Linear-probe checkpoints: classified and evaluated as any classifier."""
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+        return load_probe(path).to(device)
+
+    @classmethod
+    def evaluate(cls, checkpoint: str | Path, dataset: str | None = None, split: str | None = None,
+                 output_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 256,
+                 **options: Any) -> dict[str, Any]:
+        return super().evaluate(checkpoint, dataset, split, output_dir, device, batch_size,
+                                model=load_probe(checkpoint), **options)
+
+
+__all__ = ["LinearProbeInference", "MAEInference", "load_pretraining_model", "load_probe"]

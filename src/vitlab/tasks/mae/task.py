@@ -259,7 +259,7 @@ class LinearProbeTask(ClassificationTask):
         setup = super().from_config(cfg)
         backbone = setup.model
         probe = LinearProbe(backbone, int(backbone.config.num_classes), pool=cfg.mae.probe_pool)
-        probe.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}))
+        probe.pretrained_cfg = {**dict(getattr(backbone, "pretrained_cfg", {})), "probe_pool": cfg.mae.probe_pool}
         setup.model = probe
         return setup
 
