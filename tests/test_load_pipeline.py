@@ -143,6 +143,8 @@ def test_mae_round_trip(tmp_path: Path) -> None:
     assert got["mask_ratio"] == pytest.approx(float(mask.float().mean())) == pytest.approx(cfg.mae.mask_ratio, abs=0.02)
     assert main(["predict", "--checkpoint", str(ck), str(tmp_path / "x.png"), "--output-dir", str(tmp_path / "p")]) == 0
     assert Image.open(tmp_path / "p" / "x_reconstruction.png").size[1] > 0
+    # a hook the task does not have: one usage error naming it, not a traceback
+    assert main(["eval", "--checkpoint", str(ck)]) == 2
 
 
 def test_an_mae_checkpoint_without_its_encoder_record_says_so(tmp_path: Path) -> None:

@@ -253,14 +253,14 @@ class TaskInference:
     def predict(cls, model: nn.Module, images: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
         """One JSON-ready record per image (paths, PIL images or arrays), preprocessed as the
         checkpoint records; a ``notes`` list says when an image is far from the training data."""
-        raise NotImplementedError(f"task {cls.task!r} has no predict")
+        raise ValueError(f"task {cls.task!r} has no predict: its checkpoints cannot be run on images")
 
     @classmethod
     def evaluate(cls, checkpoint: str | Path, dataset: str | None = None, split: str | None = None,
                  output_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
                  **options: Any) -> dict[str, Any]:
         """The task's metrics of a checkpoint on ``dataset`` (None: the data it was trained on)."""
-        raise NotImplementedError(f"task {cls.task!r} has no evaluate")
+        raise ValueError(f"task {cls.task!r} has no evaluate: vitlab eval does not apply to its checkpoints")
 
     @classmethod
     def draw(cls, image: Any, record: dict[str, Any], output_dir: str | Path, stem: str) -> list[Path]:
