@@ -20,17 +20,6 @@ from .yolos import YOLOS, YOLOSConfig
 
 
 # --------------------------------------------------------------------------- checkpoints
-def is_detection_checkpoint(path: str | Path) -> bool:
-    """True when ``path`` holds a DETR or YOLOS checkpoint written by vitlab."""
-    from ...pretrained.io import read_weights
-
-    try:
-        meta = read_weights(path).vitlab_config or {}
-    except Exception:  # noqa: BLE001 - not readable: not ours to judge here
-        return False
-    return meta.get("family") in ("DETR", "YOLOS")
-
-
 def load_detector(path: str | Path) -> nn.Module:
     """A DETR or YOLOS model from a vitlab checkpoint (file, folder or a run's ``checkpoints/epoch-N``).
 
@@ -277,4 +266,4 @@ def _as_pil(x: Tensor) -> Any:
 
 
 __all__ = ["DetectionInference", "data_for_checkpoint", "detect", "detections_to_json", "draw_detections", "evaluate_detector",
-           "is_detection_checkpoint", "load_detector"]
+           "load_detector"]

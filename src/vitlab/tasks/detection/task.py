@@ -108,7 +108,6 @@ DETECTION_BACKBONE_RECIPE: dict[str, Any] = {
 }
 
 DETECTORS = ("detr", "yolos")
-OPTION_KEYS = ("detector", "num_queries", "detr", "scenes", "augment", "loss", "coco", "num_plot_images")
 LOSS_KEYS = ("eos_coef", "weight_ce", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou", "aux_loss")
 SCENE_SPLIT_KEYS = {"train": "num_train", "val": "num_val", "test": "num_test"}
 #: Normalisation of detection inputs ([0, 1] -> [-1, 1]), recorded in every checkpoint.

@@ -1,7 +1,7 @@
 """Use a trained segmentation checkpoint: evaluate it on a split, segment image files.
 
-``vitlab eval`` on a segmentation checkpoint calls :func:`evaluate_segmentation_checkpoint`;
-``vitlab predict --task segmentation`` calls :func:`segment_files`.
+``vitlab eval`` and ``vitlab predict`` on a segmentation checkpoint call the task's inference
+hooks (:class:`SegmentationInference`): :func:`evaluate_segmentation_checkpoint`, :func:`segment`.
 """
 
 from __future__ import annotations
@@ -148,40 +148,6 @@ def segment(model: SegmentationModel, images: Tensor, mode: str = "whole", scale
     return predict_tta(model, x, scales=scales, flip=flip)
 
 
-def segment_files(checkpoint: str | Path, images: Sequence[str | Path], output_dir: str | Path, mode: str = "whole",
-                  scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True, device: str = "cpu",
-                  alpha: float = 0.5) -> list[dict[str, Any]]:
-    """Segment image files: writes ``<stem>_mask.png`` (palette PNG of class ids) and
-    ``<stem>_overlay.png`` (the image with the classes coloured) per image.
-
-    Returns:
-        One record per image: ``image``, ``mask``, ``overlay`` (paths) and ``classes``
-        (pixel fraction of each class present).
-    """
-    from PIL import Image
-
-    from .visualize import overlay, save_mask_png
-
-    model, labels = load_segmenter(checkpoint)
-    labels = labels or [str(i) for i in range(model.config.num_classes)]
-    dev = _device(device)
-    model.to(dev)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in images:
-        x = load_for_model(path, model.config.in_channels)
-        pred = segment(model, x.to(dev), mode, scales, flip).argmax(1)[0].cpu()
-        stem = Path(path).stem
-        mask_file = save_mask_png(pred, out / f"{stem}_mask.png")
-        overlay_file = out / f"{stem}_overlay.png"
-        Image.fromarray(overlay(x[0], pred, alpha)).save(overlay_file)
-        counts = torch.bincount(pred.flatten(), minlength=len(labels)).double() / pred.numel()
-        records.append({"image": str(path), "mask": str(mask_file), "overlay": str(overlay_file),
-                        "classes": {labels[i]: float(c) for i, c in enumerate(counts) if c > 0}})
-    return records
-
-
 register_task_model(FAMILY, SegmentationModel, SegmenterConfig, "segmentation")
 
 
@@ -264,5 +230,5 @@ class SegmentationInference(TaskInference):
         return f"{name}: {top}"
 
 
-__all__ = ["MODES", "SegmentationInference", "evaluate_segmentation_checkpoint", "format_iou_table", "load_for_model", "segment",
-           "segment_files"]
+__all__ = ["MODES", "SegmentationInference", "evaluate_segmentation_checkpoint", "format_iou_table", "load_for_model",
+           "segment"]

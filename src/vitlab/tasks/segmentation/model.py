@@ -237,17 +237,6 @@ def build_segmenter(backbone: str, num_classes: int, head: str = "setr_naive", i
     return SegmentationModel(cfg, net)
 
 
-def is_segmenter_checkpoint(path: str | Path) -> bool:
-    """True when ``path`` is a vitlab checkpoint of a :class:`SegmentationModel` (False for anything else)."""
-    from ...pretrained.io import read_weights
-
-    try:
-        meta = read_weights(path).vitlab_config
-    except Exception:  # noqa: BLE001 - not a readable checkpoint: not a segmenter either
-        return False
-    return bool(meta) and meta.get("family") == FAMILY
-
-
 def load_segmenter(path: str | Path) -> tuple[SegmentationModel, list[str] | None]:
     """A :class:`SegmentationModel` and its class names from a vitlab checkpoint (eval mode).
 
@@ -279,4 +268,4 @@ def load_segmenter(path: str | Path) -> tuple[SegmentationModel, list[str] | Non
 
 
 __all__ = ["FAMILY", "HEADS", "UPSAMPLES", "SegmentationModel", "SegmenterConfig", "build_head", "build_segmenter",
-           "default_indices", "is_segmenter_checkpoint", "load_segmenter"]
+           "default_indices", "load_segmenter"]
