@@ -78,13 +78,17 @@ def detections_to_coco_results(
 def evaluate_coco(
     ground_truth: str | Path | Mapping[str, Any],
     results: str | Path | Sequence[Mapping[str, Any]],
+    iou_type: str = "bbox",
 ) -> dict[str, float | None]:
-    """Box mAP of COCO results against COCO ground truth, with pycocotools' ``COCOeval``.
+    """Box (or mask) mAP of COCO results against COCO ground truth, with pycocotools' ``COCOeval``.
 
     Args:
         ground_truth: A COCO ``instances`` JSON (path or the loaded dict).
         results: A COCO results JSON (path or list of records with ``image_id``,
-            ``category_id``, ``bbox`` xywh and ``score``).
+            ``category_id``, ``bbox`` xywh and ``score``; with ``iou_type="segm"`` a
+            ``segmentation`` RLE instead of ``bbox``).
+        iou_type: ``"bbox"`` (box AP) or ``"segm"`` (mask AP: the ground truth's annotations
+            need ``segmentation`` too).
 
     Returns:
         ``COCO_METRICS`` -> value: AP@[.5:.95], AP@.5, AP@.75, AP per object size, and the
@@ -92,6 +96,8 @@ def evaluate_coco(
         objects: pycocotools' ``-1``). With no results at all every value is 0 (or None where
         there is nothing to measure).
     """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     COCO, COCOeval = _pycocotools()
     gt_data = _load_json(ground_truth, "COCO ground truth")
     records = _load_json(results, "COCO results")
@@ -112,7 +118,7 @@ def evaluate_coco(
             dt = COCO()
             dt.dataset = {"images": list(gt_data["images"]), "categories": gt_data["categories"], "annotations": []}
             dt.createIndex()
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -15,7 +15,8 @@ from ...models.registry import register_task_model
 from .coco_eval import COCO_METRICS
 from .detr import DETR, DETRConfig
 from .postprocess import postprocess_detections
-from .task import MEAN_STD, SCENE_SPLIT_KEYS, DetectionSamples, DetectionTask
+from .data import SCENE_SPLIT_KEYS
+from .task import MEAN_STD, DetectionSamples, DetectionTask
 from .yolos import YOLOS, YOLOSConfig
 
 

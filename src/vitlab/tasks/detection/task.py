@@ -36,7 +36,6 @@ Options (``detection``; unknown keys are an error naming the valid ones):
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,11 +44,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ...config import suggest
 from ..base import Batch, Metrics, RunConfig, Task, resize_images
 from ..registry import TaskSetup, register_task
 from .box_ops import normalize_boxes
 from .coco_eval import COCO_METRICS, evaluate_coco
+from .data import _check_keys, detection_sources
 from .denoising import denoising_losses
 from .detr import DETR, DETRConfig
 from .losses import DETRLoss, _num_boxes
@@ -109,7 +108,6 @@ DETECTION_BACKBONE_RECIPE: dict[str, Any] = {
 
 DETECTORS = ("detr", "yolos")
 LOSS_KEYS = ("eos_coef", "weight_ce", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou", "aux_loss")
-SCENE_SPLIT_KEYS = {"train": "num_train", "val": "num_val", "test": "num_test"}
 #: Normalisation of detection inputs ([0, 1] -> [-1, 1]), recorded in every checkpoint.
 MEAN_STD = 0.5
 
@@ -145,12 +143,6 @@ class DetectionSection:
         """The options as the builders read them (unset ones left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if getattr(self, f.name) is not None and f.name != "pretrain_backbone"}
-
-
-def _check_keys(values: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
-    for k in values:
-        if k not in valid:
-            raise ValueError(f"unknown option {where}.{k}.{suggest(k, list(valid))} Valid keys: {', '.join(valid)}")
 
 
 # --------------------------------------------------------------------------- data
@@ -530,68 +522,17 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
     return model
 
 
-def _coco_split(cfg: RunConfig, opts: Mapping[str, Any], split: str) -> Any | None:
-    from ...datasets.coco import CocoDetection
-
-    coco = dict(opts.get("coco", {}))
-    _check_keys(coco, [f"{s}_{k}" for s in ("train", "val", "test") for k in ("annotations", "images")] + ["on_error"],
-                "detection.coco")
-    ann, img = coco.get(f"{split}_annotations"), coco.get(f"{split}_images")
-    if ann is None:
-        if cfg.data.data_dir is None:
-            if split == "train":
-                raise ValueError("a COCO-format run needs data.data_dir (ROOT with ROOT/train/annotations.json and "
-                                 "ROOT/train/images/) or detection.coco.train_annotations / train_images")
-            return None
-        root = Path(cfg.data.data_dir) / split
-        ann, img = root / "annotations.json", root / "images"
-        if not ann.is_file():
-            if split == "train":
-                raise FileNotFoundError(f"COCO annotation file not found: {ann}")
-            return None
-    return CocoDetection(ann, img if img is not None else Path(ann).parent / "images",
-                         on_error=str(coco.get("on_error", "raise")))
-
-
 def build_detection_datasets(cfg: RunConfig, opts: Mapping[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Train / val / test :class:`DetectionSamples` and a record of the data (for checkpoints).
 
     ``data.dataset``: ``digit_scenes`` (also ``digits``) or ``coco``.
     """
-    name = str(cfg.data.dataset).lower()
-    if name in ("digit_scenes", "digits"):
-        from ...datasets.digit_scenes import DigitScenes
-
-        scenes = dict(opts.get("scenes", {}))
-        valid = [f for f in inspect.signature(DigitScenes).parameters
-                 if f not in ("split", "num_scenes", "canvas_size")] + list(SCENE_SPLIT_KEYS.values())
-        _check_keys(scenes, valid, "detection.scenes")
-        counts = {s: int(scenes.pop(k, d)) for (s, k), d in zip(SCENE_SPLIT_KEYS.items(), (2000, 200, 400))}
-        if "digit_size" in scenes:
-            scenes["digit_size"] = tuple(scenes["digit_size"])
-        if cfg.data.image_size is None:
-            cfg.data.image_size = 64
-        size = int(cfg.data.image_size)
-        sets = {s: DigitScenes(s, n, canvas_size=size, **scenes) for s, n in counts.items()}
-        max_objects = sets["train"].max_digits
-        record = {"dataset": "digit_scenes", "scenes": {**scenes, **{SCENE_SPLIT_KEYS[s]: n for s, n in counts.items()}}}
-        if "digit_size" in record["scenes"]:
-            record["scenes"]["digit_size"] = list(record["scenes"]["digit_size"])
-    elif name == "coco":
-        sets = {s: _coco_split(cfg, opts, s) for s in ("train", "val", "test")}
-        if cfg.data.image_size is None:
-            first = sets["train"][0]["image"]
-            cfg.data.image_size = int(max(first.shape[-2:]))
-        size = int(cfg.data.image_size)
-        max_objects = max(s.max_objects for s in sets.values() if s is not None)
-        record = {"dataset": "coco", "classes": sets["train"].classes}
-    else:
-        raise ValueError(f"the detection task reads data.dataset 'digit_scenes' or 'coco' (with data.data_dir), "
-                         f"got {cfg.data.dataset!r}")
+    sets, max_objects, record = detection_sources(cfg, opts)
+    size = int(cfg.data.image_size)
     wrapped = {s: DetectionSamples(d, size, max(max_objects, 1)) if d is not None else None for s, d in sets.items()}
     return wrapped["train"], wrapped["val"], wrapped["test"], record
 
 
 __all__ = ["DETECTION_BACKBONE_RECIPE", "DETECTION_RECIPE", "DetectionEvalMetrics", "DetectionSection", "DetectionInputs", "DetectionSamples", "DetectionTask",
            "build_criterion", "build_dense_augment", "build_detection_datasets", "build_detector",
-           "collate_detection", "unpad_targets"]
+           "collate_detection", "detection_sources", "unpad_targets"]
