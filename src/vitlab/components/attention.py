@@ -9,7 +9,9 @@ passes a logits/probabilities hook, so SDPA stays the default for ordinary forwa
 Families add their paper's idea on top: :class:`Attention` (self-attention with fused qkv),
 :class:`CrossAttention` (queries from one sequence, keys/values from another: cross-attention,
 class attention, spatial-reduction attention), :class:`WindowAttention` (local attention in
-non-overlapping windows with relative position bias and an optional cyclic shift).
+non-overlapping windows with relative position bias and an optional cyclic shift). Self- and window
+attention take an optional :class:`~vitlab.components.embeddings.DecomposedRelPos` (ViTDet): its
+bias depends on the queries, so it is computed in ``forward`` after the qkv projection.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import RelativePositionBias, to_2tuple
+from .embeddings import DecomposedRelPos, RelativePositionBias, to_2tuple
 
 TensorFn = Callable[[Tensor], Tensor]
 
@@ -164,6 +166,8 @@ class Attention(AttentionBase):
         attn_drop: Dropout on the attention probabilities (training only).
         proj_drop: Dropout after the output projection.
         head_dim: Per-head width; ``dim // heads`` by default.
+        rel_pos: Optional decomposed relative position (ViTDet) added to the logits; ``forward``
+            then needs the token ``grid`` (prefix tokens before the grid get no bias).
     """
 
     def __init__(
@@ -174,9 +178,11 @@ class Attention(AttentionBase):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         head_dim: int | None = None,
+        rel_pos: DecomposedRelPos | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim, attn_drop, proj_drop)
         self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
+        self.rel_pos = rel_pos
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project tokens to per-head q, k, v, each (B, heads, N, head_dim)."""
@@ -185,9 +191,28 @@ class Attention(AttentionBase):
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
+    def rel_pos_bias(self, q: Tensor, grid: tuple[int, int] | None, bias: Tensor | None = None) -> Tensor | None:
+        """``bias`` plus the decomposed relative position bias of queries q (B, heads, N, d) on ``grid``.
+
+        Unchanged without ``rel_pos``. The grid tokens are the last h*w of N; the rows and
+        columns of the prefix tokens before them get zero (MViTv2's rule for a class token).
+        """
+        if self.rel_pos is None:
+            return bias
+        if grid is None:
+            raise ValueError(f"{type(self).__name__} with decomposed relative position needs the token grid "
+                             "(grid=(H, W))")
+        prefix = q.shape[2] - grid[0] * grid[1]
+        if prefix < 0:
+            raise ValueError(f"{type(self).__name__} got {q.shape[2]} tokens for a {grid[0]}x{grid[1]} grid")
+        rp = self.rel_pos(q[:, :, prefix:], grid)  # (B, heads, h*w, h*w)
+        if prefix:
+            rp = F.pad(rp, (prefix, 0, prefix, 0))  # (B, heads, N, N), zero for prefix rows / columns
+        return rp if bias is None else bias + rp
+
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
         q, k, v = self.qkv_heads(x)
-        return self.project(self.attend(q, k, v, attn_bias))
+        return self.project(self.attend(q, k, v, self.rel_pos_bias(q, grid, attn_bias)))
 
 
 class CrossAttention(AttentionBase):
@@ -268,7 +293,11 @@ class WindowAttention(Attention):
     optionally cyclically shifted by ``shift`` (Swin's shifted windows, with the mask that
     keeps regions apart), attended within each window with an optional relative position
     bias, then put back. A window larger than the grid is clipped to it (and the shift
-    dropped), as Swin does at low resolution.
+    dropped), as Swin does at low resolution; with ``clip=False`` it is not (the grid is
+    zero-padded up to the window, as detectron2's ViTDet does).
+
+    With ``rel_pos`` (a :class:`~vitlab.components.embeddings.DecomposedRelPos` made for the
+    window) each window's queries add their decomposed relative position bias (ViTDet).
     """
 
     def __init__(
@@ -281,14 +310,19 @@ class WindowAttention(Attention):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         relative_position_bias: bool = True,
+        clip: bool = True,
+        rel_pos: DecomposedRelPos | None = None,
     ) -> None:
-        super().__init__(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        super().__init__(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, rel_pos=rel_pos)
         self.window_size = to_2tuple(window_size)
         self.shift = to_2tuple(shift)
+        self.clip = clip
         self.relative_position = RelativePositionBias(self.window_size, heads) if relative_position_bias else None
 
     def layout(self, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Window and shift actually used on a token grid (clipped when the grid is small)."""
+        """Window and shift actually used on a token grid (clipped when the grid is small, unless ``clip=False``)."""
+        if not self.clip:
+            return self.window_size, self.shift
         window = tuple(min(g, w) for g, w in zip(grid, self.window_size))
         shift = tuple(0 if g <= w else s for g, w, s in zip(grid, self.window_size, self.shift))
         return window, shift  # type: ignore[return-value]
@@ -322,6 +356,9 @@ class WindowAttention(Attention):
             bias = attn_bias if bias is None else bias + attn_bias
         self.capture_info = dict(grid=(h, w), padded_grid=(hp, wp), window=window, shift=shift, batch=b)
         q, k, v = self.qkv_heads(windows)
+        if self.rel_pos is not None:
+            rp = self.rel_pos(q, window)  # (B * nW, heads, N, N)
+            bias = rp if bias is None else bias + rp
         out = self.project(self.attend(q, k, v, bias))
         x = window_reverse(out, window, (hp, wp))
         if shifted:

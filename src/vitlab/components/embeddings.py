@@ -7,7 +7,8 @@ flattened patches; same output as the conv form on the same weights).
 Position encodings: learned (:class:`LearnedPosEmbed`, resampled by
 :func:`interpolate_pos_embed` on forward and on load), fixed 2-D sin-cos (:func:`sincos_2d_pos_embed`) and relative
 position bias (:class:`RelativePositionBias`, resampled by :func:`resample_relative_position_table`
-the way timm's Swin checkpoint filter does it).
+the way timm's Swin checkpoint filter does it) and decomposed relative position (:class:`DecomposedRelPos`,
+MViTv2 / ViTDet: per-axis tables looked up by the queries, resized linearly by :func:`resize_rel_pos`).
 """
 
 from __future__ import annotations
@@ -258,19 +259,26 @@ class LearnedPosEmbed(nn.Module):
     def fit(self, tensor: Tensor) -> Tensor:
         """A checkpoint's embedding resampled to this module's grid where that is what it needs.
 
-        An embedding on another square grid with the same width and prefix rows is resampled
-        bicubically; anything else (equal shape, another width, not a square grid) is returned
+        An embedding on another square grid with the same width is resampled bicubically. When the
+        checkpoint has up to two prefix rows more than this module (a class / distillation
+        position loaded into a model without those tokens, e.g. a plain ViT or MAE checkpoint in a
+        ``class_token=False`` ViTDet backbone), this module's first P prefix rows are kept and the
+        extra ones dropped. Anything else (equal shape, another width, no square grid) is returned
         as it is, for the loader's shape-mismatch report.
         """
         own = self.weight.shape
         if tensor.shape == own or tensor.ndim != 3 or tensor.shape[-1] != own[-1]:
             return tensor
-        if tensor.shape[1] - self.num_prefix_tokens <= 0:
-            return tensor
-        try:
-            return interpolate_pos_embed(tensor, self.grid, self.num_prefix_tokens)
-        except ValueError:
-            return tensor  # not a square grid with these prefix tokens
+        p = self.num_prefix_tokens
+        # Prefix rows the checkpoint has beyond ours: none first, then a class / distillation row.
+        # Unambiguous: g*g + 1 and g*g + 2 are never squares for g > 0.
+        for extra in range(3):
+            n = tensor.shape[1] - p - extra
+            if n > 0 and math.isqrt(n) ** 2 == n:
+                if extra:
+                    tensor = torch.cat([tensor[:, :p], tensor[:, p + extra :]], dim=1)  # (1, P + n, C)
+                return interpolate_pos_embed(tensor, self.grid, p)
+        return tensor
 
     @staticmethod
     def route_state_dict_keys(model: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
@@ -451,3 +459,73 @@ class RelativePositionBias(nn.Module):
             index = relative_position_index(window).to(table.device)
         n = window[0] * window[1]
         return table[index.reshape(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
+
+
+def resize_rel_pos(table: Tensor, length: int) -> Tensor:
+    """Resize a per-axis relative position table (L, C) to (length, C) by linear interpolation.
+
+    ``align_corners=False``, as detectron2's / Hugging Face VitDet's ``get_rel_pos`` resizes
+    a table made for another token grid; the input itself when the length is already right.
+    """
+    if table.shape[0] == length:
+        return table
+    # (L, C) -> (1, C, L) -> (1, C, length) -> (length, C)
+    out = F.interpolate(table.T.unsqueeze(0).float(), size=length, mode="linear", align_corners=False)
+    return out[0].T.to(table.dtype)
+
+
+def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
+    """Embeddings (q_size, k_size, C) of every (query, key) offset along one axis.
+
+    The table is first resized to ``2 * max(q_size, k_size) - 1`` rows (:func:`resize_rel_pos`);
+    when queries and keys have different lengths the shorter axis' coordinates are stretched
+    (MViTv2's rule, for pooled keys).
+    """
+    table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    index = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)  # (q_size, k_size), >= 0
+    return table[index.long()]
+
+
+class DecomposedRelPos(nn.Module):
+    """Decomposed relative position (MViTv2, ViTDet): a learned bias from the queries, per axis.
+
+    For a query at (i, j) and a key at (i', j') the attention logit gets
+    ``q . R_h[i - i'] + q . R_w[j - j']`` (the unscaled query), with ``R_h`` and ``R_w`` tables
+    ``rel_pos_h`` (2 * sh - 1, head_dim) and ``rel_pos_w`` (2 * sw - 1, head_dim) made for a
+    token grid (sh, sw): the window of window attention, the token grid of global attention.
+    On another grid the tables are resized linearly (:func:`rel_pos_lookup`). Both start at zero
+    (detectron2's ``rel_pos_zero_init``).
+
+    Args:
+        size: The grid (sh, sw) the tables are made for.
+        head_dim: Per-head width of the queries.
+    """
+
+    def __init__(self, size: int | tuple[int, int], head_dim: int) -> None:
+        super().__init__()
+        self.size = to_2tuple(size)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * self.size[0] - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * self.size[1] - 1, head_dim))
+
+    def forward(self, q: Tensor, q_grid: tuple[int, int], k_grid: tuple[int, int] | None = None) -> Tensor:
+        """Additive logits bias (B, heads, Nq, Nk) for queries (B, heads, Nq, d) on ``q_grid``.
+
+        Keys lie on ``k_grid`` (``q_grid`` when None); Nq and Nk are the grids' token counts.
+        """
+        qh, qw = q_grid
+        kh, kw = k_grid if k_grid is not None else q_grid
+        b, heads, n, d = q.shape
+        if n != qh * qw:
+            raise ValueError(f"DecomposedRelPos got {n} queries for a {qh}x{qw} grid")
+        rh = rel_pos_lookup(self.rel_pos_h, qh, kh).to(q.dtype)  # (qh, kh, d)
+        rw = rel_pos_lookup(self.rel_pos_w, qw, kw).to(q.dtype)  # (qw, kw, d)
+        r_q = q.reshape(b, heads, qh, qw, d)  # (B, heads, qh*qw, d) -> (B, heads, qh, qw, d)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, heads, qh, qw, kh)
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, qh, qw, kw)
+        bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, heads, qh, qw, kh, kw)
+        return bias.reshape(b, heads, qh * qw, kh * kw)  # -> (B, heads, Nq, Nk)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, head_dim={self.rel_pos_h.shape[1]}"

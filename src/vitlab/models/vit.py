@@ -2,6 +2,26 @@
 
 State-dict keys follow timm's layout (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.N.attn.qkv`` ...), so timm checkpoints load without renaming.
+
+ViTDet's backbone options (Li et al., 2022, "Exploring Plain Vision Transformer Backbones for
+Object Detection"): ``window_size`` > 0 puts most blocks on non-overlapping windows (the grid
+zero-padded to a multiple of the window, no shift) and keeps global attention in
+``global_blocks``; ``rel_pos="decomposed"`` adds MViTv2's decomposed relative position to every
+block's logits (``blocks.N.attn.rel_pos.rel_pos_h`` / ``rel_pos_w``). ViTDet-B/L/H are the
+``vit_*`` variants with these overrides (no variant of its own is registered)::
+
+    create_model("vit_base_patch16_224", num_classes=0, class_token=False, pool="mean", image_size=1024,
+                 window_size=14, global_blocks=(2, 5, 8, 11), rel_pos="decomposed")
+    # ViTDet-L: vit_large_patch16_224 with global_blocks=(5, 11, 17, 23);
+    # ViTDet-H: vit_huge_patch14_224 (patch 14 like MAE's ViT-H) with global_blocks=(7, 15, 23, 31)
+
+Plain ViT / MAE checkpoints load into such a model: the class token is dropped, the position
+embedding loses its class row and is resampled to the grid, and with ``pool="mean"`` the
+pooling norm ``fc_norm`` keeps its initialisation (warned) when the checkpoint has none (its final
+``norm`` is dropped), and so do the relative position tables (zero, as in detectron2).
+``forward_intermediates(x, indices=[depth - 1])`` gives the last map (B, C, H/16, W/16) before
+any norm, what ViTDet's simple feature pyramid reads. Hugging Face ``VitDet*`` weights convert
+with :func:`vitlab.pretrained.convert_vitdet.vitdet_hf_to_vitlab`.
 """
 
 from __future__ import annotations
@@ -11,13 +31,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from ..components import (
-    ACT_LAYERS, AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid, TokenLayout,
-    LearnedPosEmbed, drop_path_rates, sincos_2d_pos_embed, to_2tuple,
+    ACT_LAYERS, Attention, AttentionLayout, Block, FeatureLayout, LinearPatchEmbed, PatchEmbed, Segment, TokenGrid,
+    TokenLayout, LearnedPosEmbed, WindowAttention, drop_path_rates, sincos_2d_pos_embed, to_2tuple,
 )
+from ..components.embeddings import DecomposedRelPos, resize_rel_pos
 from ..config import build_config
 from .base import (
     INCEPTION_MEAN, INCEPTION_STD, Backbone, GroupMatcher, IntermediateResult, MapTap, check_config, classifier_head,
@@ -57,6 +80,16 @@ class ViTConfig:
             ``pre_layrnorm``; timm's ``norm_pre``).
         act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP).
         patch_bias: Bias in the patch-embedding convolution (CLIP has none).
+        window_size: Side of the attention windows (ViTDet); 0 for global attention in every
+            block. With a window, every block not in ``global_blocks`` attends within
+            non-overlapping ``window_size`` x ``window_size`` windows of the token grid, which is
+            zero-padded (after the block's norm) to a multiple of the window and never shifted or
+            clipped (detectron2's rule). Needs ``class_token=False``.
+        global_blocks: Indices (0-based) of the blocks that keep global attention when
+            ``window_size`` > 0: ViTDet-B (2, 5, 8, 11), -L (5, 11, 17, 23), -H (7, 15, 23, 31).
+        rel_pos: ``"decomposed"`` adds MViTv2 / ViTDet's decomposed relative position to the
+            logits of every block (tables for the window in windowed blocks, for the token grid
+            at ``image_size`` in global blocks, resized linearly on another grid); ``"none"``.
     """
 
     image_size: int | tuple[int, int] = 224
@@ -84,9 +117,16 @@ class ViTConfig:
     pre_norm: bool = False
     act: Literal["gelu", "quick_gelu"] = "gelu"
     patch_bias: bool = True
+    window_size: int = 0
+    global_blocks: tuple[int, ...] = ()
+    rel_pos: Literal["none", "decomposed"] = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
+        if isinstance(self.global_blocks, (list, tuple)):
+            object.__setattr__(self, "global_blocks", tuple(self.global_blocks))
+        blocks_ok = isinstance(self.global_blocks, tuple) and all(
+            isinstance(i, int) and 0 <= i < self.depth for i in self.global_blocks)
         check_config(
             self,
             positive=("patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"),
@@ -102,8 +142,24 @@ class ViTConfig:
                 (self.patch_embed in ("conv", "linear"), f"patch_embed must be 'conv' or 'linear', got {self.patch_embed!r}"),
                 (all(s >= self.patch_size for s in self.image_size),
                  f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"),
+                (isinstance(self.window_size, int) and self.window_size >= 0,
+                 f"window_size must be an int >= 0 (0: global attention everywhere), got {self.window_size!r}"),
+                (self.window_size == 0 or not self.class_token,
+                 "window attention (window_size > 0) needs class_token=False: prefix tokens (class / distillation) "
+                 "cannot be windowed; use pool='mean'"),
+                (blocks_ok,
+                 f"global_blocks must be block indices in [0, depth={self.depth}), got {self.global_blocks!r}"),
+                (not self.global_blocks or self.window_size > 0,
+                 f"global_blocks {self.global_blocks} only apply with window attention (window_size > 0); "
+                 "with window_size=0 every block is global, so leave global_blocks empty"),
+                (self.rel_pos in ("none", "decomposed"),
+                 f"rel_pos must be 'none' or 'decomposed', got {self.rel_pos!r}"),
             ],
         )
+
+    def is_windowed(self, block: int) -> bool:
+        """Whether block ``block`` attends within windows (``window_size`` > 0 and not a global block)."""
+        return self.window_size > 0 and block not in self.global_blocks
 
 
 class VisionTransformer(Backbone):
@@ -151,10 +207,12 @@ class VisionTransformer(Backbone):
             Block(
                 c.dim, c.heads, c.mlp_dim, qkv_bias=c.qkv_bias, dropout=c.dropout,
                 attention_dropout=c.attention_dropout, drop_path=r, layer_scale=c.layer_scale, norm_layer=norm,
-                act_layer=ACT_LAYERS[c.act],
+                act_layer=ACT_LAYERS[c.act], attn=self.vitdet_attention(i),
             )
-            for r in rates
+            for i, r in enumerate(rates)
         )
+        #: Blocks need the token grid (window attention, decomposed relative position).
+        self.needs_grid = c.window_size > 0 or c.rel_pos != "none"
         use_fc_norm = c.fc_norm if c.fc_norm is not None else c.pool == "mean"
         self.norm = nn.Identity() if use_fc_norm else norm(c.dim)
         self.fc_norm = norm(c.dim) if use_fc_norm else nn.Identity()
@@ -167,6 +225,25 @@ class VisionTransformer(Backbone):
         self.feature_info = [dict(num_chs=c.dim, reduction=c.patch_size, module=f"blocks.{i}") for i in range(c.depth)]
         self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0], mean=INCEPTION_MEAN, std=INCEPTION_STD)
         self.init_weights()
+
+    def vitdet_attention(self, block: int) -> nn.Module | None:
+        """Block ``block``'s attention under ViTDet's options (windows, decomposed relative position);
+        None for the plain self-attention the block builds itself."""
+        c = self.config
+        windowed = c.is_windowed(block)
+        if not windowed and c.rel_pos == "none":
+            return None
+        size = (c.window_size, c.window_size) if windowed else self.grid_size
+        rel_pos = DecomposedRelPos(size, c.dim // c.heads) if c.rel_pos == "decomposed" else None
+        if windowed:
+            return WindowAttention(c.dim, c.heads, c.window_size, 0, qkv_bias=c.qkv_bias, attn_drop=c.attention_dropout,
+                                   proj_drop=c.dropout, relative_position_bias=False, clip=False, rel_pos=rel_pos)
+        return Attention(c.dim, c.heads, qkv_bias=c.qkv_bias, attn_drop=c.attention_dropout, proj_drop=c.dropout,
+                         rel_pos=rel_pos)
+
+    def block_kwargs(self, grid: tuple[int, int]) -> dict:
+        """Keyword arguments of every block call: the token grid where the attention needs it."""
+        return dict(grid=tuple(grid)) if self.needs_grid else {}
 
     # ----------------------------------------------------------------- init
     def init_weights(self) -> None:
@@ -202,6 +279,9 @@ class VisionTransformer(Backbone):
         position embedding is added (MAE); every row must hide the same number of patches.
         """
         x, grid = self.patch_embed(x)  # (B, N, C)
+        if mask is not None and self.needs_grid:
+            raise ValueError("a ViT with window attention or decomposed relative position needs every patch token; "
+                             "masked (MAE) forward is not supported with window_size > 0 or rel_pos='decomposed'")
         pos = self.position_embedding(grid)
         p = self.num_prefix_tokens
         if pos is not None:
@@ -230,9 +310,10 @@ class VisionTransformer(Backbone):
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Image -> normed tokens (B, P + N, C), prefix tokens first (only the visible patches with ``mask``)."""
-        x, _ = self.embed(x, mask)
+        x, grid = self.embed(x, mask)
+        kwargs = self.block_kwargs(grid)
         for blk in self.blocks:
-            x = self.run_checkpointed(blk, x)
+            x = self.run_checkpointed(blk, x, **kwargs)
         return self.norm(x)
 
     def pool(self, x: Tensor) -> Tensor:
@@ -252,8 +333,9 @@ class VisionTransformer(Backbone):
         x, grid = self.embed(x)
         tap = MapTap(take, (lambda i: self.norm) if norm else None)
         last = take[-1] if stop_early else len(self.blocks) - 1
+        kwargs = self.block_kwargs(grid)
         for i in range(last + 1):
-            x = tap(i, self.run_checkpointed(self.blocks[i], x), grid, self.num_prefix_tokens)
+            x = tap(i, self.run_checkpointed(self.blocks[i], x, **kwargs), grid, self.num_prefix_tokens)
         final = None if stop_early else self.norm(x)
         return final, tap.result()
 
@@ -263,29 +345,78 @@ class VisionTransformer(Backbone):
         return dict(stem=r"^(cls_token|dist_token|pos_embed|patch_embed)", blocks=[(r"^blocks\.(\d+)", None)])
 
     def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
-        """[prefix tokens, patch grid] in every block; feature maps after every block."""
+        """[prefix tokens, patch grid] in every block (windows in ViTDet's windowed blocks); maps after every block."""
         pe = self.patch_embed
-        grid = TokenGrid(pe.grid_size(tuple(image_size)), (float(pe.stride[0]), float(pe.stride[1])))
+        shape = pe.grid_size(tuple(image_size))
+        grid = TokenGrid(shape, (float(pe.stride[0]), float(pe.stride[1])))
         prefix = tuple(Segment((n, 0)) for n in self.prefix_names())
         segs = (*prefix, Segment(("grid", 0), grid))
         n = len(self.blocks)
         blind = self.config.pool == "cls"
         readout = (("grid", 0),) if self.config.pool == "mean" else tuple(s.key for s in prefix)
+
+        def attention(i: int) -> AttentionLayout:
+            attn = self.blocks[i].attn
+            if isinstance(attn, WindowAttention):
+                window, shift = attn.layout(shape)
+                return AttentionLayout(f"blocks.{i}.attn", f"block {i + 1} (windows)", "window", segs, segs,
+                                       window, shift)
+            return AttentionLayout(f"blocks.{i}.attn", f"block {i + 1}", "self", segs, segs)
+
         return TokenLayout(
-            attention=tuple(AttentionLayout(f"blocks.{i}.attn", f"block {i + 1}", "self", segs, segs) for i in range(n)),
+            attention=tuple(attention(i) for i in range(n)),
             features=tuple(FeatureLayout(f"block {i + 1}", grid, f"blocks.{i}", len(prefix), not (blind and i == n - 1))
                            for i in range(n)),
             readout=readout,
             default_queries=tuple(k[0] for k in readout if k[0] != "grid"),
         )
 
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fit a checkpoint to this ViT: the position embedding (see :meth:`Backbone.adapt_state_dict`) and
+        what a ViTDet-style backbone (``class_token=False``, ``pool="mean"``) does not share with a plain ViT.
+
+        * ``cls_token`` is dropped when the model has no class token (its position row is dropped by
+          :meth:`~vitlab.components.LearnedPosEmbed.fit`).
+        * With ``fc_norm`` and no final norm, a checkpoint without ``fc_norm`` (a class-token ViT, an
+          MAE encoder, a ViTDet backbone) loads with ``fc_norm`` at its initialisation (warned), as MAE
+          fine-tuning does; the checkpoint's final ``norm``, if any, is dropped.
+        * Decomposed relative position tables made for another grid or window are resized linearly
+          (:func:`~vitlab.components.embeddings.resize_rel_pos`, detectron2's rule); a checkpoint with
+          none at all (a plain ViT / MAE) leaves them at their zero initialisation (warned).
+        """
+        sd = dict(super().adapt_state_dict(state_dict))
+        own = self.state_dict()
+        if self.cls_token is None:
+            sd.pop("cls_token", None)
+        pool_norm = ("fc_norm.weight", "fc_norm.bias")
+        if isinstance(self.norm, nn.Identity) and "fc_norm.weight" in own and not any(k in sd for k in pool_norm):
+            dropped = [k for k in ("norm.weight", "norm.bias") if sd.pop(k, None) is not None]
+            sd.update({k: own[k] for k in pool_norm if k in own})
+            warnings.warn("checkpoint has no fc_norm (the pooling norm that pool='mean' reads): fc_norm keeps its "
+                          "initialisation" + (", the checkpoint's final norm is dropped" if dropped else ""),
+                          stacklevel=3)
+        tables = [k for k in own if ".rel_pos.rel_pos_" in k]
+        if tables and not any(k in sd for k in tables):
+            sd.update({k: own[k] for k in tables})
+            warnings.warn("checkpoint has no decomposed relative position tables (rel_pos='decomposed'): they keep "
+                          "their initialisation (zero), as ViTDet does from MAE weights", stacklevel=3)
+        for key in tables:
+            table = sd.get(key)
+            if table is not None and table.ndim == 2 and table.shape != own[key].shape \
+                    and table.shape[1] == own[key].shape[1]:
+                sd[key] = resize_rel_pos(table, own[key].shape[0])
+        return sd
+
     @classmethod
     def tiny_overrides(cls, config: ViTConfig) -> dict:
         """Same tokens, pooling and patch size; 2 blocks of width 8 per head, a 4x3 patch grid."""
         heads = min(config.heads, 4)
         p = config.patch_size
-        return dict(dim=8 * heads, heads=heads, depth=2, mlp_dim=16 * heads, image_size=(4 * p, 3 * p),
-                    representation_size=8 if config.representation_size else None)
+        out = dict(dim=8 * heads, heads=heads, depth=2, mlp_dim=16 * heads, image_size=(4 * p, 3 * p),
+                   representation_size=8 if config.representation_size else None)
+        if config.window_size:  # windows of 2 on the 4x3 grid (one padded column), block 2 global if any is
+            out.update(window_size=2, global_blocks=(1,) if config.global_blocks else ())
+        return out
 
 
 _IN = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)
