@@ -26,6 +26,7 @@ from . import convert_cait  # noqa: F401  (registers converters)
 from . import convert_crossvit  # noqa: F401  (registers converters)
 from . import convert_swin  # noqa: F401  (registers converters)
 from . import convert_pvt  # noqa: F401  (registers converters)
+from . import convert_vitdet  # noqa: F401  (registers the HF VitDet converter)
 
 __all__ = [
     "Checkpoint", "checkpoint_metadata", "convert_checkpoint", "create_model", "convert_state_dict", "detect_layout", "download",

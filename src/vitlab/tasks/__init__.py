@@ -13,6 +13,7 @@ from .image_classification import ClassificationTask
 from .detection.task import DetectionTask
 from .mae.task import LinearProbeTask, MAETask
 from .segmentation.task import SegmentationTask
+from .rcnn.task import InstanceTask
 from .registry import (TaskSetup, UnknownTaskError, get_inference, get_task, list_tasks, register_inference,
                        register_task)
 from .classify import ClassificationInference  # noqa: F401  (each inference module registers its hooks)
@@ -20,9 +21,10 @@ from .clip.inference import CLIPInference  # noqa: F401
 from .detection.inference import DetectionInference  # noqa: F401
 from .mae.inference import LinearProbeInference, MAEInference  # noqa: F401
 from .segmentation.apply import SegmentationInference  # noqa: F401
+from .rcnn.inference import InstanceInference  # noqa: F401
 from .loading import checkpoint_task, load
 
-__all__ = ["Batch", "ClassificationTask", "DetectionTask", "LinearProbeTask", "MAETask", "Metrics", "NoMetrics",
+__all__ = ["Batch", "ClassificationTask", "DetectionTask", "InstanceTask", "LinearProbeTask", "MAETask", "Metrics", "NoMetrics",
            "SegmentationTask", "Task", "TaskSetup", "UnknownTaskError",
            "checkpoint_task", "evaluate_task", "get_inference", "get_task", "list_tasks", "load", "register_inference",
            "register_task"]

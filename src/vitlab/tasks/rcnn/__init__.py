@@ -1,0 +1,1 @@
+"""Mask R-CNN on vitlab backbones (ViTDet-style on plain ViTs; FPN on Swin / PVT)."""
