@@ -187,3 +187,35 @@ def test_first_step_is_a_plain_vit_classifier_of_the_vitdet_backbone(tmp_path):
     setup = InstanceTask.from_config(cfg)
     blk = setup.model.backbone.blocks[0].attn
     assert blk.window_size == (2, 2)
+
+
+def test_coco_folder_with_polygon_and_rle_masks(tmp_path):
+    """A COCO folder (write_coco's uncompressed RLE, plus one object re-annotated as a polygon and one
+    as compressed RLE) gives the instance task the same masks as the scenes themselves."""
+    from pycocotools import mask as mask_utils
+
+    from vitlab.datasets.coco import write_coco
+
+    scenes = DigitScenes("train", 3, canvas_size=32, digit_size=(10, 14))
+    ann_file = write_coco(scenes, tmp_path / "train", DigitScenes.classes)
+    data = json.loads(ann_file.read_text())
+    first, second = data["annotations"][0], data["annotations"][1]
+    x, y, w, h = first["bbox"]
+    first["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon: the box itself
+    rle = mask_utils.frPyObjects(second["segmentation"], *second["segmentation"]["size"])
+    second["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}  # compressed RLE
+    ann_file.write_text(json.dumps(data))
+    cfg = load_config(None, TINY[:10] + ["data.dataset=coco", f"data.data_dir={tmp_path}", "progress=false",
+                                         "instance.pretrain_backbone=false"], base=INSTANCE_RECIPE)
+    setup = InstanceTask.from_config(cfg)
+    assert setup.val_data is None and len(setup.train_data) == 3
+    got = {(i, k): setup.train_data[i]["masks"][k] for i in range(3) for k in range(len(scenes[i]["labels"]))}
+    want = InstanceSamples(scenes, 32, setup.train_data.max_objects)
+    ids = sorted({a["image_id"] for a in data["annotations"]})
+    for (i, k), m in got.items():
+        if (i, k) == (ids.index(first["image_id"]), 0):
+            box = torch.zeros(32, 32, dtype=torch.bool)
+            box[int(y):int(y + h), int(x):int(x + w)] = True
+            assert (m == box).float().mean() > 0.97  # the polygon's rasterised box
+        else:
+            assert torch.equal(m, want[i]["masks"][k]), (i, k)
