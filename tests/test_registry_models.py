@@ -55,6 +55,16 @@ TIMM_PARAM_COUNTS = {
     "crossvit_18_240": 43_271_408,
     "crossvit_9_dagger_240": 8_776_592,
     "crossvit_base_240": 105_025_232,
+    # hybrid ViTs (ResNet v2 stem; timm 1.0.31, num_classes=1000)
+    "vit_tiny_r_s16_p8_224": 6_337_704,
+    "vit_tiny_r_s16_p8_384": 6_355_944,
+    "vit_small_r26_s32_224": 36_431_912,
+    "vit_small_r26_s32_384": 36_468_392,
+    "vit_base_r26_s32_224": 101_383_976,
+    "vit_base_r50_s16_224": 98_659_112,
+    "vit_base_r50_s16_384": 98_950_952,
+    "vit_large_r50_s32_224": 328_994_856,
+    "vit_large_r50_s32_384": 329_092_136,
 }
 
 # Counts whose reference is not timm (the family's test module says where they come from).

@@ -9,6 +9,7 @@ from . import cait  # noqa: F401  (registration)
 from . import crossvit  # noqa: F401  (registration)
 from . import swin  # noqa: F401  (registration)
 from . import pvt, pvt_v2  # noqa: F401  (registration)
+from . import vit_hybrid  # noqa: F401  (registration)
 from .pvt import PvtConfig, PyramidVisionTransformer
 from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2
 from .pyramid import SpatialReductionAttention

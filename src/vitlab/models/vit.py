@@ -185,8 +185,7 @@ class VisionTransformer(Backbone):
         if config is None or overrides:
             config = build_config(self.config_class, vars(config) if config is not None else {}, **overrides)
         self.config = c = config
-        embed_cls = LinearPatchEmbed if c.patch_embed == "linear" else PatchEmbed
-        self.patch_embed = embed_cls(c.patch_size, c.in_channels, c.dim, bias=c.patch_bias, pad_input=c.pad_input)
+        self.patch_embed = self.build_patch_embed(c)
         self.grid_size = self.patch_embed.grid_size(c.image_size)
         self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens
         self.num_features = c.representation_size or c.dim
@@ -222,9 +221,16 @@ class VisionTransformer(Backbone):
             self.pre_logits = nn.Identity()
         self.head_drop = nn.Dropout(c.head_dropout)
         self.head = classifier_head(self.num_features, c.num_classes)
-        self.feature_info = [dict(num_chs=c.dim, reduction=c.patch_size, module=f"blocks.{i}") for i in range(c.depth)]
+        reduction = self.patch_embed.stride[0]  # input pixels per token (the patch size; a hybrid's CNN stride x patch)
+        self.feature_info = [dict(num_chs=c.dim, reduction=reduction, module=f"blocks.{i}") for i in range(c.depth)]
         self.pretrained_cfg = pretrained_cfg(input_size=c.image_size[0], mean=INCEPTION_MEAN, std=INCEPTION_STD)
         self.init_weights()
+
+    def build_patch_embed(self, c: ViTConfig) -> PatchEmbed:
+        """The patch embedding: a :class:`PatchEmbed` (or a subclass, e.g. a hybrid's CNN stem) whose
+        ``grid_size(image_size)`` sizes the position embedding and whose ``stride`` is the input pixels per token."""
+        embed_cls = LinearPatchEmbed if c.patch_embed == "linear" else PatchEmbed
+        return embed_cls(c.patch_size, c.in_channels, c.dim, bias=c.patch_bias, pad_input=c.pad_input)
 
     def vitdet_attention(self, block: int) -> nn.Module | None:
         """Block ``block``'s attention under ViTDet's options (windows, decomposed relative position);

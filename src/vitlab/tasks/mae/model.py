@@ -110,9 +110,17 @@ class MAE(RandomMasking, nn.Module):
         self.in_channels = int(ec.in_channels)
         self.image_size = tuple(ec.image_size)
         self.grid = (self.image_size[0] // patch, self.image_size[1] // patch)
-        prefix = encoder.token_layout(self.image_size).features[-1].prefix
+        last = encoder.token_layout(self.image_size).features[-1]
+        prefix = last.prefix
         if prefix is None:
             raise ValueError(f"MAE needs an encoder with token outputs; {type(encoder).__name__} returns maps")
+        if tuple(last.grid.cell) != (float(patch), float(patch)):
+            # a hybrid ViT: patch_size counts on a CNN's map, whose stem must see the whole image
+            raise ValueError(
+                f"MAE cannot pre-train {type(encoder).__name__}: its tokens cover {last.grid.cell[0]:g}x"
+                f"{last.grid.cell[1]:g} pixels, not {patch}x{patch} image patches, because a CNN stem makes them from "
+                f"the whole image, so masked patches cannot be dropped before it; use a plain ViT family"
+            )
         # the tokens forward_features puts before the patches (CaiT: its class token, which the
         # patch-map layout does not count); the layout's count for a backbone that declares none
         self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens", prefix))
