@@ -114,7 +114,8 @@ class MAE(RandomMasking, nn.Module):
         prefix = last.prefix
         if prefix is None:
             raise ValueError(f"MAE needs an encoder with token outputs; {type(encoder).__name__} returns maps")
-        if tuple(last.grid.cell) != (float(patch), float(patch)):
+        plain = len({int(i["reduction"]) for i in encoder.feature_info}) == 1  # hierarchical ones are told below
+        if plain and tuple(last.grid.cell) != (float(patch), float(patch)):
             # a hybrid ViT: patch_size counts on a CNN's map, whose stem must see the whole image
             raise ValueError(
                 f"MAE cannot pre-train {type(encoder).__name__}: its tokens cover {last.grid.cell[0]:g}x"
