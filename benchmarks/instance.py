@@ -3,8 +3,8 @@
 through an FPN, side by side with the DETR detection recipe on the same scenes; CPU time.
 
     python benchmarks/instance.py --quick                       # smoke run: tiny data, 1 epoch
-    python benchmarks/instance.py --threads 1 --configs mask_rcnn_vit detr_recipe
-    python benchmarks/instance.py --threads 1 epochs=8 --configs mask_rcnn_vitdet
+    python benchmarks/instance.py --threads 1 --configs mask_rcnn_vitdet detr_recipe   # the two recipes
+    python benchmarks/instance.py --threads 1 epochs=12 --configs mask_rcnn_vitdet
 
 (``KEY=VALUE`` overrides go before ``--configs``.) Every Mask R-CNN configuration starts from the
 instance recipe (:data:`vitlab.tasks.rcnn.task.INSTANCE_RECIPE`, ``vitlab train --task instance``)
@@ -30,13 +30,13 @@ from vitlab.tasks.rcnn.task import INSTANCE_RECIPE
 from vitlab.training import load_config
 from vitlab.training.run import train
 
-_VITDET = ["model.overrides.window_size=4", "model.overrides.global_blocks=[1,3]",
-           "model.overrides.rel_pos=decomposed"]
+_GLOBAL = ["model.overrides.window_size=0", "model.overrides.global_blocks=[]", "model.overrides.rel_pos=none"]
 #: name -> (description, recipe, overrides on top of it)
 CONFIGS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
-    "mask_rcnn_vit": ("Mask R-CNN, ViT + simple pyramid (the recipe)", INSTANCE_RECIPE, []),
-    "mask_rcnn_vitdet": ("Mask R-CNN, ViTDet blocks (4x4 windows in 0, 2; global 1, 3; decomposed rel. pos.)",
-                         INSTANCE_RECIPE, _VITDET),
+    "mask_rcnn_vitdet": ("Mask R-CNN, ViTDet blocks (4x4 windows in 0, 2; global 1, 3; decomposed rel. pos.) + "
+                         "simple pyramid (the recipe)", INSTANCE_RECIPE, []),
+    "mask_rcnn_vit_global": ("Mask R-CNN, ViT with global attention everywhere, no rel. pos.", INSTANCE_RECIPE,
+                             _GLOBAL),
     "mask_rcnn_pvt": ("Mask R-CNN, PVT v2-b0 + FPN", INSTANCE_RECIPE,
                       ["model.name=pvt_v2_b0", "model.overrides={}"]),
     "detr_recipe": ("DETR + two-stage + spatial prior (the detection recipe), boxes only", DETECTION_RECIPE, []),

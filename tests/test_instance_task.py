@@ -23,7 +23,7 @@ from vitlab.training.run import build_trainer
 
 pytestmark = needs("pycocotools.cocoeval", extra="pip install 'vitlab[detection]'")
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.overrides.dim=32", "model.overrides.depth=2", "model.overrides.heads=2", "model.overrides.mlp_dim=64",
+TINY = ["model.overrides.dim=32", "model.overrides.depth=2", "model.overrides.global_blocks=[1]", "model.overrides.heads=2", "model.overrides.mlp_dim=64",
         "instance.model.fpn_dim=16", "instance.model.conv_dim=16", "instance.model.fc_dim=32",
         "instance.model.roi_batch_size=32", "instance.model.rpn_batch_size=64", "data.image_size=32",
         "instance.scenes.digit_size=[10,14]", "instance.scenes.num_train=8", "instance.scenes.num_val=4",
@@ -205,7 +205,7 @@ def test_coco_folder_with_polygon_and_rle_masks(tmp_path):
     rle = mask_utils.frPyObjects(second["segmentation"], *second["segmentation"]["size"])
     second["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}  # compressed RLE
     ann_file.write_text(json.dumps(data))
-    cfg = load_config(None, TINY[:10] + ["data.dataset=coco", f"data.data_dir={tmp_path}", "progress=false",
+    cfg = load_config(None, TINY[:11] + ["data.dataset=coco", f"data.data_dir={tmp_path}", "progress=false",
                                          "instance.pretrain_backbone=false"], base=INSTANCE_RECIPE)
     setup = InstanceTask.from_config(cfg)
     assert setup.val_data is None and len(setup.train_data) == 3
