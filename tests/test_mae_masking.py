@@ -18,7 +18,7 @@ from vitlab.models.registry import _MODELS
 
 PLAIN = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cait_xxs24_224"]
 HIERARCHICAL = ["swin_tiny_patch4_window7_224", "pvt_v2_b0"]
-NO_MASK = ["pvt_tiny", "crossvit_tiny_240", "cnn_small"]
+NO_MASK = ["pvt_tiny", "crossvit_tiny_240", "cnn_small", "vit_tiny_r_s16_p8_224"]
 
 
 def _images(model, batch: int = 2) -> torch.Tensor:
