@@ -22,6 +22,14 @@ pooling norm ``fc_norm`` keeps its initialisation (warned) when the checkpoint h
 ``forward_intermediates(x, indices=[depth - 1])`` gives the last map (B, C, H/16, W/16) before
 any norm, what ViTDet's simple feature pyramid reads. Hugging Face ``VitDet*`` weights convert
 with :func:`vitlab.pretrained.convert_vitdet.vitdet_hf_to_vitlab`.
+
+Register tokens (Darcet et al., 2024, "Vision Transformers Need Registers"): ``reg_tokens=R``
+adds R learned tokens ``reg_token`` (1, R, C) after the class token and before the patches, with
+no position embedding (``no_embed_class``: the position embedding covers the patches only, and
+the class token gets none either). No head reads them and mean pooling skips them; they give
+the model somewhere other than background patches to store global information, which removes
+the high-norm artifact tokens from attention maps (explainability shows them as prefix tokens
+``reg0`` .. ``reg{R-1}``). timm's ``vit_*_reg4_*`` checkpoints load unconverted.
 """
 
 from __future__ import annotations
@@ -90,6 +98,11 @@ class ViTConfig:
         rel_pos: ``"decomposed"`` adds MViTv2 / ViTDet's decomposed relative position to the
             logits of every block (tables for the window in windowed blocks, for the token grid
             at ``image_size`` in global blocks, resized linearly on another grid); ``"none"``.
+        reg_tokens: Register tokens (Darcet et al.) put after the class token and before the
+            patches; read by no head and skipped by mean pooling (timm's ``reg_token``, (1, R, C)).
+        no_embed_class: The position embedding covers the patch tokens only, so the prefix
+            tokens (class, registers) get none (timm's ``no_embed_class``: its register and DeiT-3
+            models); None: True when ``reg_tokens`` > 0, else False (the class token has a row).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -120,6 +133,8 @@ class ViTConfig:
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
     rel_pos: Literal["none", "decomposed"] = "none"
+    reg_tokens: int = 0
+    no_embed_class: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", to_2tuple(self.image_size))
@@ -154,8 +169,19 @@ class ViTConfig:
                  "with window_size=0 every block is global, so leave global_blocks empty"),
                 (self.rel_pos in ("none", "decomposed"),
                  f"rel_pos must be 'none' or 'decomposed', got {self.rel_pos!r}"),
+                (isinstance(self.reg_tokens, int) and not isinstance(self.reg_tokens, bool) and self.reg_tokens >= 0,
+                 f"reg_tokens must be an int >= 0 (0: no register tokens), got {self.reg_tokens!r}"),
+                (self.window_size == 0 or not self.reg_tokens,
+                 "window attention (window_size > 0) cannot take register tokens (reg_tokens > 0): prefix tokens "
+                 "cannot be windowed"),
+                (self.no_embed_class in (None, True, False),
+                 f"no_embed_class must be True, False or None (True with registers), got {self.no_embed_class!r}"),
             ],
         )
+
+    def embeds_prefix(self) -> bool:
+        """Whether the position embedding has rows for the prefix tokens (``no_embed_class`` resolved)."""
+        return not (self.no_embed_class if self.no_embed_class is not None else self.reg_tokens > 0)
 
     def is_windowed(self, block: int) -> bool:
         """Whether block ``block`` attends within windows (``window_size`` > 0 and not a global block)."""
@@ -177,7 +203,7 @@ class VisionTransformer(Backbone):
     family = "vit"
     config_class = ViTConfig
     num_distill_tokens = 0
-    no_weight_decay_names = ("pos_embed", "cls_token", "dist_token")
+    no_weight_decay_names = ("pos_embed", "cls_token", "dist_token", "reg_token")
     head_names = ("fc_norm", "pre_logits", "head")
 
     def __init__(self, config: ViTConfig | None = None, **overrides) -> None:
@@ -187,14 +213,23 @@ class VisionTransformer(Backbone):
         self.config = c = config
         self.patch_embed = self.build_patch_embed(c)
         self.grid_size = self.patch_embed.grid_size(c.image_size)
-        self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens
+        if c.reg_tokens and self.num_distill_tokens:
+            raise ValueError(f"reg_tokens={c.reg_tokens}: register tokens are not supported with a distillation token "
+                             "(the distilled DeiT's heads read tokens 0 and 1, and timm's distilled DeiT has no "
+                             "registers); use reg_tokens=0, or a ViT / non-distilled DeiT with registers")
+        #: Register tokens (Darcet et al.), after the class / distillation tokens.
+        self.num_reg_tokens = c.reg_tokens
+        self.num_prefix_tokens = int(c.class_token) + self.num_distill_tokens + c.reg_tokens
+        #: Rows of the position embedding before the grid rows (0 with ``no_embed_class``).
+        self.num_pos_prefix = self.num_prefix_tokens if c.embeds_prefix() else 0
         self.num_features = c.representation_size or c.dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, c.dim)) if c.reg_tokens else None
         self.pos_embed: LearnedPosEmbed | Tensor | None
         if c.pos_embed == "learned":
-            self.pos_embed = LearnedPosEmbed(self.grid_size, c.dim, self.num_prefix_tokens)
+            self.pos_embed = LearnedPosEmbed(self.grid_size, c.dim, self.num_pos_prefix)
         elif c.pos_embed == "sincos":
-            fixed = torch.cat([torch.zeros(self.num_prefix_tokens, c.dim), sincos_2d_pos_embed(c.dim, self.grid_size)])
+            fixed = torch.cat([torch.zeros(self.num_pos_prefix, c.dim), sincos_2d_pos_embed(c.dim, self.grid_size)])
             self.register_buffer("pos_embed", fixed.unsqueeze(0), persistent=False)
         else:
             self.pos_embed = None
@@ -258,16 +293,23 @@ class VisionTransformer(Backbone):
             self.pos_embed.init_weights(std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         init_linears(self)
 
     # ------------------------------------------------------------- features
     def prefix_tokens(self, batch: int) -> list[Tensor]:
-        """The learned tokens put before the patch tokens, each (B, 1, C)."""
-        return [self.cls_token.expand(batch, -1, -1)] if self.cls_token is not None else []
+        """The learned tokens put before the patch tokens, in order: the class token (B, 1, C), then
+        the register tokens (B, R, C)."""
+        out = [self.cls_token.expand(batch, -1, -1)] if self.cls_token is not None else []
+        if self.reg_token is not None:
+            out.append(self.reg_token.expand(batch, -1, -1))
+        return out
 
     def prefix_names(self) -> list[str]:
-        """Names of the prefix tokens, in order (``cls``, ``dist``)."""
-        return ["cls"] * int(self.cls_token is not None) + ["dist"] * self.num_distill_tokens
+        """Names of the prefix tokens, in order (``cls``, ``dist``, ``reg0`` .. ``reg{R-1}``)."""
+        return (["cls"] * int(self.cls_token is not None) + ["dist"] * self.num_distill_tokens
+                + [f"reg{i}" for i in range(self.num_reg_tokens)])
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor | None:
         """The position embedding for a token grid, resampled (bicubic) if the grid is new."""
@@ -275,21 +317,23 @@ class VisionTransformer(Backbone):
             return None
         if self.config.pos_embed == "sincos" and tuple(grid) != tuple(self.grid_size):
             pe = sincos_2d_pos_embed(self.config.dim, grid).to(self.pos_embed)
-            return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], pe.unsqueeze(0)], dim=1)
+            return torch.cat([self.pos_embed[:, : self.num_pos_prefix], pe.unsqueeze(0)], dim=1)
         return self.pos_embed(grid)
 
     def embed(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> tokens with prefix and position embedding (B, P + N, C), grid.
 
-        With a ``mask`` (B, N) (True: hidden) the hidden patch tokens are dropped after the
-        position embedding is added (MAE); every row must hide the same number of patches.
+        The prefix tokens get position rows only when the embedding has them (not with
+        ``no_embed_class``, e.g. register models). With a ``mask`` (B, N) (True: hidden) the
+        hidden patch tokens are dropped after the position embedding is added (MAE); every row
+        must hide the same number of patches.
         """
         x, grid = self.patch_embed(x)  # (B, N, C)
         if mask is not None and self.needs_grid:
             raise ValueError("a ViT with window attention or decomposed relative position needs every patch token; "
                              "masked (MAE) forward is not supported with window_size > 0 or rel_pos='decomposed'")
         pos = self.position_embedding(grid)
-        p = self.num_prefix_tokens
+        p = self.num_pos_prefix
         if pos is not None:
             x = x + pos[:, p:]
         if mask is not None:
@@ -297,7 +341,7 @@ class VisionTransformer(Backbone):
         prefix = self.prefix_tokens(x.shape[0])
         if prefix:
             prefix_t = torch.cat(prefix, dim=1)  # (B, P, C)
-            if pos is not None:
+            if pos is not None and p:
                 prefix_t = prefix_t + pos[:, :p]
             x = torch.cat([prefix_t, x], dim=1)  # (B, P + N, C)
         return self.norm_pre(self.pos_drop(x)), grid
@@ -323,7 +367,7 @@ class VisionTransformer(Backbone):
         return self.norm(x)
 
     def pool(self, x: Tensor) -> Tensor:
-        """(B, P + N, C) -> (B, C): the class token, or the mean of the patch tokens."""
+        """(B, P + N, C) -> (B, C): the class token, or the mean of the patch tokens (registers excluded)."""
         if self.config.pool == "mean":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
         return x[:, 0]
@@ -348,10 +392,11 @@ class VisionTransformer(Backbone):
     # ------------------------------------------------------------- contract
     def group_matcher(self) -> GroupMatcher:
         """Stem: tokens, position and patch embedding; then one group per block."""
-        return dict(stem=r"^(cls_token|dist_token|pos_embed|patch_embed)", blocks=[(r"^blocks\.(\d+)", None)])
+        return dict(stem=r"^(cls_token|dist_token|reg_token|pos_embed|patch_embed)", blocks=[(r"^blocks\.(\d+)", None)])
 
     def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
-        """[prefix tokens, patch grid] in every block (windows in ViTDet's windowed blocks); maps after every block."""
+        """[prefix tokens (class, distillation, registers), patch grid] in every block (windows in ViTDet's windowed
+        blocks); maps after every block. The read-out is the class (and distillation) token, never a register."""
         pe = self.patch_embed
         shape = pe.grid_size(tuple(image_size))
         grid = TokenGrid(shape, (float(pe.stride[0]), float(pe.stride[1])))
@@ -359,7 +404,8 @@ class VisionTransformer(Backbone):
         segs = (*prefix, Segment(("grid", 0), grid))
         n = len(self.blocks)
         blind = self.config.pool == "cls"
-        readout = (("grid", 0),) if self.config.pool == "mean" else tuple(s.key for s in prefix)
+        readout = (("grid", 0),) if self.config.pool == "mean" else tuple(
+            s.key for s in prefix if s.key[0] in ("cls", "dist"))
 
         def attention(i: int) -> AttentionLayout:
             attn = self.blocks[i].attn
@@ -426,6 +472,7 @@ class VisionTransformer(Backbone):
 
 
 _IN = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)
+_REG4_GAP = dict(class_token=False, pool="mean", reg_tokens=4)
 
 register_family(
     "vit",
@@ -447,5 +494,16 @@ register_family(
                                   pretrained_cfg(hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k", **_IN)),
         "vit_huge_patch14_224": (dict(patch_size=14, dim=1280, depth=32, heads=16, mlp_dim=5120),
                                  pretrained_cfg(**_IN)),
+        # register models (timm's *_reg4_gap_256): 4 registers, no class token, mean pooling, no_embed_class
+        "vit_base_patch16_reg4_gap_256": (dict(image_size=256, dim=768, depth=12, heads=12, mlp_dim=3072, **_REG4_GAP),
+                                          pretrained_cfg(input_size=256, **_IN)),
+        "vit_medium_patch16_reg4_gap_256": (
+            dict(image_size=256, dim=512, depth=12, heads=8, mlp_dim=2048, layer_scale=1e-5, **_REG4_GAP),
+            pretrained_cfg(input_size=256, crop_pct=0.95,
+                           hub_id="timm/vit_medium_patch16_reg4_gap_256.sbb_in12k_ft_in1k", **_IN)),
+        "vit_betwixt_patch16_reg4_gap_256": (
+            dict(image_size=256, dim=640, depth=12, heads=10, mlp_dim=2560, layer_scale=1e-5, **_REG4_GAP),
+            pretrained_cfg(input_size=256, crop_pct=0.95,
+                           hub_id="timm/vit_betwixt_patch16_reg4_gap_256.sbb2_e200_in12k_ft_in1k", **_IN)),
     },
 )
