@@ -25,6 +25,7 @@ from .embeddings import (
     to_2tuple,
 )
 from .layers import ACT_LAYERS, Block, QuickGELU, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path, drop_path_rates, tokens_to_map
+from .tome import ToMeState, apply_tome, remove_tome, tome, tome_state, unmerge_tokens
 from .layout import AttentionLayout, FeatureLayout, Segment, SegmentKey, TokenGrid, TokenLayout, square_cell
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "resample_relative_position_table", "sincos_2d_pos_embed", "to_2tuple",
     "LearnedPosEmbed",
     "ACT_LAYERS", "QuickGELU", "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path", "drop_path_rates", "tokens_to_map",
+    "ToMeState", "apply_tome", "remove_tome", "tome", "tome_state", "unmerge_tokens",
     "AttentionLayout", "FeatureLayout", "Segment", "SegmentKey", "TokenGrid", "TokenLayout", "square_cell",
 ]

@@ -183,12 +183,17 @@ class Attention(AttentionBase):
         super().__init__(dim, heads, head_dim, attn_drop, proj_drop)
         self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
         self.rel_pos = rel_pos
+        #: While True, ``qkv_heads`` keeps its keys (B, heads, N, d) in ``last_keys`` (token merging reads them).
+        self.keep_keys = False
+        self.last_keys: Tensor | None = None
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project tokens to per-head q, k, v, each (B, heads, N, head_dim)."""
         b, n, _ = x.shape
         # (B, N, 3 * heads * d) -> (3, B, heads, N, d)
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.keep_keys:
+            self.last_keys = qkv[1]
         return qkv[0], qkv[1], qkv[2]
 
     def rel_pos_bias(self, q: Tensor, grid: tuple[int, int] | None, bias: Tensor | None = None) -> Tensor | None:
