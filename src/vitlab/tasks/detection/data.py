@@ -80,4 +80,22 @@ def detection_sources(cfg: RunConfig, opts: Mapping[str, Any], load_masks: bool 
     return sets, max_objects, record
 
 
-__all__ = ["SCENE_SPLIT_KEYS", "detection_sources"]
+def scenes_from_record(record: Mapping[str, Any], split: str, size: int) -> Any:
+    """The digit scenes of ``split`` that a checkpoint's data record (``pretrained_cfg["data"]``) names.
+
+    Raises:
+        ValueError: The record is a COCO folder's (the caller needs the folder itself).
+    """
+    if record.get("dataset") != "digit_scenes":
+        raise ValueError("this checkpoint was trained on a COCO folder: pass --dataset SPLIT_FOLDER "
+                         "(annotations.json + images/)")
+    from ...datasets.digit_scenes import DigitScenes
+
+    scenes = dict(record.get("scenes", {}))
+    counts = {s: int(scenes.pop(k, 0)) for s, k in SCENE_SPLIT_KEYS.items()}
+    if "digit_size" in scenes:
+        scenes["digit_size"] = tuple(scenes["digit_size"])
+    return DigitScenes(split, counts[split] or 400, canvas_size=size, **scenes)
+
+
+__all__ = ["SCENE_SPLIT_KEYS", "detection_sources", "scenes_from_record"]

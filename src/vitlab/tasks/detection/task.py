@@ -462,6 +462,18 @@ def build_dense_augment(options: Mapping[str, Any] | bool, size: int) -> Any:
     return DenseAugment(size, **o)
 
 
+def pretrained_backbone(backbone: str, overrides: Mapping[str, Any], pretrained: str | Path, size: int,
+                        channels: int) -> nn.Module:
+    """``backbone`` without a classifier, initialised from ``pretrained`` (a checkpoint, or a ``vitlab
+    train`` run directory: its latest checkpoint), the position embedding resampled to ``size``."""
+    from ...pretrained import create_model
+    from ..mae.downstream import run_checkpoint
+
+    weights = run_checkpoint(pretrained) or pretrained  # a run directory -> its latest checkpoint
+    return create_model(backbone, pretrained=str(weights), num_classes=0, in_channels=channels, image_size=size,
+                        **dict(overrides))
+
+
 def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, size: int, channels: int,
                    num_classes: int, options: Mapping[str, Any], pretrained: str | None = None) -> nn.Module:
     """DETR on ``backbone`` (any registered model) or YOLOS on a ViT built like ``backbone``.
@@ -496,14 +508,7 @@ def build_detector(backbone: str, overrides: Mapping[str, Any], detector: str, s
             detr["pyramid_scales"] = tuple(float(s) for s in detr["pyramid_scales"])
         config = DETRConfig(backbone=backbone, backbone_overrides=dict(overrides), image_size=size,
                             in_channels=channels, num_classes=num_classes, num_queries=num_queries, **detr)
-        built = None
-        if pretrained is not None:
-            from ...pretrained import create_model
-            from ..mae.downstream import run_checkpoint
-
-            weights = run_checkpoint(pretrained) or pretrained  # a run directory -> its latest checkpoint
-            built = create_model(backbone, pretrained=str(weights), num_classes=0, in_channels=channels,
-                                 image_size=size, **dict(overrides))
+        built = pretrained_backbone(backbone, overrides, pretrained, size, channels) if pretrained else None
         model: nn.Module = DETR(config, backbone=built)
         model.model_name = f"detr_{backbone}"
         return model
@@ -535,4 +540,4 @@ def build_detection_datasets(cfg: RunConfig, opts: Mapping[str, Any]) -> tuple[A
 
 __all__ = ["DETECTION_BACKBONE_RECIPE", "DETECTION_RECIPE", "DetectionEvalMetrics", "DetectionSection", "DetectionInputs", "DetectionSamples", "DetectionTask",
            "build_criterion", "build_dense_augment", "build_detection_datasets", "build_detector",
-           "collate_detection", "detection_sources", "unpad_targets"]
+           "collate_detection", "detection_sources", "pretrained_backbone", "unpad_targets"]

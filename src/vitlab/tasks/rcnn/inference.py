@@ -13,7 +13,7 @@ from ...models.registry import register_task_model
 from ..base import TaskInference, resolve_device
 from ..registry import register_inference
 from ..detection.coco_eval import COCO_METRICS
-from ..detection.data import SCENE_SPLIT_KEYS
+from ..detection.data import scenes_from_record
 from .model import MaskRCNN, MaskRCNNConfig
 from .task import MASK_METRICS, MEAN_STD, InstanceSamples, InstanceTask
 
@@ -73,16 +73,7 @@ def data_for_checkpoint(model: nn.Module, split: str = "test", dataset: str | No
         root = Path(dataset)
         ds = CocoDetection(root / "annotations.json", root / "images", load_masks=True)
         return InstanceSamples(ds, size, max(ds.max_objects, 1))
-    if record.get("dataset") != "digit_scenes":
-        raise ValueError("this checkpoint was trained on a COCO folder: pass --dataset SPLIT_FOLDER "
-                         "(annotations.json + images/)")
-    from ...datasets.digit_scenes import DigitScenes
-
-    scenes = dict(record.get("scenes", {}))
-    counts = {s: int(scenes.pop(k, 0)) for s, k in SCENE_SPLIT_KEYS.items()}
-    if "digit_size" in scenes:
-        scenes["digit_size"] = tuple(scenes["digit_size"])
-    ds = DigitScenes(split, counts[split] or 400, canvas_size=size, **scenes)
+    ds = scenes_from_record(record, split, size)
     return InstanceSamples(ds, size, ds.max_digits)
 
 

@@ -36,7 +36,7 @@ from ..base import Batch, Metrics, RunConfig, Task, resize_images
 from ..registry import TaskSetup, register_task
 from ..detection.coco_eval import COCO_METRICS, evaluate_coco
 from ..detection.data import _check_keys, detection_sources
-from ..detection.task import DETECTION_BACKBONE_RECIPE, DetectionTrainMetrics, build_dense_augment
+from ..detection.task import DETECTION_BACKBONE_RECIPE, DetectionTrainMetrics, build_dense_augment, pretrained_backbone
 from .model import MaskRCNN, MaskRCNNConfig
 
 #: Normalisation of the inputs ([0, 1] -> [-1, 1]), recorded in every checkpoint.
@@ -364,14 +364,7 @@ def build_mask_rcnn(backbone: str, overrides: Mapping[str, Any], size: int, chan
     _check_keys(options, [f.name for f in fields(MaskRCNNConfig) if f.name not in fixed], "instance.model")
     config = MaskRCNNConfig(backbone=backbone, backbone_overrides=dict(overrides), image_size=size,
                             in_channels=channels, num_classes=num_classes, **dict(options))
-    built = None
-    if pretrained is not None:
-        from ...pretrained import create_model
-        from ..mae.downstream import run_checkpoint
-
-        weights = run_checkpoint(pretrained) or pretrained
-        built = create_model(backbone, pretrained=str(weights), num_classes=0, in_channels=channels, image_size=size,
-                             **dict(overrides))
+    built = pretrained_backbone(backbone, overrides, pretrained, size, channels) if pretrained else None
     model = MaskRCNN(config, backbone=built)
     model.model_name = f"mask_rcnn_{backbone}"
     return model
