@@ -20,8 +20,13 @@ from vitlab.models.vit import ViTConfig, VisionTransformer
 from vitlab.pretrained import convert_state_dict, create_model, load_state_dict_checked, save_checkpoint
 from vitlab.pretrained.convert_vitdet import vit_config_from_vitdet, vitdet_hf_to_vitlab
 
-transformers = pytest.importorskip("transformers")
-from transformers import VitDetConfig, VitDetModel  # noqa: E402
+from optional import importable, needs
+
+if importable("transformers"):
+    from transformers import VitDetConfig, VitDetModel
+
+#: The parity tests build Hugging Face's VitDet (the `dev` extra); the rest run without it.
+needs_hf = needs("transformers", extra="pip install transformers")
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -111,6 +116,7 @@ def test_blocks_follow_the_config():
 
 
 # ----------------------------------------------------------------------------- parity with HF VitDet
+@needs_hf
 def test_parity_grid_divisible_by_the_window():
     """(a) 8x8 tokens, windows of 4 in blocks 0 and 2, global 1 and 3, rel pos everywhere."""
     hf = hf_vitdet()
@@ -118,6 +124,7 @@ def test_parity_grid_divisible_by_the_window():
     assert_parity(hf, model, torch.randn(2, 3, 64, 64))
 
 
+@needs_hf
 def test_parity_grid_not_divisible_padding():
     """(b) 10x7 tokens padded to 12x8 for windows of 4 (zeros after norm1, as detectron2), and a
     grid smaller than the window (window 16 on 10x7: padded, not clipped)."""
@@ -128,6 +135,7 @@ def test_parity_grid_not_divisible_padding():
     assert_parity(hf, vitlab_from(hf), x)
 
 
+@needs_hf
 def test_parity_pretrain_size_differs_resampled_at_conversion():
     """(c) HF: position embedding for 64 px (8x8), global rel-pos tables for 128 px (16x16), run at 96 px:
     it resamples both on forward. vitlab built for 96 px gets them resampled the same way when it
@@ -140,6 +148,7 @@ def test_parity_pretrain_size_differs_resampled_at_conversion():
     assert_parity(hf, model, torch.randn(2, 3, 96, 96))
 
 
+@needs_hf
 def test_parity_rel_pos_tables_resampled_on_forward():
     """(c) The global blocks' tables made for 8x8 tokens, resampled linearly on forward to a 12x10
     grid in both (no absolute position embedding: vitlab resamples that from its own grid with
@@ -150,6 +159,7 @@ def test_parity_rel_pos_tables_resampled_on_forward():
     assert_parity(hf, model, torch.randn(2, 3, 96, 80))
 
 
+@needs_hf
 def test_explicit_path_and_captured_probabilities_match_hf():
     """Capture takes the explicit path: same output, and the recorded probabilities (per window,
     windows raster over the padded grid) are HF's attention probabilities."""
@@ -167,6 +177,7 @@ def test_explicit_path_and_captured_probabilities_match_hf():
         torch.testing.assert_close(rec.probs, probs, **TOL)
 
 
+@needs_hf
 @pytest.mark.parametrize("abs_pos, size", [(True, (80, 80)), (False, (96, 72))])
 def test_gradients_match_hf(abs_pos, size):
     """Backward through the fused SDPA path with the query-dependent bias: gradients of the input, of
@@ -195,6 +206,7 @@ def test_gradients_match_hf(abs_pos, size):
         assert pos_grad[:, 0].abs().max() == 0  # HF's class position gets no gradient: it is never used
 
 
+@needs_hf
 def test_switching_rel_pos_or_windows_off_changes_the_output():
     """The options are not silently ignored: the same weights without rel pos, and (both without rel
     pos) without windows, give other features (the parity tests fail in both cases too)."""
@@ -242,6 +254,7 @@ def test_resize_rel_pos_is_linear_interpolation():
 
 
 # ----------------------------------------------------------------------------- conversion
+@needs_hf
 def test_converter_is_registered_and_maps_every_key():
     hf = hf_vitdet()
     sd = hf.state_dict()
@@ -258,6 +271,7 @@ def test_converter_is_registered_and_maps_every_key():
         vit_config_from_vitdet(dict(residual_block_indices=[2]))
 
 
+@needs_hf
 def test_config_from_vitdet():
     cfg = vit_config_from_vitdet(VitDetConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                               image_size=1024, window_size=14,
@@ -272,6 +286,7 @@ VITDET_B = dict(num_classes=0, class_token=False, pool="mean", image_size=1024, 
                 global_blocks=(2, 5, 8, 11), rel_pos="decomposed")
 
 
+@needs_hf
 def test_vitdet_base_parameter_count_matches_hf():
     """ViTDet-B: the same parameters as HF's VitDetModel but for two differences, both counted:
     HF stores the position embedding for the 224 px pretraining grid plus a class row it never uses
