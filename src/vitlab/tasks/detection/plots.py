@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
-def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss and validation AP / AP50 per epoch."""
+def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path,
+                          curves: Sequence[tuple[str, str]] = (("val_AP50", "AP50"), ("val_AP", "AP"))) -> Path:
+    """Training loss and the validation metrics ``curves`` ((history key, legend label) pairs) per epoch."""
     from ..plots import _pyplot
 
     plt = _pyplot()
@@ -15,13 +16,14 @@ def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | Path) -
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h.get("train_loss") for h in history], marker=".", label="train loss")
     ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
     ax1.legend()
-    for key in ("val_AP50", "val_AP"):
+    for key, label in curves:
         vals = [h.get(key) for h in history]
         if any(v is not None for v in vals):  # None (nothing to measure, or not evaluated): a gap
-            ax2.plot(epochs, [float("nan") if v is None else v for v in vals], marker=".", label=key[4:])
+            ax2.plot(epochs, [float("nan") if v is None else v for v in vals], marker=".", label=label)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("AP")
+    ax2.set_ylabel("validation AP")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -10,27 +10,10 @@ import numpy as np
 
 def plot_instance_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Training loss and validation box / mask AP50 and AP per epoch."""
-    from ..plots import _pyplot
+    from ..detection.plots import plot_detection_curves
 
-    plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h.get("train_loss") for h in history], marker=".", label="train loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    for key, name in (("val_AP50", "box AP@.5"), ("val_AP", "box AP"), ("val_mask_AP50", "mask AP@.5"),
-                      ("val_mask_AP", "mask AP")):
-        vals = [h.get(key) for h in history]
-        if any(v is not None for v in vals):
-            ax2.plot(epochs, [float("nan") if v is None else v for v in vals], marker=".", label=name)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation AP")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return plot_detection_curves(history, path, (("val_AP50", "box AP@.5"), ("val_AP", "box AP"),
+                                                 ("val_mask_AP50", "mask AP@.5"), ("val_mask_AP", "mask AP")))
 
 
 def plot_instances(samples: Sequence[Mapping[str, Any]], labels: Sequence[str], path: str | Path,
