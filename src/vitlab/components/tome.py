@@ -16,14 +16,22 @@ merged, so every later block works on fewer tokens:
 * **Protected prefix tokens**: class / distillation / register tokens are never merged and
   stay first, in order (the heads read them by index).
 * **Source tracking** (``trace_source=True``): a (B, N_now, N_orig) 0/1 matrix whose row ``i``
-  marks the original tokens (prefix tokens included) merged into token ``i``.
+  marks the original tokens (prefix tokens included) merged into token ``i``; kept after every
+  patched block (``ToMeState.sources``), which is what maps merged tokens back to patches
+  (:mod:`vitlab.components.tome_explain`, used by the explainability tools).
 
 The patch is applied from outside: :func:`apply_tome` replaces the ``forward`` of every
-shared :class:`~vitlab.components.layers.Block` of a model (its self-attention stage; CaiT's
-class-attention blocks are not ``Block`` and are left alone) and :func:`remove_tome` restores
-them. The number of prefix tokens each block protects comes from the backbone contract's
-``token_layout``. With ``r = 0`` in every block the patched model computes exactly what the
-plain model does (no merge, no bias).
+shared :class:`~vitlab.components.layers.Block` of a model (its self-attention stage) and
+:func:`remove_tome` restores them. Modules that read the merged tokens after that stage and
+declare ``reads_merged_tokens = True`` (CaiT's class-attention blocks, whose ``forward`` takes
+``size``) get the token sizes, for proportional attention on their keys. The number of prefix
+tokens each block protects comes from the backbone contract's ``token_layout``. With ``r = 0``
+in every block the patched model computes exactly what the plain model does (no merge, no bias).
+
+``forward_intermediates`` of a patched model returns full patch grids: while it runs every
+patched block takes and returns one token per original token (each patch holding the features
+of the merged token it belongs to) and merges internally, so the maps are on the forward path
+(Grad-CAM) and the final features are bit-identical to ``forward_features`` (merged tokens).
 
 Example:
     >>> with tome(model, r=13):
@@ -164,6 +172,49 @@ def unmerge_tokens(values: Tensor, source: Tensor) -> Tensor:
     return source.transpose(1, 2).to(values.dtype) @ values  # (B, N_orig, N_now) @ (B, N_now, C)
 
 
+def token_groups(source: Tensor) -> tuple[Tensor, Tensor]:
+    """Index form of a source matrix (B, N_now, N_orig): ``(group, first)``.
+
+    ``group`` (B, N_orig): the merged token each original token went into; ``first`` (B, N_now):
+    the first original token of each merged token.
+    """
+    return source.argmax(dim=1), source.argmax(dim=2)
+
+
+class _Regroup(torch.autograd.Function):
+    """Full tokens whose groups hold copies -> merged tokens; see :func:`regroup_tokens`."""
+
+    @staticmethod
+    def forward(ctx, full: Tensor, group: Tensor, first: Tensor, size: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(group, size)
+        return full.gather(1, first[..., None].expand(-1, -1, full.shape[-1]))  # (B, N_now, C)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        group, size = ctx.saved_tensors
+        per_patch = (grad / size.to(grad.dtype)).gather(1, group[..., None].expand(-1, -1, grad.shape[-1]))
+        return per_patch, None, None, None  # every patch of a merged token: 1/size of its gradient
+
+
+def expand_tokens(values: Tensor, source: Tensor) -> Tensor:
+    """:func:`unmerge_tokens` by indexing (exact copies): (B, N_now, C) -> (B, N_orig, C)."""
+    group = source.argmax(dim=1)  # (B, N_orig)
+    return values.gather(1, group[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def regroup_tokens(full: Tensor, source: Tensor) -> Tensor:
+    """Inverse of :func:`expand_tokens`: (B, N_orig, C) tokens, equal within each merged group -> (B, N_now, C).
+
+    The value is each group's first token (exact); the gradient is that of the group mean, so
+    every patch of a merged token of size s gets 1/s of the merged token's gradient.
+    """
+    if full.shape[:2] != (source.shape[0], source.shape[2]):
+        raise ValueError(f"tokens {tuple(full.shape)} do not match the source {tuple(source.shape)}: "
+                         "expected (B, N_orig, C) for a (B, N_now, N_orig) source")
+    group, first = token_groups(source)
+    return _Regroup.apply(full, group, first, source.sum(dim=2, keepdim=True))
+
+
 @dataclass
 class ToMeState:
     """Settings of a patched model and what its last forward left.
@@ -176,7 +227,12 @@ class ToMeState:
         blocks: Names of the patched blocks, in call order.
         size: (B, N, 1) token sizes after the last block (None when nothing was merged).
         source: (B, N, N_orig) source matrix (None unless ``trace_source`` and a merge happened).
+        sources: With ``trace_source``: the source matrix after each patched block of the last
+            forward, one entry per block (None for a block before the first merge: the identity).
+            Block ``i``'s attention runs on the tokens of ``sources[i - 1]``.
         tokens: Token count after the merge of each block in the last forward.
+        full_tokens: Set while ``forward_intermediates`` runs: blocks take and return one token
+            per original token (see the module docstring).
     """
 
     r: list[int]
@@ -186,10 +242,19 @@ class ToMeState:
     blocks: list[str]
     size: Tensor | None = None
     source: Tensor | None = None
+    sources: list[Tensor | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    full_tokens: bool = False
 
     def reset(self) -> None:
-        self.size, self.source, self.tokens = None, None, []
+        self.size, self.source, self.sources, self.tokens = None, None, [], []
+
+    def merged(self, tokens: Tensor) -> Tensor:
+        """Tokens as the next module should see them: full tokens (B, N_orig, C) regrouped to the merged ones."""
+        src = self.source
+        if self.full_tokens and src is not None and tokens.shape[1] == src.shape[2]:
+            return regroup_tokens(tokens, src)
+        return tokens
 
 
 def _tome_blocks(model: nn.Module) -> list[tuple[str, Block]]:
@@ -233,6 +298,7 @@ def _tome_forward(blk: Block, index: int, state: ToMeState) -> Callable[..., Ten
         if index == 0:
             state.reset()  # a new forward pass starts at the first patched block
         r, kwargs = state.r[index], dict(attn_kwargs)
+        x = state.merged(x)
         if state.size is not None:
             if "grid" in kwargs:
                 kwargs["grid"] = None  # merged tokens no longer lie on the grid
@@ -249,13 +315,60 @@ def _tome_forward(blk: Block, index: int, state: ToMeState) -> Callable[..., Ten
             attn.keep_keys, attn.last_keys = False, None
         if r > 0:
             merge = bipartite_soft_matching(keys.mean(dim=1), r, state.protected[index])  # (B, heads, N, d) -> (B, N, d)
-            if state.trace_source:
+            if state.trace_source or state.full_tokens:
                 state.source = merge_source(merge, x, state.source)
             x, state.size = merge_wavg(merge, x, state.size)
+        if state.trace_source or state.full_tokens:
+            state.sources.append(state.source)
         state.tokens.append(x.shape[1])
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x), kwargs.get("grid"))))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x), kwargs.get("grid"))))
+        if state.full_tokens and state.source is not None:
+            x = expand_tokens(x, state.source)  # (B, N_now, C) -> (B, N_orig, C)
+        return x
 
     return forward
+
+
+def _reader_forward(mod: nn.Module, state: ToMeState) -> Callable[..., Tensor]:
+    """``forward`` of a ``reads_merged_tokens`` module (CaiT class attention): the merged tokens and their sizes."""
+    plain = type(mod).forward
+
+    def forward(x: Tensor, tokens: Tensor, grid: tuple[int, int] | None = None, **kwargs) -> Tensor:
+        tokens = state.merged(tokens)
+        size = state.size
+        if size is None:
+            return plain(mod, x, tokens, grid, **kwargs)
+        if size.shape[:2] != tokens.shape[:2]:
+            raise ValueError(f"{type(mod).__name__} got {tuple(tokens.shape)} tokens, but the last merged forward "
+                             f"left sizes for {tuple(size.shape[:2])}: run it on the tokens of that forward")
+        return plain(mod, x, tokens, None, size=size if state.prop_attn else None, **kwargs)
+
+    return forward
+
+
+def _intermediates_forward(model: nn.Module, state: ToMeState) -> Callable[..., object]:
+    """``forward_intermediates`` on full patch grids (see the module docstring)."""
+    plain = type(model).forward_intermediates
+
+    def forward_intermediates(x: Tensor, *args, **kwargs) -> object:
+        was = state.full_tokens
+        state.full_tokens = True
+        try:
+            out = plain(model, x, *args, **kwargs)
+        finally:
+            state.full_tokens = was
+        src = state.source
+        if not isinstance(out, tuple) or src is None or out[0].shape[1] < src.shape[2]:
+            return out
+        final, maps = out
+        lead = final.shape[1] - src.shape[2]  # tokens before the merged stage's (CaiT's class token)
+        return torch.cat([final[:, :lead], regroup_tokens(final[:, lead:], src)], dim=1), maps
+
+    return forward_intermediates
+
+
+def _readers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, "reads_merged_tokens", False)]
 
 
 def apply_tome(model: nn.Module, r: Schedule, prop_attn: bool = True, trace_source: bool = False,
@@ -267,7 +380,8 @@ def apply_tome(model: nn.Module, r: Schedule, prop_attn: bool = True, trace_sour
             global self-attention (ViT, DeiT, CaiT's self-attention stage).
         r: Merge schedule (see :func:`parse_r`); 0 everywhere leaves the outputs bit-identical.
         prop_attn: Add ``log(size)`` to the attention logits (proportional attention).
-        trace_source: Keep the (B, N, N_orig) source matrix in :func:`tome_state`.
+        trace_source: Keep the (B, N, N_orig) source matrix after every block in :func:`tome_state`
+            (the explainability tools switch it on by themselves while they run).
         protected: Prefix tokens never merged; by default read from ``model.token_layout``.
 
     Raises:
@@ -283,6 +397,10 @@ def apply_tome(model: nn.Module, r: Schedule, prop_attn: bool = True, trace_sour
     state = ToMeState(parse_r(r, len(blocks)), prot, prop_attn, trace_source, names)
     for i, (_, blk) in enumerate(blocks):
         blk.forward = _tome_forward(blk, i, state)  # instance attribute shadows Block.forward
+    for mod in _readers(model):
+        mod.forward = _reader_forward(mod, state)
+    if callable(getattr(type(model), "forward_intermediates", None)):
+        model.forward_intermediates = _intermediates_forward(model, state)
     model._tome_state = state
     return model
 
@@ -291,8 +409,9 @@ def remove_tome(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tome` (a no-op on an unpatched model); returns ``model``."""
     state = model.__dict__.pop("_tome_state", None)
     if state is not None:
-        for _, blk in _tome_blocks(model):
-            blk.__dict__.pop("forward", None)
+        for mod in [blk for _, blk in _tome_blocks(model)] + _readers(model):
+            mod.__dict__.pop("forward", None)
+        model.__dict__.pop("forward_intermediates", None)
     return model
 
 
@@ -315,5 +434,6 @@ def tome(model: nn.Module, r: Schedule, prop_attn: bool = True, trace_source: bo
         remove_tome(model)
 
 
-__all__ = ["Schedule", "ToMeState", "apply_tome", "bipartite_soft_matching", "merge_source", "merge_wavg",
-           "parse_r", "remove_tome", "tome", "tome_state", "unmerge_tokens"]
+__all__ = ["Schedule", "ToMeState", "apply_tome", "bipartite_soft_matching", "expand_tokens", "merge_source",
+           "merge_wavg", "parse_r", "regroup_tokens", "remove_tome", "token_groups", "tome", "tome_state",
+           "unmerge_tokens"]

@@ -149,6 +149,10 @@ class TalkingHeadsAttention(Attention):
 
     Capture (done by ``attend``): the record's ``probs`` are the softmax probabilities (rows
     sum to 1); the ``proj_w``-mixed ones that multiply the values are in ``info["mixed_probs"]``.
+
+    An ``attn_bias`` (token merging's ``log(size)`` per key) is added to the *mixed* logits, right
+    before the softmax: added before ``proj_l`` it would be mixed across heads too, and a merged
+    key of size s would no longer count exactly s times.
     """
 
     def __init__(self, dim: int, heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -160,25 +164,42 @@ class TalkingHeadsAttention(Attention):
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
         self.capture_info = dict(grid=grid, num_prefix_tokens=0, talking_heads=True)
         q, k, v = self.qkv_heads(x)
-        out = self.attend(q, k, v, attn_bias, logits_fn=partial(mix_heads, self.proj_l),
-                          probs_fn=partial(mix_heads, self.proj_w))
+        mix: Callable[[Tensor], Tensor] = partial(mix_heads, self.proj_l)
+        if attn_bias is not None:
+            mix = partial(_mix_then_add, self.proj_l, attn_bias)
+        out = self.attend(q, k, v, logits_fn=mix, probs_fn=partial(mix_heads, self.proj_w))
         return self.project(out)
+
+
+def _mix_then_add(proj: nn.Linear, bias: Tensor, scores: Tensor) -> Tensor:
+    return mix_heads(proj, scores) + bias
 
 
 class ClassAttention(CrossAttention):
     """Class attention: the class token's query attends over [class token, patch tokens]."""
 
-    def forward(self, x_cls: Tensor, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:  # type: ignore[override]
-        """(B, 1, C) class token, (B, 1 + N, C) normed [cls, patches] -> (B, 1, C) update."""
+    def forward(self, x_cls: Tensor, tokens: Tensor, grid: tuple[int, int] | None = None,  # type: ignore[override]
+                attn_bias: Tensor | None = None) -> Tensor:
+        """(B, 1, C) class token, (B, 1 + N, C) normed [cls, patches] -> (B, 1, C) update.
+
+        ``attn_bias`` (broadcastable to (B, heads, 1, 1 + N)) is added to the key logits.
+        """
         self.capture_info = dict(grid=grid, num_prefix_tokens=1, query="class_token")
-        return super().forward(x_cls, tokens)
+        return super().forward(x_cls, tokens, attn_bias)
 
 
 class ClassAttentionBlock(nn.Module):
     """A class-attention block: only the class token is updated, the patch tokens are read-only.
 
     ``cls + DropPath(LS(class_attn(norm1([cls, x]))))`` then ``cls + DropPath(LS(mlp(norm2(cls))))``.
+
+    Token merging (:mod:`vitlab.components.tome`) passes the merged patch tokens and their
+    ``size``: proportional attention adds ``log(size)`` to their key logits (0 for the class
+    token), so a merged token counts as the ``size`` patches it stands for.
     """
+
+    #: :func:`~vitlab.components.tome.apply_tome` hands this block the merged tokens' sizes.
+    reads_merged_tokens = True
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, qkv_bias: bool = True, init_values: float = 1e-4,
                  drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
@@ -191,10 +212,18 @@ class ClassAttentionBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x_cls: Tensor, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
-        """(B, 1, C) class token and (B, N, C) patch tokens -> updated (B, 1, C) class token."""
+    def forward(self, x_cls: Tensor, tokens: Tensor, grid: tuple[int, int] | None = None,
+                size: Tensor | None = None) -> Tensor:
+        """(B, 1, C) class token and (B, N, C) patch tokens -> updated (B, 1, C) class token.
+
+        ``size`` (B, N, 1): patches per token (token merging), for proportional attention.
+        """
         u = self.norm1(torch.cat([x_cls, tokens], dim=1))  # (B, 1 + N, C)
-        x_cls = x_cls + self.drop_path(self.ls1(self.attn(u[:, :1], u, grid=grid)))
+        bias = None
+        if size is not None:
+            # (B, N, 1) -> (B, 1, 1, 1 + N): log(size) per patch-token key, 0 for the class token
+            bias = torch.cat([size.new_zeros(size.shape[0], 1), size[..., 0].log()], dim=1)[:, None, None].to(u.dtype)
+        x_cls = x_cls + self.drop_path(self.ls1(self.attn(u[:, :1], u, grid=grid, attn_bias=bias)))
         return x_cls + self.drop_path(self.ls2(self.mlp(self.norm2(x_cls))))
 
 
