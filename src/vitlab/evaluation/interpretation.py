@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import capture_attention
+from ..components.tome_explain import tracing_sources
 from ..datasets.transforms import EvalTransform, ImageLike
 from .layouts import (
     AttentionLayer,
@@ -169,7 +170,7 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
 def capture_layers(model: nn.Module, x: Tensor) -> tuple[list[AttentionLayer], Tensor]:
     """Run ``model`` on ``x`` (eval mode, no gradients) recording attention -> (layers, logits)."""
     require_attention(model)
-    with torch.no_grad(), eval_mode(model), capture_attention(model) as cap:
+    with torch.no_grad(), eval_mode(model), tracing_sources(model), capture_attention(model) as cap:
         logits = _logits(model, x)
     return attention_layers(model, cap.records, x.shape[-2:]), logits
 
@@ -235,7 +236,7 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: Target = None, discard
     Per layer ``mean_heads(relu(A * dS/dA))`` replaces the fused attention; the rest is
     :func:`rollout` (residual, renormalisation, discard, read-out).
     """
-    with torch.enable_grad(), eval_mode(model), capture_attention(model, detach=False) as cap:
+    with torch.enable_grad(), eval_mode(model), tracing_sources(model), capture_attention(model, detach=False) as cap:
         logits = _logits(model, x)
         targets = resolve_targets(logits, target)
         probs = [r.probs for r in cap.records]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..components import AttentionRecord, Segment, SegmentKey, TokenGrid, TokenLayout, window_partition
+from ..components.tome_explain import attention_traces, expand_attention
 
 __all__ = [
     "AttentionLayer", "FeaturePoint", "LayoutAdapter", "Segment", "SegmentKey", "TokenGrid", "adapter_for",
@@ -46,7 +47,12 @@ class AttentionLayer:
         keys: Segments of the key sequence, in order.
         source: What the module recorded (for window attention: per window).
         info: What the module knew about the layout (window, shift, sr ratio, branch ...).
-        assemble: Turns ``source`` into :attr:`probs` (window attention); None when it is already.
+        assemble: Turns ``source`` into :attr:`probs` (window attention; merged tokens of token
+            merging spread back on the patches); None when it is already.
+        merge: For a model with token merging (:mod:`vitlab.components.tome`): the merge after
+            this call as a (B, Nq, Nq) matrix on the query tokens (each row the mean over the
+            patches merged with it, see :func:`~vitlab.components.tome_explain.group_average`),
+            which attention rollout applies after the layer; None when nothing is merged.
     """
 
     index: int
@@ -58,13 +64,17 @@ class AttentionLayer:
     source: Tensor
     info: dict[str, Any] = field(default_factory=dict)
     assemble: Callable[[Tensor], Tensor] | None = None
+    merge: Tensor | None = None
 
     @property
     def probs(self) -> Tensor:
         """(B, heads, N_query, N_key) probabilities over the query and key sequences.
 
         Window attention is assembled on each access and not kept: at high resolution the
-        (N, N) matrices of all blocks together would not fit in memory.
+        (N, N) matrices of all blocks together would not fit in memory. Attention over merged
+        tokens (token merging) is spread back on the laid-out tokens the same way: each patch
+        of a merged query gets its row, each patch of a merged key of size s 1/s of its column
+        (see :mod:`vitlab.components.tome_explain`).
         """
         return self.source if self.assemble is None else self.assemble(self.source)
 
@@ -218,14 +228,24 @@ class LayoutAdapter:
                          image_size: tuple[int, int]) -> list[AttentionLayer]:
         """One :class:`AttentionLayer` per record the layout describes (in call order)."""
         by_name = {a.module: a for a in self.layout(model, image_size).attention}
+        kept = [(r, by_name[r.name]) for r in records if r.name in by_name]  # a call the layout leaves out (e.g.
+        # a later fusion block that only sees its class token) is skipped
+        traces = attention_traces(model, [(r.name, tuple(r.probs.shape[-2:]), (sum(s.size for s in a.queries),
+                                                                                sum(s.size for s in a.keys)))
+                                          for r, a in kept])
         out = []
-        for r in records:
-            a = by_name.get(r.name)
-            if a is None:
-                continue  # a call the layout leaves out (e.g. a later fusion block that only sees its class token)
-            assemble = partial(dense_window_attention, info=r.info) if a.kind == "window" else None
-            out.append(AttentionLayer(len(out) + 1, r.name, a.label, a.kind, a.queries, a.keys, r.probs, r.info,
-                                      assemble))
+        for j, (r, a) in enumerate(kept):
+            info, assemble, merge = r.info, None, None
+            if a.kind == "window":
+                assemble = partial(dense_window_attention, info=r.info)
+            elif traces is not None:
+                t = traces[j]
+                merge = t.merge
+                if t.query is not None or t.key is not None:
+                    assemble = partial(expand_attention, query=t.query, key=t.key)
+                    info = {**r.info, "batch": r.probs.shape[0], "merged_tokens": tuple(r.probs.shape[-2:])}
+            out.append(AttentionLayer(len(out) + 1, r.name, a.label, a.kind, a.queries, a.keys, r.probs, info,
+                                      assemble, merge))
         return out
 
     def feature_points(self, model: nn.Module, image_size: tuple[int, int]) -> list[FeaturePoint]:
