@@ -186,6 +186,9 @@ class Attention(AttentionBase):
         #: While True, ``qkv_heads`` keeps its keys (B, heads, N, d) in ``last_keys`` (token merging reads them).
         self.keep_keys = False
         self.last_keys: Tensor | None = None
+        #: While True, ``qkv_heads`` keeps its queries (B, heads, N, d) in ``last_queries`` (EViT reads them).
+        self.keep_queries = False
+        self.last_queries: Tensor | None = None
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project tokens to per-head q, k, v, each (B, heads, N, head_dim)."""
@@ -194,6 +197,8 @@ class Attention(AttentionBase):
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.keep_keys:
             self.last_keys = qkv[1]
+        if self.keep_queries:
+            self.last_queries = qkv[0]
         return qkv[0], qkv[1], qkv[2]
 
     def rel_pos_bias(self, q: Tensor, grid: tuple[int, int] | None, bias: Tensor | None = None) -> Tensor | None:
