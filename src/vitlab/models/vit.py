@@ -29,7 +29,11 @@ no position embedding (``no_embed_class``: the position embedding covers the pat
 the class token gets none either). No head reads them and mean pooling skips them; they give
 the model somewhere other than background patches to store global information, which removes
 the high-norm artifact tokens from attention maps (explainability shows them as prefix tokens
-``reg0`` .. ``reg{R-1}``). timm's ``vit_*_reg4_*`` checkpoints load unconverted.
+``reg0`` .. ``reg{R-1}``). timm's ``vit_*_reg4_*`` checkpoints load unconverted. A plain ViT /
+DeiT checkpoint loads into a register model (fine-tuning with registers added, e.g.
+``create_model(name, pretrained=path, reg_tokens=4)`` or ``vitlab train model.pretrained=PATH``):
+the registers keep their fresh initialisation and the class token's position row is dropped
+(``no_embed_class``) or kept, with one warning (:meth:`VisionTransformer.add_registers`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import math
 import warnings
 
 import torch
@@ -436,7 +441,7 @@ class VisionTransformer(Backbone):
           (:func:`~vitlab.components.embeddings.resize_rel_pos`, detectron2's rule); a checkpoint with
           none at all (a plain ViT / MAE) leaves them at their zero initialisation (warned).
         """
-        sd = dict(super().adapt_state_dict(state_dict))
+        sd = dict(super().adapt_state_dict(self.add_registers(state_dict)))
         own = self.state_dict()
         if self.cls_token is None:
             sd.pop("cls_token", None)
@@ -457,6 +462,49 @@ class VisionTransformer(Backbone):
             if table is not None and table.ndim == 2 and table.shape != own[key].shape \
                     and table.shape[1] == own[key].shape[1]:
                 sd[key] = resize_rel_pos(table, own[key].shape[0])
+        return sd
+
+    def add_registers(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint without register tokens (a plain ViT / DeiT) made to fit this register model.
+
+        ``reg_token`` keeps this model's own initialisation (normal, std 1e-6: fresh registers
+        for fine-tuning). A learned position embedding laid out ``[class row, grid]`` (or
+        ``[grid]``) loses its class row with ``no_embed_class`` (this model's prefix tokens get
+        no position) or, without it, keeps it and gets this model's own register rows after it
+        (truncated normal, std 0.02); the grid rows are resampled later as usual. One warning
+        names what was initialised. Any other checkpoint is returned as it is.
+        """
+        if self.reg_token is None or "reg_token" in state_dict:
+            return state_dict
+        sd, own, r = dict(state_dict), self.state_dict(), self.num_reg_tokens
+        sd["reg_token"] = own["reg_token"]
+        notes = [f"reg_token ({r} register tokens) keeps the model's fresh initialisation (normal, std 1e-6)"]
+        pos = sd.get("pos_embed")
+        if isinstance(self.pos_embed, LearnedPosEmbed) and isinstance(pos, Tensor) and pos.ndim == 3:
+            n, grid_n = pos.shape[1], self.grid_size[0] * self.grid_size[1]
+
+            def is_grid(m: int) -> bool:  # rows of a patch grid: this model's, or any square one
+                return m == grid_n or (m > 0 and math.isqrt(m) ** 2 == m)
+
+            class_row = "cls_token" in sd and is_grid(n - 1)
+            if class_row or is_grid(n):
+                grid_rows = pos[:, int(class_row):]  # (1, n_grid, C)
+                if self.num_pos_prefix == 0:
+                    sd["pos_embed"] = grid_rows
+                    if class_row:
+                        notes.append("the class token's position row is dropped (no_embed_class: the position "
+                                     "embedding covers the patches only)")
+                else:
+                    mine = own["pos_embed"]  # (1, P + N, C): [cls row, register rows, grid]
+                    c = int(self.cls_token is not None)
+                    cls_rows = (pos[:, :1] if class_row else mine[:, :1])[:, :c]
+                    sd["pos_embed"] = torch.cat([cls_rows, mine[:, c: c + r], grid_rows], dim=1)  # (1, P + n_grid, C)
+                    notes.append(f"the position embedding gets {r} register rows at the model's initialisation "
+                                 "(truncated normal, std 0.02)" + (", the class row is kept" if class_row else ""))
+        if self.cls_token is None and "cls_token" in sd:
+            notes.append("the class token is dropped (class_token=False)")
+        warnings.warn("checkpoint has no register tokens (a plain ViT / DeiT, reg_tokens=0) for a model with "
+                      f"reg_tokens={r}: " + "; ".join(notes), stacklevel=4)
         return sd
 
     @classmethod
