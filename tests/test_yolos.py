@@ -202,3 +202,90 @@ def test_no_weight_decay_names_the_tokens_and_position_embeddings():
     assert names <= {n for n, _ in model.named_parameters()}
     assert names >= {"backbone.cls_token", "backbone.pos_embed.weight", "det_token", "det_pos_embed", "mid_pos_embed"}
     assert not any(n.endswith("weight") for n in names - {"backbone.pos_embed.weight"})
+
+
+# ------------------------------------------------------------------ register tokens (Darcet et al.)
+def _tiny_reg(no_embed_class: bool | None = None, mid: bool = True) -> YOLOS:
+    vit = ViTConfig(image_size=(16, 24), patch_size=8, dim=16, depth=3, heads=2, mlp_dim=32, pad_input=False,
+                    reg_tokens=2, no_embed_class=no_embed_class)
+    torch.manual_seed(0)
+    model = YOLOS(YOLOSConfig(vit=vit, num_classes=3, num_detection_tokens=4, use_mid_position_embeddings=mid))
+    with torch.no_grad():  # distinct, clearly non-zero tokens so a mix-up shows
+        model.backbone.reg_token.normal_(std=1.0)
+        model.backbone.cls_token.normal_(std=1.0)
+    return model.eval()
+
+
+def _block_inputs(model: YOLOS, x: torch.Tensor) -> list[torch.Tensor]:
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+             for blk in model.backbone.blocks]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("size", [(16, 24), (24, 32)], ids=["train", "other"])
+def test_registers_are_prefix_tokens_without_position_and_the_heads_skip_them(size):
+    model = _tiny_reg()
+    vit = model.backbone
+    n = (size[0] // 8) * (size[1] // 8)
+    assert vit.pos_embed.weight.shape == (1, 6, 16) and model.mid_pos_embed.shape == (2, 6 + 4, 16)  # grid, det only
+    x = torch.randn(2, 3, *size)
+    inputs, out = _block_inputs(model, x)
+    first = inputs[0]  # (B, cls + 2 registers + N + Q, C)
+    assert first.shape == (2, 3 + n + 4, 16)
+    patches, _ = vit.patch_embed(x)
+    torch.testing.assert_close(first[:, 0], vit.cls_token[0].expand(2, -1))  # no position row
+    torch.testing.assert_close(first[:, 1:3], vit.reg_token[0].expand(2, -1, -1))  # registers: no position either
+    if size == (16, 24):  # patches and detection tokens get exactly their own rows
+        torch.testing.assert_close(first[:, 3:3 + n], patches + vit.pos_embed.weight)
+        torch.testing.assert_close(first[:, 3 + n:], (model.det_token + model.det_pos_embed).expand(2, -1, -1))
+    # the heads read the last Q tokens: predictions per image = detection tokens, not registers
+    assert out["logits"].shape == (2, 4, 4) and out["pred_boxes"].shape == (2, 4, 4)
+    with torch.no_grad():
+        final = model.forward_tokens(x)
+        torch.testing.assert_close(out["logits"], model.class_head(final[:, -4:]))
+
+
+def test_mid_position_embedding_skips_the_registers():
+    model = _tiny_reg()
+    x = torch.randn(1, 3, 16, 24)
+    captured = []
+    h = model.backbone.blocks[0].register_forward_hook(lambda _m, _a, y: captured.append(y.detach()))
+    inputs, _ = _block_inputs(model, x)
+    h.remove()
+    added = inputs[1] - captured[0]  # what YOLOS added between block 1 and block 2
+    torch.testing.assert_close(added[:, :3], torch.zeros_like(added[:, :3]))  # class token, registers: nothing
+    torch.testing.assert_close(added[0, 3:], model.mid_pos_embed[0])
+
+
+def test_registers_with_position_rows_when_no_embed_class_is_false():
+    model = _tiny_reg(no_embed_class=False)
+    vit = model.backbone
+    assert vit.pos_embed.weight.shape == (1, 3 + 6, 16) and model.mid_pos_embed.shape == (2, 3 + 6 + 4, 16)
+    x = torch.randn(2, 3, 24, 32)  # another size: the grid rows resample, the 3 prefix rows are kept
+    inputs, out = _block_inputs(model, x)
+    pe = vit.pos_embed.weight
+    torch.testing.assert_close(inputs[0][:, 1:3], (vit.reg_token + pe[:, 1:3]).expand(2, -1, -1))
+    torch.testing.assert_close(inputs[0][:, 0], (vit.cls_token + pe[:, :1])[0].expand(2, -1))
+    assert inputs[0].shape == (2, 3 + 12 + 4, 16) and out["logits"].shape == (2, 4, 4)
+
+
+def test_registers_get_gradients_and_change_the_detections():
+    model = _tiny_reg().train()
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+    DETRLoss(3)(model(torch.randn(1, 3, 16, 24)), targets)["loss"].backward()
+    assert model.backbone.reg_token.grad is not None and model.backbone.reg_token.grad.abs().sum() > 0
+    model.eval()
+    x = torch.randn(1, 3, 16, 24)
+    with torch.no_grad():
+        before = model(x)["pred_boxes"]
+        g = torch.Generator().manual_seed(1)
+        model.backbone.reg_token.add_(torch.randn(model.backbone.reg_token.shape, generator=g))
+        assert not torch.allclose(model(x)["pred_boxes"], before, atol=1e-4)
+    assert "backbone.reg_token" in model.no_weight_decay()

@@ -10,6 +10,13 @@ The token order follows Hugging Face's ``YolosForObjectDetection``: ``[cls, patc
 The patch part of every position embedding is resampled bicubically (no antialiasing, like
 HF) to the input's patch grid; with ``use_mid_position_embeddings`` a further position
 embedding is added after every block but the last.
+
+Register tokens (Darcet et al., 2024): a backbone with ``reg_tokens=R`` puts its registers after
+the class token, ``[cls, reg0 .. reg{R-1}, patches, det]``, and the heads read the detection
+tokens only. The registers follow the backbone's ``no_embed_class``: by default (as in timm's
+register models) neither the class token nor the registers get a position row, in the first
+embedding or the mid-layer ones, which then cover ``[patches, det]``; with
+``no_embed_class=False`` every prefix token has a row in both.
 """
 
 from __future__ import annotations
@@ -92,8 +99,9 @@ class YOLOS(nn.Module):
         self.det_pos_embed = nn.Parameter(torch.zeros(1, q, dim))
         gh, gw = self.backbone.grid_size
         if c.use_mid_position_embeddings and c.vit.depth > 1:
-            # one (cls + grid + det) embedding per block but the last
-            self.mid_pos_embed = nn.Parameter(torch.zeros(c.vit.depth - 1, 1 + gh * gw + q, dim))
+            # one (prefix rows + grid + det) embedding per block but the last; prefix rows as the backbone's
+            self.mid_pos_embed = nn.Parameter(torch.zeros(c.vit.depth - 1, self.backbone.num_pos_prefix + gh * gw + q,
+                                                          dim))
         else:
             self.mid_pos_embed = None
         self.class_head = MLPHead(dim, dim, c.num_classes + 1)
@@ -111,26 +119,30 @@ class YOLOS(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def _resample(self, pos: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(L, 1 + gh * gw + Q, C) position embeddings -> (L, 1 + gh' * gw' + Q, C) for ``grid``.
+        """(L, p + gh * gw + Q, C) position embeddings -> (L, P + gh' * gw' + Q, C) for ``grid``.
 
-        The class and detection rows are kept; the grid rows are resampled bicubically
-        without antialiasing (Hugging Face's YOLOS interpolation).
+        ``p`` is the backbone's prefix rows (``num_pos_prefix``: the class row, the register rows
+        with ``no_embed_class=False``; none with ``no_embed_class``), ``P`` its prefix tokens: the
+        tokens without a row get zeros. The prefix and detection rows are kept; the grid rows are
+        resampled bicubically without antialiasing (Hugging Face's YOLOS interpolation).
         """
-        q = self.num_detection_tokens
-        out = [interpolate_pos_embed(p[None, :-q], grid, 1, old_grid=self.backbone.grid_size, antialias=False)
-               for p in pos]  # each (1, 1 + gh' * gw', C)
-        head = torch.cat(out, dim=0)  # (L, 1 + gh' * gw', C)
-        return torch.cat([head, pos[:, -q:]], dim=1)  # (L, 1 + gh' * gw' + Q, C)
+        q, vit = self.num_detection_tokens, self.backbone
+        p = vit.num_pos_prefix
+        out = [interpolate_pos_embed(e[None, :-q], grid, p, old_grid=vit.grid_size, antialias=False)
+               for e in pos]  # each (1, p + gh' * gw', C)
+        head = torch.cat(out, dim=0)  # (L, p + gh' * gw', C)
+        unembedded = pos.new_zeros(pos.shape[0], vit.num_prefix_tokens - p, pos.shape[2])  # (L, P - p, C)
+        return torch.cat([unembedded, head, pos[:, -q:]], dim=1)  # (L, P + gh' * gw' + Q, C)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
-        """Image (B, C, H, W) -> normed final tokens (B, 1 + N + Q, C), ordered [cls, patches, det]."""
+        """Image (B, C, H, W) -> normed final tokens (B, P + N + Q, C), ordered [cls, registers, patches, det]."""
         vit = self.backbone
         patches, grid = vit.patch_embed(x)  # (B, N, C)
         b = patches.shape[0]
-        first = torch.cat([vit.pos_embed.weight, self.det_pos_embed], dim=1)[0:1]  # (1, 1 + gh * gw + Q, C)
-        pos = self._resample(first, grid)  # (1, 1 + N + Q, C)
-        tokens = torch.cat([vit.cls_token.expand(b, -1, -1), patches, self.det_token.expand(b, -1, -1)], dim=1)
-        x = vit.norm_pre(vit.pos_drop(tokens + pos))  # (B, 1 + N + Q, C)
+        first = torch.cat([vit.pos_embed.weight, self.det_pos_embed], dim=1)[0:1]  # (1, p + gh * gw + Q, C)
+        pos = self._resample(first, grid)  # (1, P + N + Q, C)
+        tokens = torch.cat([*vit.prefix_tokens(b), patches, self.det_token.expand(b, -1, -1)], dim=1)
+        x = vit.norm_pre(vit.pos_drop(tokens + pos))  # (B, P + N + Q, C)
         mid = self._resample(self.mid_pos_embed, grid) if self.mid_pos_embed is not None else None
         for i, blk in enumerate(vit.blocks):
             x = vit.run_checkpointed(blk, x)
@@ -148,7 +160,7 @@ class YOLOS(nn.Module):
             ``logits`` (B, Q, num_classes + 1) and ``pred_boxes`` (B, Q, 4) in normalised
             cxcywh; ``boxes`` is the same tensor as ``pred_boxes`` (the key DETRLoss reads).
         """
-        det = self.forward_tokens(x)[:, -self.num_detection_tokens:]  # (B, Q, C)
+        det = self.forward_tokens(x)[:, -self.num_detection_tokens:]  # (B, Q, C); class and registers skipped
         boxes = self.box_head(det).sigmoid()
         return {"logits": self.class_head(det), "pred_boxes": boxes, "boxes": boxes}
 
