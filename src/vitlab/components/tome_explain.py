@@ -11,10 +11,15 @@ token after patched block ``i`` stands for (:mod:`vitlab.components.tome`). From
   copies of ``exp(l)``), and the expanded matrix is that plain block's attention. Without
   proportional attention it is a bookkeeping choice: rows still sum to 1 and every token's total
   attention is kept, spread evenly over its patches.
-* **The merge between blocks on the patches** (:func:`group_average`): a merged token is the
-  size-weighted mean of its parts, i.e. on the patches the mean over its group,
-  ``S^T diag(1/size) S`` (N_orig, N_orig). Attention rollout multiplies it in after each block
-  that merged, so a merged model's rollout is a map on the original patches.
+* **The merge between blocks** needs no step of its own on the patches. On the tokens,
+  attention rollout multiplies the size-weighted average ``M = S_i S_{i-1}^T / size`` (N_i, N_{i-1})
+  in after each block that merged; on the patches, later layers read a merged token's rows only
+  through its keys, i.e. as the mean over its patches (the 1/s above), and
+  ``(S_i / size_i) = M (S_{i-1} / size_{i-1})``: the mean over the new group of patches is the
+  size-weighted mean of the old groups' means. So plain rollout over the expanded matrices,
+  read out at the protected class token or as the mean over all patches, equals the token-level
+  rollout with the merges (``tests/test_tome_explain.py`` checks it against a loop reference).
+  ``discard_ratio`` then discards on the patch-level matrices.
 
 Both act on one attention call's query / key sequence as the backbone's ``token_layout``
 describes it (prefix tokens and the full patch grid); :func:`attention_traces` matches the
@@ -32,8 +37,7 @@ from torch import Tensor, nn
 
 from .tome import ToMeState
 
-__all__ = ["MergeTrace", "attention_traces", "cover", "expand_attention", "group_average", "merge_state",
-           "tracing_sources"]
+__all__ = ["MergeTrace", "attention_traces", "cover", "expand_attention", "merge_state", "tracing_sources"]
 
 
 def merge_state(model: nn.Module) -> ToMeState | None:
@@ -95,14 +99,6 @@ def expand_attention(probs: Tensor, query: Tensor | None, key: Tensor | None) ->
     return out
 
 
-def group_average(source: Tensor) -> Tensor:
-    """The merge on the patches: (B, N_now, N_orig) -> (B, N_orig, N_orig) ``S^T diag(1/size) S``.
-
-    Row j averages over the original tokens merged with token j (itself included).
-    """
-    return source.transpose(1, 2) @ (source / source.sum(dim=-1, keepdim=True))
-
-
 @dataclass
 class MergeTrace:
     """How one recorded attention call of a merged model lies on the laid-out tokens.
@@ -111,13 +107,10 @@ class MergeTrace:
         query: (B, Nq, Tq) 0/1: the laid-out query tokens each recorded query stands for (None:
             the queries are as laid out).
         key: (B, Nk, Tk) likewise for the keys.
-        merge: (B, Tq, Tq) the merge after this call on the laid-out query tokens
-            (:func:`group_average`), or None when the call is not followed by a merge.
     """
 
     query: Tensor | None = None
     key: Tensor | None = None
-    merge: Tensor | None = None
 
 
 def attention_traces(model: nn.Module, calls: Sequence[tuple[str, tuple[int, int], tuple[int, int]]]
@@ -152,13 +145,10 @@ def attention_traces(model: nn.Module, calls: Sequence[tuple[str, tuple[int, int
                              "tools switch it on by themselves)")
         i = index.get(name)
         if i is None:  # a call after the merged stage (CaiT's class attention) sees the final tokens
-            before, after = state.source, None
-        else:  # patched block i attends over the tokens block i - 1 left, then merges
-            before, after = (state.sources[i - 1] if i > 0 else None), state.sources[i]
-        trace = MergeTrace(_cover_or_none(before, nq, tq, name), _cover_or_none(before, nk, tk, name))
-        if after is not None and (before is None or after.shape[1] != before.shape[1]):
-            trace.merge = group_average(cover(after, tq))
-        out.append(trace)
+            before = state.source
+        else:  # patched block i attends over the tokens block i - 1 left
+            before = state.sources[i - 1] if i > 0 else None
+        out.append(MergeTrace(_cover_or_none(before, nq, tq, name), _cover_or_none(before, nk, tk, name)))
     return out
 
 

@@ -49,10 +49,6 @@ class AttentionLayer:
         info: What the module knew about the layout (window, shift, sr ratio, branch ...).
         assemble: Turns ``source`` into :attr:`probs` (window attention; merged tokens of token
             merging spread back on the patches); None when it is already.
-        merge: For a model with token merging (:mod:`vitlab.components.tome`): the merge after
-            this call as a (B, Nq, Nq) matrix on the query tokens (each row the mean over the
-            patches merged with it, see :func:`~vitlab.components.tome_explain.group_average`),
-            which attention rollout applies after the layer; None when nothing is merged.
     """
 
     index: int
@@ -64,7 +60,6 @@ class AttentionLayer:
     source: Tensor
     info: dict[str, Any] = field(default_factory=dict)
     assemble: Callable[[Tensor], Tensor] | None = None
-    merge: Tensor | None = None
 
     @property
     def probs(self) -> Tensor:
@@ -235,17 +230,15 @@ class LayoutAdapter:
                                           for r, a in kept])
         out = []
         for j, (r, a) in enumerate(kept):
-            info, assemble, merge = r.info, None, None
+            info, assemble = r.info, None
             if a.kind == "window":
                 assemble = partial(dense_window_attention, info=r.info)
-            elif traces is not None:
-                t = traces[j]
-                merge = t.merge
-                if t.query is not None or t.key is not None:
-                    assemble = partial(expand_attention, query=t.query, key=t.key)
-                    info = {**r.info, "batch": r.probs.shape[0], "merged_tokens": tuple(r.probs.shape[-2:])}
+            elif traces is not None and (traces[j].query is not None or traces[j].key is not None):
+                # attention over merged tokens (token merging), spread back on the laid-out tokens
+                assemble = partial(expand_attention, query=traces[j].query, key=traces[j].key)
+                info = {**r.info, "batch": r.probs.shape[0], "merged_tokens": tuple(r.probs.shape[-2:])}
             out.append(AttentionLayer(len(out) + 1, r.name, a.label, a.kind, a.queries, a.keys, r.probs, info,
-                                      assemble, merge))
+                                      assemble))
         return out
 
     def feature_points(self, model: nn.Module, image_size: tuple[int, int]) -> list[FeaturePoint]:

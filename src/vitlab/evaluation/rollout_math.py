@@ -133,8 +133,8 @@ def rollout_layers(
     a grid that changes (Swin patch merging, PVT stages, reduced keys, another branch) is
     carried over by the area its tokens share with the previous grid; a prefix token that
     appears later (CaiT's class token) starts as itself. With token merging the layers' attention
-    is already spread back on the patches, and each layer's ``merge`` (the size-weighted average
-    of the tokens merged after it, on the patches) multiplies the query rows after the layer.
+    is already spread back on the patches, which accounts for the merges between blocks too
+    (see :mod:`vitlab.components.tome_explain`).
 
     Returns:
         For every input-level grid segment: its grid and the read-out attribution (B, h, w).
@@ -148,8 +148,6 @@ def rollout_layers(
         rq = torch.cat([state.get(s, b, device, store=True) for s in layer.queries], dim=1)
         rk = torch.cat([state.get(s, b, device, store=False) for s in layer.keys], dim=1)
         new = _rollout_step(a, rk, rq)
-        if layer.merge is not None:  # token merging after the layer: merged rows averaged (size-weighted)
-            new = layer.merge.to(new) @ new  # (B, Nq, Nq) @ (B, Nq, width)
         start = 0
         for s in layer.queries:
             state.rows[s.key] = new[:, start : start + s.size]
