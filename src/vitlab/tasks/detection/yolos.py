@@ -36,7 +36,8 @@ class YOLOSConfig:
 
     Attributes:
         vit: The backbone's :class:`~vitlab.models.vit.ViTConfig`; its ``num_classes`` is
-            ignored (the backbone has no classifier), ``pool`` must be ``"cls"``.
+            ignored (the backbone has no classifier), ``pool`` must be ``"cls"``; ``reg_tokens``
+            adds register tokens after the class token (no head reads them).
         num_classes: Object classes, no-object excluded (the class head has one more output).
         num_detection_tokens: Detection tokens, i.e. predictions per image.
         use_mid_position_embeddings: Add a learned position embedding after every block but the last.
