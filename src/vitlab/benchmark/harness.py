@@ -21,7 +21,7 @@ from .measure import (
 )
 from .modes import (
     DEFAULT_MODES, MODE_SPECS, REFERENCES, TRAIN_MODES, _DTYPES, _PEAK_DTYPE, _batched_logits, _check_modes, _load,
-    _prepare_mode, digits_agreement_data, reference_model,
+    _prepare_mode, digits_agreement_data, digits_labels, reference_model,
 )
 from .report import BenchmarkReport, BenchmarkResult
 
@@ -41,6 +41,7 @@ class BenchmarkSettings:
     latency_repeats: int = 20
     agreement_data: str | Tensor | None = None
     peak_shapes: Sequence[tuple[int, int, int]] = PEAK_SHAPES
+    tome: Sequence[int] = ()
 
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-friendly values."""
@@ -93,10 +94,12 @@ def benchmark_model(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *shape, generator=gen).to(device)
     x1 = x[:1].contiguous()
+    labels: Tensor | None = None
     if isinstance(agreement_data, str):
         if agreement_data != "digits":
             raise ValueError(f"unknown agreement data {agreement_data!r}; use 'digits' or pass a tensor")
         agree_x, agree_on = digits_agreement_data(net), "the digits test set (resized to the model's input)"
+        labels = digits_labels()
     elif agreement_data is not None:
         agree_x, agree_on = agreement_data, f"{agreement_data.shape[0]} given images"
     else:
@@ -120,21 +123,27 @@ def benchmark_model(
     tmp = tempfile.TemporaryDirectory() if work_dir is None else None
     onnx_dir = Path(work_dir if work_dir is not None else tmp.name)  # type: ignore[union-attr]
     try:
-        for impl, module in impls:
+        variants = [(impl, module, None) for impl, module in impls]
+        if st.tome:
+            variants[1:1] = [("vitlab", net, r) for r in sorted(set(st.tome)) if r > 0]
+        merged = {r: _merged_counts(net, r, (1, *shape)) for _, _, r in variants if r is not None}
+        for impl, module, r in variants:
             n_params = sum(p.numel() for p in module.parameters())
             for mode in modes:
-                if impl != "vitlab" and mode == "onnx":
-                    continue
-                key = f"{impl}|{mode}"
+                if mode == "onnx" and (impl != "vitlab" or r is not None):
+                    continue  # onnx: vitlab's plain model only (merge indices depend on the input)
+                key = f"{impl}|{mode}" + ("" if r is None else f"|r{r}")
                 precision = MODE_SPECS[mode][0]
                 dtype = "fp32" if mode == "onnx" else _PEAK_DTYPE[precision]
-                row = BenchmarkResult(name, impl, mode, device.type, batch_size, size, n_params, flops,
-                                      compute_dtype=dtype, agreement_on=agree_on)
+                row = BenchmarkResult(name, impl, mode, device.type, batch_size, size, n_params,
+                                      flops if r is None else merged[r][0], compute_dtype=dtype, agreement_on=agree_on)
+                if impl == "vitlab" and st.tome:
+                    row.tome_r, row.tokens_out = (0, None) if r is None else (r, merged[r][1])
                 rows[key] = row
                 try:
-                    say(f"{name} [{impl}] {mode}: preparing")
+                    say(f"{name} [{impl}{'' if r is None else f' ToMe r={r}'}] {mode}: preparing")
                     runner = _prepare_mode(mode, module, device, onnx_dir / f"{impl}-{mode}".replace(" ", ""),
-                                           threads)
+                                           threads, tome=r)
                     with torch.inference_mode():
                         for _ in range(max(1, warmup)):
                             runner(x)
@@ -174,9 +183,11 @@ def benchmark_model(
                 with torch.inference_mode():
                     row.peak_memory_mb = (state + peak_allocated_bytes(lambda: runner(x), device)) / 2**20
             logits = _batched_logits(runner, agree_x, batch_size, device)
-            if row.mode == "eager":
+            if row.mode == "eager" and key.count("|") == 1:
                 ref_logits[impl] = logits
             base = ref_logits.get(impl)
+            if labels is not None:
+                row.accuracy = float((logits.argmax(1) == labels).float().mean())
             if base is not None:
                 row.max_abs_diff = float((logits - base).abs().max())
                 row.top1_agreement = float((logits.argmax(1) == base.argmax(1)).float().mean())
@@ -189,6 +200,15 @@ def benchmark_model(
                                   peaks=peaks, peak_shapes=peak_shapes, log=say)
     apply_peaks(out, peaks)
     return out
+
+
+def _merged_counts(net: nn.Module, r: int, shape: tuple[int, ...]) -> tuple[float, int]:
+    """GFLOPs per image and the tokens left after the last block of ``net`` with token merging ``r``."""
+    from ..components.tome import apply_tome, tome_state
+
+    patched = apply_tome(copy.deepcopy(net), r)
+    gflops = count_flops(patched, shape) / 1e9  # counts the merged blocks' smaller products
+    return gflops, tome_state(patched).tokens[-1]
 
 
 def _peak_runners(peaks: dict[str, PeakGemm]) -> dict[str, Callable[[], Any]]:
@@ -280,6 +300,7 @@ def benchmark(
     agreement_data: str | Tensor | None = None,
     peak_shapes: Sequence[tuple[int, int, int]] = PEAK_SHAPES,
     log: Callable[[str], None] | None = None,
+    tome: Sequence[int] = (),
 ) -> BenchmarkReport:
     """Benchmark models in inference modes (and training), with the machine's matmul peak.
 
@@ -302,6 +323,9 @@ def benchmark(
         peak_shapes: GEMM shapes (M, K, N) tried for the matmul peak (:func:`find_peak_gemm`);
             the fastest is timed again in every round, and the peak is its best median.
         log: Progress messages (e.g. ``print``).
+        tome: Token-merging ``r`` values: every vitlab mode (but onnx) is also timed with
+            :func:`~vitlab.components.tome.apply_tome` at each ``r`` > 0 (rows with ``tome_r``;
+            the plain rows get ``tome_r=0``), with its GFLOPs, tokens left and agreement.
 
     Returns:
         A :class:`BenchmarkReport`; ``report.save("results.md")`` writes it.
@@ -325,7 +349,7 @@ def benchmark(
         if kind not in REFERENCES:
             raise ValueError(f"unknown reference {kind!r}; choose one of {', '.join(REFERENCES)}")
     settings = BenchmarkSettings(batch_size, image_size, list(modes) if modes else None, train, refs, str(device),
-                                 repeats, warmup, latency_repeats, agreement_data, peak_shapes)
+                                 repeats, warmup, latency_repeats, agreement_data, peak_shapes, list(tome))
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -347,7 +371,7 @@ def _cmd_benchmark(args: Any) -> int:
     report = benchmark(models, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
                        train=args.train, reference=args.reference, device=args.device, repeats=args.repeats,
                        warmup=args.warmup, latency_repeats=args.latency_repeats, threads=args.threads,
-                       agreement_data=args.agreement_data,
+                       agreement_data=args.agreement_data, tome=args.tome or (),
                        log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
     print(report.to_markdown())
     if args.output:
@@ -370,7 +394,10 @@ def add_benchmark_command(sub: Any) -> None:
                    help="also time training steps (fp32/bf16, with/without checkpointing)")
     b.add_argument("--reference", nargs="+", metavar="LIB",
                    help="time the same architecture from hf (transformers, SDPA), hf-eager or timm")
-    b.add_argument("--agreement-data", choices=["digits"], help="measure agreement on the digits test set")
+    b.add_argument("--agreement-data", choices=["digits"],
+                   help="measure agreement (and accuracy) on the digits test set")
+    b.add_argument("--tome", nargs="+", type=int, metavar="R",
+                   help="also time vitlab with token merging (ToMe) merging R token pairs per block, for each R")
     b.add_argument("--device", default="cpu")
     b.add_argument("--threads", type=int, help="torch (and onnxruntime) threads")
     b.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")

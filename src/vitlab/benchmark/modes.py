@@ -5,7 +5,7 @@ agreement data."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,12 @@ def reference_model(kind: str, model: nn.Module) -> tuple[str, nn.Module]:
         name = getattr(model, "model_name", None)
         if not name or name not in timm.list_models():
             raise ValueError(f"timm has no model named {name!r}")
-        return "timm", timm.create_model(name, pretrained=False, num_classes=cfg.num_classes).eval()
+        ref = timm.create_model(name, pretrained=False, num_classes=cfg.num_classes, **timm_arguments(model)).eval()
+        try:  # vitlab's ViT / DeiT keys are timm's: the same weights (a trained model: the same predictions)
+            ref.load_state_dict(model.state_dict())
+        except RuntimeError:
+            pass  # another layout: timm's random weights (throughput only)
+        return "timm", ref
     if getattr(model, "family", "") not in ("vit", "deit") or getattr(model, "num_distill_tokens", 0) \
             or cfg.pool != "cls" or cfg.image_size[0] != cfg.image_size[1]:
         name = getattr(model, "model_name", None) or type(model).__name__
@@ -114,17 +119,45 @@ def reference_model(kind: str, model: nn.Module) -> tuple[str, nn.Module]:
     return f"hf ({impl})", _Logits(ViTForImageClassification(hf_cfg)).eval()
 
 
+def timm_arguments(model: nn.Module) -> dict[str, Any]:
+    """Architecture arguments of ``timm.create_model`` that rebuild a (possibly overridden) ViT / DeiT.
+
+    A registered name built with overrides (e.g. a digits model at 56 px with 4 px patches) is
+    another architecture than timm's model of that name; these keyword arguments make timm's
+    match it. Other families get none (timm's model of the name as it is).
+    """
+    cfg = model.config
+    if getattr(model, "family", "") not in ("vit", "deit"):
+        return {}
+    out = {"img_size": tuple(cfg.image_size), "patch_size": cfg.patch_size, "in_chans": cfg.in_channels,
+           "embed_dim": cfg.dim, "depth": cfg.depth, "num_heads": cfg.heads, "mlp_ratio": cfg.mlp_dim / cfg.dim,
+           "qkv_bias": cfg.qkv_bias}
+    if getattr(cfg, "reg_tokens", 0):
+        out["reg_tokens"] = cfg.reg_tokens
+    return out
+
+
+def digits_labels(split: str = "test") -> Tensor:
+    """True labels of a digits split, in the order of :func:`digits_agreement_data`."""
+    from ..datasets.factory import build_dataset
+
+    data = build_dataset("digits", split)
+    return torch.tensor([int(data[i][1]) for i in range(len(data))])
+
+
 def _prepare_mode(mode: str, model: nn.Module, device: torch.device, onnx_dir: Path,
-                  threads: int) -> Callable[[Tensor], Tensor]:
+                  threads: int, tome: int | None = None) -> Callable[[Tensor], Tensor]:
     precision, compiled = MODE_SPECS[mode]
     if mode == "onnx":
+        if tome is not None:
+            raise ValueError("token merging is not exported to ONNX (its merge indices depend on the input)")
         from ..deploy.onnx_export import OnnxRuntimeModel, export_onnx
 
         if device.type != "cpu":
             raise ValueError("the onnx mode runs onnxruntime on the CPU")
         path = export_onnx(model, onnx_dir / "model.onnx", batch_size=1, dynamic_batch=True)
         return OnnxRuntimeModel(path, threads=threads)
-    return prepare_for_inference(model, precision, compile=compiled, device=device)
+    return prepare_for_inference(model, precision, compile=compiled, device=device, tome=tome)
 
 
 def digits_agreement_data(model: nn.Module, limit: int | None = None, split: str = "test") -> Tensor:

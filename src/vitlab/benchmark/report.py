@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Training variants (their throughput is not comparable with an inference row).
+TRAIN_ROWS = ("train-fp32", "train-bf16", "train-fp32-ckpt", "train-bf16-ckpt")
+
 
 @dataclass
 class BenchmarkResult:
@@ -33,6 +36,10 @@ class BenchmarkResult:
         max_abs_diff: Largest |logit - float32 eager logit| on the agreement data.
         top1_agreement: Fraction of images whose top-1 class equals float32 eager's.
         agreement_on: What the agreement was measured on.
+        tome_r: Token-merging schedule of the row (pairs merged per block; None: no merging).
+        tokens_out: Tokens left after the last block with token merging (None without).
+        accuracy: Top-1 accuracy against the true labels of the agreement data, when it has
+            labels (the digits test set).
         note: Anything unusual (a mode that could not run and why).
     """
 
@@ -55,6 +62,9 @@ class BenchmarkResult:
     max_abs_diff: float | None = None
     top1_agreement: float | None = None
     agreement_on: str = ""
+    tome_r: int | None = None
+    tokens_out: int | None = None
+    accuracy: float | None = None
     note: str = ""
 
 
@@ -95,6 +105,15 @@ class BenchmarkReport:
         """A Markdown table, the measured peaks and the machine."""
         head = ["model", "impl", "mode", "batch", "img/s", "lat p50 ms", "lat p95 ms", "params M", "GFLOPs",
                 "peak MB", "GFLOP/s", "% of peak", "max abs diff", "top-1 agree"]
+        merged = any(r.tome_r is not None for r in self.results)
+        labelled = any(r.accuracy is not None for r in self.results)
+        base = self.timm_eager()
+        if merged:
+            head[3:3] = ["ToMe r", "tokens"]
+        if labelled:
+            head.append("top-1 acc")
+        if base is not None:
+            head.append("vs timm eager")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.results:
             cells = [r.model, r.impl, r.mode, str(r.batch_size), _fmt(r.throughput, 1), _fmt(r.latency_p50_ms, 1),
@@ -103,6 +122,12 @@ class BenchmarkReport:
                      "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}% {r.compute_dtype}",
                      "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}",
                      "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%"]
+            if merged:
+                cells[3:3] = ["-" if r.tome_r is None else str(r.tome_r), _fmt(r.tokens_out, 0)]
+            if labelled:
+                cells.append("-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%")
+            if base is not None:
+                cells.append("-" if r.throughput is None or r.mode in TRAIN_ROWS else f"{r.throughput / base:.2f}x")
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"- {r.model} {r.impl} {r.mode}: {r.note}" for r in self.results if r.note]
         agree = sorted({r.agreement_on for r in self.results if r.agreement_on})
@@ -116,6 +141,11 @@ class BenchmarkReport:
         if notes:
             out += "\nNotes:\n" + "\n".join(notes) + "\n"
         return out
+
+    def timm_eager(self) -> float | None:
+        """Throughput of the timm eager (float32) row, the reference of the ``vs timm eager`` column."""
+        rates = [r.throughput for r in self.results if r.impl == "timm" and r.mode == "eager" and r.throughput]
+        return rates[0] if len(rates) == 1 else None
 
     def save(self, path: str | Path) -> Path:
         """Write ``.md``, ``.csv`` or ``.json`` (by the suffix)."""

@@ -118,6 +118,7 @@ def prepare_for_inference(
     precision: str = "fp32",
     compile: bool = False,
     device: str | torch.device | None = None,
+    tome: Any = None,
 ) -> InferenceModel:
     """Make an eval-mode inference callable of ``model`` at a precision, optionally compiled.
 
@@ -128,9 +129,13 @@ def prepare_for_inference(
             linear layers, CPU).
         compile: Wrap in ``torch.compile`` (the first calls compile; later ones are fast).
         device: Where to run; the model's device by default (``int8`` forces the CPU).
+        tome: Token merging (:func:`vitlab.components.tome.apply_tome`) on the copy that runs:
+            a merge schedule ``r`` (an int, one int per block or ``(r, inflection)``); None for none.
+            A model already patched with token merging keeps its schedule in the copy.
 
     Returns:
-        An :class:`InferenceModel`; ``model`` itself is left unchanged (bf16 and int8 use copies).
+        An :class:`InferenceModel`; ``model`` itself is left unchanged (bf16, int8 and token
+        merging use copies).
 
     Raises:
         ValueError: An unknown precision, or int8 on a GPU.
@@ -149,8 +154,26 @@ def prepare_for_inference(
     elif precision == "bf16":
         run = copy.deepcopy(model).to(torch.bfloat16)
     else:
-        run = model
+        run = copy.deepcopy(model) if tome is not None else model
+    if run is not model:
+        _patch_copy(model, run, tome)
     return InferenceModel(run, model, precision, compile)
+
+
+def _patch_copy(model: nn.Module, run: nn.Module, tome: Any) -> None:
+    """Token merging on the copy ``run``: ``tome``'s schedule, or the one ``model`` is patched with.
+
+    A deep copy of a patched model still holds the patched forwards of the original's blocks
+    (closures over them), so the copy is unpatched and patched again on its own blocks.
+    """
+    from ..components.tome import apply_tome, remove_tome
+
+    state = model.__dict__.get("_tome_state")
+    remove_tome(run)
+    if tome is not None:
+        apply_tome(run, tome)
+    elif state is not None:
+        apply_tome(run, state.r, state.prop_attn, state.trace_source)
 
 
 __all__ = ["InferenceModel", "PRECISIONS", "prepare_for_inference", "quantize_int8"]
