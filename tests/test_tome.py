@@ -247,3 +247,51 @@ def test_refusals():
     model.set_grad_checkpointing(True)
     with pytest.raises(ValueError, match="checkpointing"):
         apply_tome(model, 4)
+
+
+def full_scale(model: nn.Module) -> nn.Module:
+    """LayerScale gammas set to 1 (CaiT starts at 1e-4), so every residual branch shows in the outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(1.0)
+    return model
+
+
+def repeat_by_size(tokens: torch.Tensor, size: torch.Tensor, b: int) -> torch.Tensor:
+    """Sample b's merged tokens (N, C), each repeated as many times as the patches it stands for -> (1, N_orig, C)."""
+    return tokens[b].repeat_interleave(size[b, :, 0].long(), dim=0)[None]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_proportional_attention_is_a_plain_block_on_repeated_tokens(family):
+    # a merged token of size s must act like s copies of itself (CaiT: the log-size bias comes after
+    # the talking-heads mix of the logits, or the copies would not add up)
+    model, x = full_scale(make(family)), images()
+    outs = {}
+    for i in (0, 1):
+        model.blocks[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
+    with torch.no_grad():
+        with tome(model, [9, 0, 0]) as state:
+            model(x)
+            size = state.size
+        h0, got = outs[0], outs[1]  # merged tokens into block 2 (which merges nothing) and out of it
+        for b in range(2):
+            expected = model.blocks[1](repeat_by_size(h0, size, b))  # the plain block on the unmerged sequence
+            assert torch.allclose(repeat_by_size(got, size, b), expected, atol=1e-5)
+
+
+def test_cait_class_attention_is_plain_class_attention_on_repeated_tokens():
+    model, x = full_scale(make("cait")), images()
+    seen = {}
+    model.blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("tokens", o))
+    with torch.no_grad():
+        with tome(model, 8) as state:
+            feats = model.forward_features(x)  # (B, 1 + N_merged, C), class token first
+            size = state.size
+        assert feats.shape[1] == 1 + 64 - 24
+        for b in range(2):  # the plain class-attention stage over every merged token repeated size times
+            expected = model.norm(model.forward_cls(repeat_by_size(seen["tokens"], size, b), None))[:, 0]
+            assert torch.allclose(feats[b : b + 1, 0], expected, atol=1e-5)
+        with tome(model, 8, prop_attn=False):  # without proportional attention the class token differs
+            assert not torch.allclose(model.forward_features(x)[:, 0], feats[:, 0], atol=1e-3)
