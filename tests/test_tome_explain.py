@@ -271,4 +271,5 @@ def test_explain_all_on_a_patched_model(tmp_path):
     record = explain_all(model, x[0], tmp_path, methods=methods, progress=False)
     assert sorted(record["methods"]) == sorted(methods) and not record["skipped"]
     assert (tmp_path / "sheet.png").is_file()
+    assert record["tome"]["r"] == [10, 10, 10] and record["tome"]["tokens"] == [55, 45, 35]
     assert tome_state(model).trace_source is False  # switched back off

@@ -4,6 +4,10 @@ write a PNG per method (and a combined sheet) and a JSON of the numbers.
 Methods: ``attention`` (per-layer attention maps), ``rollout``, ``grad-rollout``, ``gradcam``,
 ``occlusion``, ``saliency``, ``pca`` (patch tokens to RGB), ``distance`` (mean attention
 distance, entropy and head roles per layer).
+
+A model patched with token merging (:func:`vitlab.components.tome.apply_tome`) works as it is:
+its merged tokens are mapped back to the patches (:mod:`vitlab.components.tome_explain`), and
+the JSON header gets ``tome`` (the schedule and the tokens left after each block).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..components.tome_explain import merge_state
 from ..datasets.transforms import ImageLike
 from .analysis import analyze_attention, plot_attention_analysis, save_json
 from . import interpretation as interp
@@ -221,9 +226,13 @@ def _header(model: nn.Module, x: Tensor, image: Any, target: int | None) -> dict
     with torch.no_grad(), interp.eval_mode(model):
         logits = model(x[:1])
     check_finite(logits, [str(image)] if isinstance(image, (str, Path)) else None)
-    return dict(model=getattr(model, "model_name", None) or type(model).__name__, family=getattr(model, "family", None),
-                image=str(image) if isinstance(image, (str, Path)) else None, input_size=list(x.shape[-2:]),
-                prediction=_prediction(model, logits), target=target, notes=interp.image_notes(model, image))
+    record = dict(model=getattr(model, "model_name", None) or type(model).__name__, family=getattr(model, "family", None),
+                  image=str(image) if isinstance(image, (str, Path)) else None, input_size=list(x.shape[-2:]),
+                  prediction=_prediction(model, logits), target=target, notes=interp.image_notes(model, image))
+    state = merge_state(model)
+    if state is not None:  # token merging: maps are on the original patches (see components.tome_explain)
+        record["tome"] = dict(r=list(state.r), prop_attn=state.prop_attn, tokens=list(state.tokens))
+    return record
 
 
 def explain(model: nn.Module, image: ImageLike | Tensor, method: str = "attention", layers: Sequence[int] | None = None,

@@ -9,7 +9,9 @@
 It works for every vitlab transformer family (see :mod:`vitlab.evaluation.layouts` for how
 each family's attention is placed on the image) and any input size. Attention is recorded
 with :func:`~vitlab.components.capture_attention`, which switches the fused SDPA kernel to
-the explicit path only while recording, so maps are never silently empty.
+the explicit path only while recording, so maps are never silently empty. A model with token
+merging (ToMe) gets maps on its original patches: a merged key's attention is shared by its
+patches (see :mod:`vitlab.components.tome_explain`).
 """
 
 from __future__ import annotations
