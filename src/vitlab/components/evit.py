@@ -152,6 +152,7 @@ class EViTState:
         kept: Per pruning block of the last forward, the kept indices (B, keep) into that block's
             non-prefix tokens (ascending).
         scores: Per pruning block of the last forward, the (B, N) scores the ranking used.
+        pruned: Whether a block of the current forward has dropped tokens yet (the grid is gone).
     """
 
     keep_rate: list[float]
