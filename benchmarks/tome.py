@@ -1,61 +1,128 @@
-"""Throughput of token merging (ToMe) on vit_small_patch16_224 (random weights), CPU eager fp32.
+"""Token merging (ToMe) on a model trained here: throughput and accuracy against r, next to timm.
 
-Prints img/s at r = 0, 8, 13, 16 merged pairs per block (``--r``), with ``--threads`` torch
-threads (2 by default), batch ``--batch-size``: the median of ``--rounds`` timed rounds after
-warm-up (and one untimed pass before each timing), every r timed in each round (interleaved, so a noisy neighbour hits all alike).
-A script, not a test: the numbers depend on the machine.
+The model: ``configs/digits56_tome.yaml`` (the digits at 56 px, 4 px patches: 196 patch tokens).
+Every vitlab mode is timed at each r, and timm's ViT of the same architecture (the trained
+weights loaded into it) in the same interleaved rounds, eager and compiled, in one process: run
+it where timm imports (the reference environment of ../shared/tools/timm-reference-env.sh, plus
+scikit-learn for the digits). Accuracy is measured on the digits test set (359 images).
 
-    PYTHONPATH=src python benchmarks/tome.py
-    PYTHONPATH=src python benchmarks/tome.py --r 0 13 --batch-size 32 --rounds 5
+    vitlab train --config configs/digits56_tome.yaml --output-dir runs/digits56_tome
+    PYTHONPATH=src /tmp/timm-ref/bin/python benchmarks/tome.py --checkpoint runs/digits56_tome \\
+        --r 0 8 16 24 32 --modes eager compile int8 --output benchmarks/results/tome_digits56
+
+Writes OUTPUT.md (the table and a summary), OUTPUT.json and OUTPUT.png (img/s and top-1 against r,
+timm's eager and compiled throughput as lines). A script, not a test: the numbers depend on the
+machine. Without ``--checkpoint`` it times vit_small_patch16_224 with random weights (no accuracy).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from vitlab.components.tome import apply_tome, remove_tome, tome_state
-from vitlab.models.registry import build_model
+from vitlab.benchmark import benchmark
+from vitlab.benchmark.report import BenchmarkReport
+
+
+def _load(checkpoint: str) -> Any:
+    from vitlab import load
+
+    return load(checkpoint)  # a checkpoint, or a run directory (its final weights)
+
+
+def summary(report: BenchmarkReport, max_loss: float = 0.01) -> list[str]:
+    """The figures the issue asks for: the fastest vitlab row within ``max_loss`` top-1 of the plain
+    model, per mode, against timm eager and compiled; and the fastest row of all."""
+    rows = [r for r in report.results if r.throughput]
+    timm = {r.mode: r for r in rows if r.impl == "timm"}
+    plain = next((r for r in rows if r.impl == "vitlab" and r.mode == "eager" and not r.tome_r), None)
+    out = []
+    for name, ref in (("timm eager", timm.get("eager")), ("timm compiled", timm.get("compile"))):
+        if ref is not None:
+            out.append(f"- {name}: {ref.throughput:,.1f} img/s" +
+                       ("" if ref.accuracy is None else f", top-1 {100 * ref.accuracy:.2f}%"))
+    base = timm.get("eager")
+    if plain is None or base is None:
+        return out
+    for mode in dict.fromkeys(r.mode for r in rows if r.impl == "vitlab"):
+        ok = [r for r in rows if r.impl == "vitlab" and r.mode == mode
+              and (r.accuracy is None or plain.accuracy is None or r.accuracy >= plain.accuracy - max_loss)]
+        if not ok:
+            continue
+        best = max(ok, key=lambda r: r.throughput)
+        acc = "" if best.accuracy is None else f", top-1 {100 * best.accuracy:.2f}%"
+        comp = timm.get("compile")
+        vs_compiled = f", {best.throughput / comp.throughput:.2f}x timm compiled" if comp else ""
+        out.append(f"- vitlab {mode}, fastest r within {100 * max_loss:.0f} pt of plain top-1: r={best.tome_r}: "
+                   f"{best.throughput:,.1f} img/s{acc}: {best.throughput / base.throughput:.2f}x timm eager"
+                   f"{vs_compiled}")
+    return out
+
+
+def plot(report: BenchmarkReport, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.results if r.throughput]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in dict.fromkeys(r.mode for r in rows if r.impl == "vitlab"):
+        pts = sorted((r.tome_r or 0, r.throughput, r.accuracy) for r in rows if r.impl == "vitlab" and r.mode == mode)
+        if len(pts) < 2:
+            continue
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vitlab {mode} + ToMe")
+        if all(p[2] is not None for p in pts):
+            ax2.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="o", label=f"vitlab {mode} + ToMe")
+    styles = {"eager": "--", "compile": ":", "int8": "-."}
+    for r in rows:
+        if r.impl == "timm":
+            ax1.axhline(r.throughput, color="k", linestyle=styles.get(r.mode, "-"), label=f"timm {r.mode}")
+            if r.accuracy is not None and r.mode == "eager":
+                ax2.axhline(100 * r.accuracy, color="k", linestyle="--", label="timm eager (same weights)")
+    ax1.set(xlabel="r (token pairs merged per block)", ylabel="images / s", title="Throughput")
+    ax2.set(xlabel="r (token pairs merged per block)", ylabel="top-1 on the digits test set (%)",
+            title="Accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Token merging: {rows[0].model if rows else ''}, batch {rows[0].batch_size if rows else ''}, "
+                 f"{report.machine.get('torch threads', '?')} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vit_small_patch16_224")
-    ap.add_argument("--r", type=int, nargs="+", default=[0, 8, 13, 16])
+    ap.add_argument("--checkpoint", help="a run directory or checkpoint (default: vit_small_patch16_224, random)")
+    ap.add_argument("--r", type=int, nargs="+", default=[0, 8, 16, 24, 32])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compile"])
+    ap.add_argument("--no-timm", action="store_true", help="skip the timm reference")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=2, help="forward passes per timed round")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--output", type=Path, default=Path("benchmarks/results/tome"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model).eval()
-    x = torch.randn(args.batch_size, 3, *model.config.image_size)
-    times: dict[int, list[float]] = {r: [] for r in args.r}
-    tokens: dict[int, int] = {}
-    with torch.inference_mode():
-        for rnd in range(args.rounds + 1):  # round 0 is warm-up
-            for r in args.r:
-                apply_tome(model, r)
-                model(x)  # one untimed pass on this r's shapes
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    model(x)
-                elapsed = time.perf_counter() - start
-                tokens[r] = tome_state(model).tokens[-1]
-                remove_tome(model)
-                if rnd:
-                    times[r].append(args.batch_size * args.iters / elapsed)
-    print(f"{args.model}, batch {args.batch_size}, {args.threads} threads, fp32 eager, median of {args.rounds} rounds")
-    print("| r | tokens after last block | img/s | speed-up |")
-    print("|---|---|---|---|")
-    base = statistics.median(times[args.r[0]])
-    for r in args.r:
-        ips = statistics.median(times[r])
-        print(f"| {r} | {tokens[r]} | {ips:.1f} | {ips / base:.2f}x |")
+    model = _load(args.checkpoint) if args.checkpoint else "vit_small_patch16_224"
+    report = benchmark([model], batch_size=args.batch_size, modes=args.modes, repeats=args.repeats, warmup=2,
+                       latency_repeats=0, threads=args.threads, reference=None if args.no_timm else "timm",
+                       agreement_data="digits" if args.checkpoint else None, tome=args.r,
+                       log=lambda s: print(s, flush=True))
+    lines = summary(report)
+    text = report.to_markdown() + ("\nSummary:\n" + "\n".join(lines) + "\n" if lines else "")
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".md").write_text(text)
+    args.output.with_suffix(".json").write_text(json.dumps(json.loads(report.to_json()) | {"summary": lines}, indent=2))
+    print(f"wrote {args.output.with_suffix('.md')}, .json and {plot(report, args.output.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
