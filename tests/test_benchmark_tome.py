@@ -126,3 +126,26 @@ def test_cli_tome_flag(tmp_path, capsys, monkeypatch):
     assert "| vit_tiny_patch16_224 | vitlab | eager | 8 | 2 |" in text
     assert "| vit_tiny_patch16_224 | vitlab | onnx | 0 | - |" in text  # onnx: the plain model only
     assert "| vitlab | onnx | 8 |" not in text
+
+
+def test_predict_with_tome_runs_the_merged_model(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from vitlab.deploy import ViTClassifier
+    from vitlab.pretrained import save_checkpoint
+
+    model = two_block_vit()
+    with torch.no_grad():
+        model.head.weight.mul_(100)  # confident enough for the merge to move the confidence visibly
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", labels=[str(i) for i in range(10)])
+    path = tmp_path / "image.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()).save(path)
+    assert main(["predict", "--checkpoint", str(ckpt), str(path), "--json", "--top-k", "3", "--tome", "4"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]
+    merged = ViTClassifier(model, labels=[str(i) for i in range(10)], tome=4).predict(str(path), top_k=3)
+    plain = ViTClassifier(model, labels=[str(i) for i in range(10)]).predict(str(path), top_k=3)
+    assert got["confidence"] == pytest.approx(merged["confidence"], abs=1e-6)
+    assert abs(merged["confidence"] - plain["confidence"]) > 1e-3
+    assert "_tome_state" not in model.__dict__

@@ -63,6 +63,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if task == "classification":
         return _predict_classification(args)
+    if args.tome is not None:
+        raise ValueError(f"--tome (token merging) runs classification checkpoints; {args.checkpoint} is {task}")
     return _predict_with_hooks(args, task)
 
 
@@ -98,10 +100,10 @@ def _predict_classification(args: argparse.Namespace) -> int:
         from .pretrained import load_model
 
         clf = ViTClassifier(load_model(args.checkpoint), device=args.device, precision=args.precision,
-                            compile=args.compile)
+                            compile=args.compile, tome=args.tome)
     else:
         clf = ViTClassifier.from_pretrained(resolve_model_name(args.model), device=args.device,
-                                            precision=args.precision, compile=args.compile)
+                                            precision=args.precision, compile=args.compile, tome=args.tome)
     results = clf.predict([str(p) for p in args.images], top_k=args.top_k or 5)
     for path, r in zip(args.images, results):  # notes go to stderr: stdout stays parseable
         for note in r["notes"]:
@@ -285,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-amp", "fp16", "int8"],
                     help="inference precision (bf16: bfloat16 weights and activations; int8: dynamic quantization, CPU)")
     pr.add_argument("--compile", action="store_true", help="torch.compile the model (the first call compiles)")
+    pr.add_argument("--tome", type=int, metavar="R", help="token merging: merge R token pairs per block (ViT/DeiT/CaiT)")
     from .tasks.registry import list_inference
 
     for hooks in list_inference().values():  # each task's own predict options

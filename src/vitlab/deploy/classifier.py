@@ -24,6 +24,8 @@ class ViTClassifier(ImageClassifier):
             ``fp16`` (autocast, GPU) or ``int8`` (dynamic quantization of the linear layers, CPU);
             see :func:`vitlab.deploy.prepare_for_inference`.
         compile: Run through ``torch.compile`` (the first call compiles).
+        tome: Token merging (ToMe) on the runner: ``r`` token pairs merged per block (an int, one
+            int per block or ``(r, inflection)``; :func:`vitlab.components.tome.apply_tome`).
 
     Inputs are checked (see :mod:`vitlab.tasks.inputs`): 16-bit images are scaled, not clipped;
     transparency is composited on the training data's background (black for light-on-dark
@@ -36,9 +38,9 @@ class ViTClassifier(ImageClassifier):
     """
 
     def __init__(self, model: nn.Module, labels: Sequence[str] | None = None, device: str | torch.device = "cpu",
-                 precision: str = "fp32", compile: bool = False) -> None:
+                 precision: str = "fp32", compile: bool = False, tome: Any = None) -> None:
         super().__init__(model, labels, device)
-        self.runner = prepare_for_inference(self.model, precision, compile=compile, device=self.device)
+        self.runner = prepare_for_inference(self.model, precision, compile=compile, device=self.device, tome=tome)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> "ViTClassifier":

@@ -16,6 +16,7 @@ from .interpretation import (
     prepare_image, rollout, saliency, spearman_correlation,
 )
 from .layouts import AttentionLayer, TokenGrid, attention_layers
+from .registers import plot_register_comparison, register_report, token_norms
 from .visualization import AttentionMaps, AttentionVisualizer, LayerMap, plot_attention_maps
 
 __all__ += [
@@ -23,6 +24,6 @@ __all__ += [
     "LayerMap", "TokenGrid", "analyze_attention", "attention_entropy", "attention_layers", "attention_rollout",
     "explain", "explain_all", "feature_maps", "grad_cam", "gradient_rollout", "gradient_weighted_attention",
     "mean_attention_distance",
-    "occlusion", "pca_features", "plot_attention_analysis", "plot_attention_maps", "prepare_image", "rollout",
-    "run_explain", "saliency", "spearman_correlation",
+    "occlusion", "pca_features", "plot_attention_analysis", "plot_attention_maps", "plot_register_comparison",
+    "prepare_image", "register_report", "rollout", "run_explain", "saliency", "spearman_correlation", "token_norms",
 ]
