@@ -8,7 +8,8 @@ scikit-learn for the digits). Accuracy is measured on the digits test set (359 i
 
     vitlab train --config configs/digits56_tome.yaml --output-dir runs/digits56_tome
     PYTHONPATH=src /tmp/timm-ref/bin/python benchmarks/tome.py --checkpoint runs/digits56_tome \\
-        --r 0 8 16 24 32 --modes eager compile int8 --output benchmarks/results/tome_digits56
+        --r 0 16 32 48 64 --modes eager compile int8 --output benchmarks/results/tome_digits56 \\
+        --about "digits ViT (configs/digits56_tome.yaml, 196 patches)"
 
 Writes OUTPUT.md (the table and a summary), OUTPUT.json and OUTPUT.png (img/s and top-1 against r,
 timm's eager and compiled throughput as lines). A script, not a test: the numbers depend on the
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vitlab.benchmark import benchmark
-from vitlab.benchmark.report import BenchmarkReport
+from vitlab.benchmark.report import BenchmarkReport, BenchmarkResult
 
 
 def _load(checkpoint: str) -> Any:
@@ -63,7 +65,7 @@ def summary(report: BenchmarkReport, max_loss: float = 0.01) -> list[str]:
     return out
 
 
-def plot(report: BenchmarkReport, path: Path) -> Path:
+def plot(report: BenchmarkReport, path: Path, about: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,8 +93,11 @@ def plot(report: BenchmarkReport, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"Token merging: {rows[0].model if rows else ''}, batch {rows[0].batch_size if rows else ''}, "
-                 f"{report.machine.get('torch threads', '?')} threads", fontsize=10)
+    first = rows[0] if rows else None
+    size = "x".join(map(str, first.image_size)) if first else "?"
+    fig.suptitle(f"Token merging (ToMe): {about or (first.model if first else '')}, {size} px input, "
+                 f"batch {first.batch_size if first else '?'}, {report.machine.get('torch threads', '?')} CPU threads, "
+                 "timm with the same weights", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -109,7 +114,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--output", type=Path, default=Path("benchmarks/results/tome"))
+    ap.add_argument("--about", default="", help="the model in the figure's title (default: its model name)")
+    ap.add_argument("--replot", action="store_true", help="only redraw OUTPUT.png from OUTPUT.json")
     args = ap.parse_args()
+    if args.replot:
+        data = json.loads(args.output.with_suffix(".json").read_text())
+        results = [BenchmarkResult(**{**r, "image_size": tuple(r["image_size"])}) for r in data["results"]]
+        report = BenchmarkReport(results, data["machine"], data["peaks"], data["settings"])
+        print(f"wrote {plot(report, args.output.with_suffix('.png'), args.about)}")
+        return
     torch.manual_seed(0)
     model = _load(args.checkpoint) if args.checkpoint else "vit_small_patch16_224"
     report = benchmark([model], batch_size=args.batch_size, modes=args.modes, repeats=args.repeats, warmup=2,
@@ -117,12 +130,14 @@ def main() -> None:
                        agreement_data="digits" if args.checkpoint else None, tome=args.r,
                        log=lambda s: print(s, flush=True))
     lines = summary(report)
-    text = report.to_markdown() + ("\nSummary:\n" + "\n".join(lines) + "\n" if lines else "")
+    command = "PYTHONPATH=src python benchmarks/tome.py " + " ".join(sys.argv[1:])
+    text = f"# Token merging\n\nCommand: `{command}`\n\n" + report.to_markdown() + ("\nSummary:\n" + "\n".join(lines) + "\n" if lines else "")
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".md").write_text(text)
     args.output.with_suffix(".json").write_text(json.dumps(json.loads(report.to_json()) | {"summary": lines}, indent=2))
-    print(f"wrote {args.output.with_suffix('.md')}, .json and {plot(report, args.output.with_suffix('.png'))}")
+    print(f"wrote {args.output.with_suffix('.md')}, .json and "
+          f"{plot(report, args.output.with_suffix('.png'), args.about)}")
 
 
 if __name__ == "__main__":
