@@ -77,6 +77,17 @@ def _folder_split(root: Path, split: str, kw: dict[str, Any]) -> Dataset:
     return SubsetDataset(full, idx, split)
 
 
+def _shard_dataset(path: str, split: str, kw: dict[str, Any]) -> Dataset:
+    """``shards:PATH``: a map-style view of the shard set (``streaming=True``: the streamed ShardDataset)."""
+    if kw.pop("streaming", False):
+        from .shard_stream import ShardDataset
+
+        return ShardDataset(path, split, **_take(ShardDataset, kw, "shards"))
+    from .shards import ShardIndexDataset
+
+    return ShardIndexDataset(path, split, **_take(ShardIndexDataset, kw, "shards"))
+
+
 def build_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | os.PathLike | None = None,
                   **kw: Any) -> Dataset:
     """A dataset by name, or an image folder by path.
@@ -89,7 +100,9 @@ def build_dataset(name: str | os.PathLike, split: str = "train", data_dir: str |
             batches under ``data_dir``), ``"synthetic"``, ``"imagenet"`` (``data_dir/train``,
             ``data_dir/val``) or a path to an image folder: ``path/{train,val}/<class>/...``, or
             ``path/<class>/...`` split by class with ``val_fraction`` (0.1), ``test_fraction``
-            (0.0) and ``seed`` (0).
+            (0.0) and ``seed`` (0); or ``"shards:PATH"``, tar shards written by ``vitlab data shard``
+            (``PATH/<split>/`` or one set for train): random access by default, streamed with
+            ``streaming=True`` (:class:`~vitlab.datasets.shard_stream.ShardDataset`).
         split: ``"train"``, ``"val"`` or ``"test"``. CIFAR has no val split: ``"val"`` and
             ``"test"`` both read its test batch.
         data_dir: Where CIFAR/ImageNet live; defaults to ``$VITLAB_DATA_DIR`` or ``./data``.
@@ -102,6 +115,8 @@ def build_dataset(name: str | os.PathLike, split: str = "train", data_dir: str |
     """
     _check_split(split)
     key = str(name).lower()
+    if key.startswith("shards:"):
+        return _shard_dataset(str(name)[len("shards:"):], split, dict(kw))
     root = Path(data_dir if data_dir is not None else os.environ.get("VITLAB_DATA_DIR", "data"))
     if key == "digits":
         return DigitsDataset(split, **_take(DigitsDataset, kw, key))
@@ -117,4 +132,4 @@ def build_dataset(name: str | os.PathLike, split: str = "train", data_dir: str |
         return _folder_split(path, split, dict(kw))
     if isinstance(name, os.PathLike) or os.sep in str(name) or path.exists():
         raise FileNotFoundError(f"dataset folder not found: {path}")
-    raise ValueError(f"unknown dataset {str(name)!r}; choose one of {', '.join(DATASET_NAMES)} or a path to an image folder")
+    raise ValueError(f"unknown dataset {str(name)!r}; choose one of {', '.join(DATASET_NAMES)}, a path to an image folder or shards:PATH")

@@ -34,8 +34,15 @@ FIXED_SIZE_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthe
 
 
 def dataset_kind(name: str | os.PathLike) -> str:
-    """``"digits"``, ``"digit_scenes"``, ``"cifar"``, ``"synthetic"`` or ``"folder"`` (ImageNet trees and image folders)."""
+    """``"digits"``, ``"digit_scenes"``, ``"cifar"``, ``"synthetic"`` or ``"folder"`` (ImageNet trees and image folders).
+
+    ``shards:PATH`` has the kind of its source (its manifest's ``kind``: digits shards are ``"digits"``).
+    """
     key = str(name).lower()
+    if key.startswith("shards:"):
+        from .shards import shard_kind
+
+        return shard_kind(str(name)[len("shards:"):])
     if key in ("digits", "digit_scenes"):
         return key
     if key in ("cifar10", "cifar100"):
@@ -48,6 +55,9 @@ def dataset_kind(name: str | os.PathLike) -> str:
 def dataset_label(name: str | os.PathLike) -> str:
     """A short name for run directories: the dataset name, or an image folder's base name."""
     key = str(name)
+    if key.lower().startswith("shards:"):
+        base = Path(key[len("shards:"):].rstrip("/\\")).name or "shards"
+        return "shards-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
     if dataset_kind(key) != "folder" or key.lower() == "imagenet":
         return key.lower()
     base = Path(key.rstrip("/\\")).name or "folder"
