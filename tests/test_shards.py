@@ -90,6 +90,27 @@ def test_folder_shards_keep_the_file_bytes_and_decode_like_the_folder(folder, tm
     assert len(streamed) == len(ref) and all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(streamed, data))
 
 
+def test_folder_splits_become_shard_splits(folder, tmp_path):
+    # a flat folder with val_fraction: the same seeded stratified split build_dataset(folder) makes
+    write_shards(folder, tmp_path / "flat", val_fraction=0.25, seed=2)
+    for split in ("train", "val"):
+        ref = build_dataset(folder, split, val_fraction=0.25, seed=2)
+        data = build_dataset(f"shards:{tmp_path / 'flat'}", split)
+        assert len(data) == len(ref) and data.targets == ref.targets
+        assert all(torch.equal(data[i][0], ref[i][0]) for i in range(len(ref)))
+    # a train/ + val/ tree: one shard set per split, val labelled with the train split's classes
+    tree = tmp_path / "tree"
+    for split, classes in (("train", ("cat", "dog", "eel")), ("val", ("dog", "eel"))):
+        for cls in classes:
+            (tree / split / cls).mkdir(parents=True)
+            for p in (folder / cls).iterdir():
+                (tree / split / cls / p.name).write_bytes(p.read_bytes())
+    write_shards(tree, tmp_path / "tree_shards")
+    val = ShardIndexDataset(tmp_path / "tree_shards", "val")
+    assert val.classes == ["cat", "dog", "eel"] and sorted(set(val.targets)) == [1, 2]
+    assert dataset_kind(f"shards:{tmp_path / 'tree_shards'}") == "folder"
+
+
 def test_max_size_starts_a_new_shard(folder, tmp_path):
     write_shards(folder, tmp_path, max_count=1000, max_size=3000)
     index = json.loads((tmp_path / "index.json").read_text())

@@ -80,17 +80,20 @@ def _encoded(path: Path) -> tuple[bytes, str]:
         raise ShardError(f"cannot read image {path} (corrupt or not an image): {e}") from None
 
 
-def _folder_samples(root: Path, split: str | None) -> tuple[list[_Sample], dict[str, Any]]:
+def _folder_samples(root: Path, split: str | None, indices: Sequence[int] | None = None
+                    ) -> tuple[list[_Sample], dict[str, Any]]:
+    """A folder's samples: ``root/<split>/`` (classes from ``train/``), or ``root`` (only ``indices`` of it)."""
     from .folder import ImageFolderDataset, _split_dir
 
     classes = None
-    if split is not None and split != "train":
+    if split is not None and split != "train" and indices is None:
         train = _split_dir(root, "train")
         classes = sorted(d.name for d in os.scandir(train) if d.is_dir() and not d.name.startswith("."))
-    folder = _split_dir(root, split) if split is not None else root
+    folder = _split_dir(root, split) if split is not None and indices is None else root
     data = ImageFolderDataset(folder, classes=classes)
+    chosen = data.samples if indices is None else [data.samples[i] for i in indices]
     samples = []
-    for path, target in data.samples:
+    for path, target in chosen:
         image, ext = _encoded(path)
         samples.append(_Sample(image, ext, {"cls": str(target).encode()}))
     meta = {"kind": "folder", "task": "classification", "classes": data.classes, "channels": data.channels,
@@ -206,7 +209,8 @@ def _guess_format(source: Path) -> str:
 
 
 def write_shards(source: str | os.PathLike, out_dir: str | os.PathLike, format: str | None = None,
-                 max_count: int = 1000, max_size: int | None = None) -> list[Path]:
+                 max_count: int = 1000, max_size: int | None = None, val_fraction: float = 0.0,
+                 seed: int = 0) -> list[Path]:
     """Write a dataset as webdataset tar shards plus an ``index.json`` manifest per split.
 
     Args:
@@ -218,6 +222,11 @@ def write_shards(source: str | os.PathLike, out_dir: str | os.PathLike, format: 
         format: ``"folder"``, ``"coco"``, ``"captions"`` or ``"digits"``; None guesses from ``source``.
         max_count: Most samples per shard.
         max_size: Most bytes per shard (approximate: member data plus headers), or None.
+        val_fraction: For an image folder without split folders: the fraction of every class
+            written to ``out_dir/val/`` (the rest to ``out_dir/train/``), the same seeded
+            stratified split as ``build_dataset(folder, split, val_fraction=..., seed=...)``;
+            0 writes one shard set.
+        seed: Seed of that split.
 
     Returns:
         The manifest path of every shard set written.
@@ -230,6 +239,8 @@ def write_shards(source: str | os.PathLike, out_dir: str | os.PathLike, format: 
         raise ShardError(f"unknown shard source format {format!r}; choose one of {', '.join(SHARD_FORMATS)}")
     if max_count < 1 or (max_size is not None and max_size < 1):
         raise ShardError(f"max_count and max_size must be >= 1, got {max_count} and {max_size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ShardError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out_dir)
     if format == "digits" or (format is None and str(source) == "digits"):
         return [_write_set(*_digits_samples(s), out / s, max_count, max_size) for s in ("train", "val", "test")]
@@ -249,6 +260,14 @@ def write_shards(source: str | os.PathLike, out_dir: str | os.PathLike, format: 
     if _split_dir(src, "train") is not None:
         splits = [s for s in ("train", "val", "test") if _split_dir(src, s) is not None]
         return [_write_set(*_folder_samples(src, s), out / s, max_count, max_size) for s in splits]
+    if val_fraction > 0:
+        from .digits import stratified_split
+        from .folder import ImageFolderDataset
+
+        targets = ImageFolderDataset(src).targets
+        parts = stratified_split(targets, (0.0, val_fraction), seed)
+        return [_write_set(*_folder_samples(src, None, idx.tolist()), out / name, max_count, max_size)
+                for name, idx in zip(("train", "val"), parts)]
     return [_write_set(*_folder_samples(src, None), out, max_count, max_size)]
 
 
@@ -439,7 +458,8 @@ class ShardIndexDataset(_ShardMeta, Dataset):
 
 # --------------------------------------------------------------------------- command line
 def _cmd_shard(args: Any) -> int:
-    paths = write_shards(args.src, args.out, format=args.format, max_count=args.max_count, max_size=args.max_size)
+    paths = write_shards(args.src, args.out, format=args.format, max_count=args.max_count, max_size=args.max_size,
+                         val_fraction=args.val_fraction, seed=args.seed)
     for p in paths:
         m = json.loads(p.read_text())
         print(f"{p.parent}: {m['count']} samples in {len(m['shards'])} shard(s), {m['num_classes']} classes")
@@ -456,6 +476,9 @@ def add_data_command(sub: Any) -> None:
     s.add_argument("--format", choices=list(SHARD_FORMATS), help="source format (guessed when left out)")
     s.add_argument("--max-count", type=int, default=1000, help="most samples per shard (default 1000)")
     s.add_argument("--max-size", type=int, default=None, help="most bytes per shard")
+    s.add_argument("--val-fraction", type=float, default=0.0,
+                   help="image folder without train/ and val/: fraction of each class written to OUT/val/")
+    s.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
     s.set_defaults(func=_cmd_shard)
 
 
