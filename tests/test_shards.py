@@ -169,6 +169,10 @@ def test_two_ranks_by_two_workers_cover_every_sample_exactly_once(digit_shards):
             for s in ds.shards_of(w, 2):
                 shards_of[s].add((rank, w))
     assert len(shards_of) == 13 and all(len(v) == 1 for v in shards_of.values())
+    # a fixed-length epoch gives every rank the same number of batches (DDP steps together)
+    lengths = [len(ShardLoader(ShardDataset(digit_shards, "train", samples_per_epoch=1000, rank=r, world_size=2),
+                               batch_size=16, num_workers=2, drop_last=True)) for r in range(2)]
+    assert lengths == [2 * (250 // 16)] * 2
 
 
 @digits
@@ -210,11 +214,12 @@ def test_resume_mid_epoch_in_process_yields_exactly_the_rest(digit_shards):
 
 
 @digits
-def test_resume_mid_epoch_with_workers_yields_exactly_the_rest(digit_shards):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_with_workers_yields_exactly_the_rest(digit_shards, workers):
     def make() -> ShardLoader:
         ds = ShardDataset(digit_shards, "train", samples_per_epoch=700, seed=1, return_key=True)
         ds.set_epoch(1)
-        return ShardLoader(ds, batch_size=32, num_workers=2)
+        return ShardLoader(ds, batch_size=32, num_workers=workers)
 
     loader = make()
     full = [k for batch in loader for k in batch[0]]
@@ -229,10 +234,12 @@ def test_resume_mid_epoch_with_workers_yields_exactly_the_rest(digit_shards):
     resumed = make()
     resumed.load_state_dict(state)
     rest = [k for batch in resumed for k in batch[0]]
-    assert len(head) + len(rest) == 700
+    assert sum(state["positions"]) == len(head) and len(head) + len(rest) == 700  # delivered, not prefetched
     assert collections.Counter(head + rest) == collections.Counter(full)  # exactly the rest: nothing lost or repeated
+    if workers == 0:
+        assert head + rest == full
     with pytest.raises(ShardError, match="same ranks, workers"):
-        ShardLoader(ShardDataset(digit_shards, "train", samples_per_epoch=700, seed=1), 32, num_workers=1)\
+        ShardLoader(ShardDataset(digit_shards, "train", samples_per_epoch=700, seed=1), 32, num_workers=3)\
             .load_state_dict(state)
 
 
