@@ -261,6 +261,11 @@ def test_bad_input_gets_one_clear_message(tmp_path, folder):
         ShardLoader(ShardDataset(tmp_path / "one"), batch_size=2, num_workers=2)
     with pytest.raises(FileNotFoundError, match="no shard index for the val split"):
         build_dataset(f"shards:{tmp_path / 'one'}", "val")
+    (tmp_path / "one" / "shard-000000.tar").write_bytes(b"not a tar file")
+    with pytest.raises(ShardError, match="cannot read shard .*shard-000000.tar"):
+        ShardIndexDataset(tmp_path / "one")
+    with pytest.raises(ShardError, match="cannot read shard .*shard-000000.tar"):
+        list(ShardDataset(tmp_path / "one"))
     parser = argparse.ArgumentParser()
     add_data_command(parser.add_subparsers())
     with pytest.raises(SystemExit):

@@ -24,7 +24,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from .shards import SampleDecoder, ShardError, _ShardMeta, iter_tar_samples, read_manifest
+from .shards import SampleDecoder, ShardError, _ShardMeta, read_manifest, read_members, tar_index
+
+_Ref = tuple[int, str, dict[str, tuple[int, int]]]  # (shard, key, {ext: (offset, size)}): a sample not yet read
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -113,27 +115,27 @@ class ShardDataset(_ShardMeta, IterableDataset):
         start = self._start or [0] * self.num_workers
         return sum(self.quota(w, self.num_workers) - start[w] for w in range(self.num_workers))
 
-    def _raw(self, worker: int, num_workers: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """(shard name, key, parts) of the slot's shards, going round them again when resampling."""
+    def _raw(self, worker: int, num_workers: int) -> Iterator[_Ref]:
+        """References to the samples of the slot's shards (headers only), going round them again when resampling."""
         shards = self.shards_of(worker, num_workers)
         slot = self.rank * num_workers + worker
         cycle = 0
         while True:
             for s in shards:
-                for key, parts in iter_tar_samples(self.shard_files[s]):
-                    yield self.shard_files[s].name, key, parts
+                for key, members in tar_index(self.shard_files[s]):
+                    yield s, key, members
             if self.samples_per_epoch is None:
                 return
             cycle += 1
             if self.shuffle:
                 shards = [shards[i] for i in self._rng(1, slot, cycle).permutation(len(shards))]
 
-    def _shuffled(self, worker: int, num_workers: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    def _shuffled(self, worker: int, num_workers: int) -> Iterator[_Ref]:
         """The slot's raw samples through the seeded shuffle buffer, cut at its quota."""
         n = self.quota(worker, num_workers)
         size = self.shuffle_buffer
         rng = self._rng(2, self.rank * num_workers + worker)
-        buf: list[tuple[str, str, dict[str, bytes]]] = []
+        buf: list[_Ref] = []
         out = 0
         for item in self._raw(worker, num_workers):
             if out >= n:
@@ -170,13 +172,14 @@ class ShardDataset(_ShardMeta, IterableDataset):
 
     def _generate(self, worker: int, num_workers: int, start: int, tagged: bool) -> Iterator[Any]:
         pos = 0
-        for name, key, parts in self._shuffled(worker, num_workers):
+        for s, key, members in self._shuffled(worker, num_workers):
             pos += 1
-            if pos <= start:
+            if pos <= start:  # resuming: skipped by reference, never read
                 continue
-            item = self.decode(key, parts, f"{name}:")
+            file = self.shard_files[s]
+            item = self.decode(key, read_members(file, members), f"{file.name}:")
             if self.return_key:
-                item = (f"{name}/{key}", item)
+                item = (f"{file.name}/{key}", item)
             if tagged:
                 yield item, worker, pos
             else:

@@ -320,6 +320,37 @@ def shard_kind(path: str | os.PathLike) -> str:
     return str(manifest.get("kind", "folder"))
 
 
+def tar_index(file: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """``(key, {ext: (data offset, size)})`` of every sample of one shard, from its headers only.
+
+    Raises:
+        ShardError: The file is not a readable tar archive.
+    """
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with tarfile.open(file, "r:") as tar:
+            for m in tar.getmembers():
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                out[-1][1][ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"cannot read shard {file} (not a tar file, or truncated): {e}") from None
+    return out
+
+
+def read_members(file: str | os.PathLike, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """The bytes of one sample's members, ``{ext: (offset, size)}`` from :func:`tar_index`."""
+    out = {}
+    with open(file, "rb") as f:
+        for ext, (offset, size) in members.items():
+            f.seek(offset)
+            out[ext] = f.read(size)
+    return out
+
+
 def iter_tar_samples(file: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` of every sample of one shard, in order (streamed, no seeking)."""
     key: str | None = None
@@ -425,25 +456,13 @@ class ShardIndexDataset(_ShardMeta, Dataset):
         self.decode = SampleDecoder(manifest, transform)
         self.entries: list[tuple[int, str, dict[str, tuple[int, int]]]] = []  # (shard, key, {ext: (offset, size)})
         for s, file in enumerate(self.shard_files):
-            with tarfile.open(file, "r:") as tar:
-                for m in tar.getmembers():
-                    if not m.isfile():
-                        continue
-                    k, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
-                    if not self.entries or self.entries[-1][:2] != (s, k):
-                        self.entries.append((s, k, {}))
-                    self.entries[-1][2][ext] = (m.offset_data, m.size)
+            self.entries += [(s, key, members) for key, members in tar_index(file)]
         self.targets = [int(self._read(i).get("cls", b"-1").decode()) for i in range(len(self.entries))] \
             if manifest.get("task") == "classification" else []
 
     def _read(self, index: int) -> dict[str, bytes]:
         s, _, members = self.entries[index]
-        out = {}
-        with open(self.shard_files[s], "rb") as f:
-            for ext, (offset, size) in members.items():
-                f.seek(offset)
-                out[ext] = f.read(size)
-        return out
+        return read_members(self.shard_files[s], members)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -483,4 +502,4 @@ def add_data_command(sub: Any) -> None:
 
 
 __all__ = ["INDEX_FILE", "SHARD_FORMATS", "SampleDecoder", "ShardError", "ShardIndexDataset", "add_data_command",
-           "iter_tar_samples", "read_manifest", "shard_kind", "write_shards"]
+           "iter_tar_samples", "read_manifest", "read_members", "shard_kind", "tar_index", "write_shards"]
