@@ -218,18 +218,21 @@ def _collate_tagged(batch: list[tuple[Any, int, int]]) -> tuple[Any, int, int]:
     return default_collate([b[0] for b in batch]), batch[-1][1], batch[-1][2]
 
 
-class ShardLoader:
+class ShardLoader(DataLoader):
     """Batches of a :class:`ShardDataset` through DataLoader workers, with an exact ``state_dict``.
 
     Each batch comes from one worker; the loader records how far each worker's stream has been
     delivered, so :meth:`state_dict` taken between batches resumes exactly there (prefetched,
-    undelivered batches are not counted).
+    undelivered batches are not counted). A ``DataLoader``, so the engine takes it as given
+    (``Trainer(model, cfg, train_data=ShardLoader(...))``); its ``batch_sampler`` is the loader
+    itself, whose ``set_epoch`` the engine calls every epoch.
 
     Args:
         dataset: The stream.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes (0: in-process).
-        drop_last: Drop each worker's incomplete last batch.
+        drop_last: Drop each worker's incomplete last batch (with a fixed-length epoch every
+            rank then makes the same number of steps).
         pin_memory: Pin batches (CUDA).
     """
 
@@ -237,14 +240,23 @@ class ShardLoader:
                  pin_memory: bool = False) -> None:
         if batch_size < 1 or num_workers < 0:
             raise ShardError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-        self.dataset, self.batch_size = dataset, int(batch_size)
-        self.num_workers, self.drop_last, self.pin_memory = int(num_workers), drop_last, pin_memory
+        super().__init__(dataset, batch_size=int(batch_size), num_workers=int(num_workers),
+                         collate_fn=_collate_tagged, drop_last=drop_last, pin_memory=pin_memory)
         slots = max(1, self.num_workers)
         if dataset.num_workers != slots:
             dataset.num_workers = slots
             dataset.positions = [0] * slots
         for w in range(slots):
             dataset.shards_of(w, slots)  # fewer shards than slots: say so now
+
+    @property
+    def batch_sampler(self) -> "ShardLoader":
+        """The loader itself: what the engine calls ``set_epoch`` on."""
+        return self
+
+    @batch_sampler.setter
+    def batch_sampler(self, value: Any) -> None:  # DataLoader.__init__ assigns its own; not used here
+        self._unused_batch_sampler = value
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration streams."""
@@ -258,6 +270,9 @@ class ShardLoader:
         return sum(per)
 
     def __iter__(self) -> Iterator[Any]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
         ds = self.dataset
         ds._tagged = True
         try:
