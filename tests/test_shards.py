@@ -175,6 +175,31 @@ def test_two_ranks_by_two_workers_cover_every_sample_exactly_once(digit_shards):
     assert lengths == [2 * (250 // 16)] * 2
 
 
+def _rank_keys(rank: int, init: str, shards: str, out: str) -> None:
+    """One gloo rank: the keys its ShardDataset (rank and world size from torch.distributed) yields."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        ds = ShardDataset(shards, "train", return_key=True)
+        Path(out, f"rank{rank}.json").write_text(json.dumps([ds.rank, ds.world_size, _keys(ds)]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@digits
+def test_ranks_come_from_torch_distributed(digit_shards, tmp_path):
+    ctx = torch.multiprocessing.get_context("fork")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_rank_keys, args=(r, init, str(digit_shards), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g[:2] for g in got] == [[0, 2], [1, 2]]
+    assert not set(got[0][2]) & set(got[1][2]) and len(got[0][2]) + len(got[1][2]) == 1259
+
+
 @digits
 def test_resampled_epochs_have_a_fixed_length_and_are_reproducible(digit_shards):
     def epoch(e: int, seed: int = 0, rank: int = 0) -> list[str]:
