@@ -42,7 +42,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .pretrained import convert_checkpoint
+    from .training.convert_dcp import dcp_to_safetensors, is_dcp_checkpoint, safetensors_to_dcp
 
+    if args.to_dcp or is_dcp_checkpoint(args.src):  # FSDP checkpoints: DCP <-> one safetensors file
+        out = safetensors_to_dcp(args.src, args.dst) if args.to_dcp else dcp_to_safetensors(args.src, args.dst, args.which)
+        print(f"wrote {out}")
+        return 0
     overrides = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     out = convert_checkpoint(args.src, args.dst, model_name=args.model, **overrides)
     print(f"wrote {out}")
@@ -262,11 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-flops", action="store_true", help="skip the FLOP count (faster)")
     m.set_defaults(func=_cmd_models)
 
-    c = sub.add_parser("convert", help="write a vitlab safetensors checkpoint from a timm / HF checkpoint")
+    c = sub.add_parser("convert", help="write a vitlab safetensors checkpoint from a timm / HF checkpoint or a DCP "
+                       "(distributed.strategy=fsdp) checkpoint folder; --to-dcp: a safetensors file to a DCP folder")
     c.add_argument("src", help="checkpoint file, folder or hub id")
     c.add_argument("dst", help="output .safetensors file or folder")
     c.add_argument("--model", help="registered model name (inferred when omitted)")
     c.add_argument("--num-classes", type=int, help="classifier size (head re-initialised if it differs)")
+    c.add_argument("--to-dcp", action="store_true", help="SRC .safetensors -> DST folder with dcp/ and meta.json")
+    c.add_argument("--which", choices=("model", "ema"), default="model", help="DCP source: model or EMA weights")
     c.set_defaults(func=_cmd_convert)
 
     pr = sub.add_parser("predict", help="classify images (--task detection: detect objects; "

@@ -7,6 +7,13 @@ values only, read back with ``torch.load(weights_only=True)``). The folder is wr
 a hidden temporary name (``.epoch-NNNN.tmp``) and renamed; then the ``latest`` pointer file
 is replaced atomically. A kill at any moment leaves the previous checkpoint and pointer intact
 and no half-written ``epoch-NNNN`` folder; the next save removes the temporary folder.
+
+With ``distributed.strategy=fsdp`` the weights, the optimizer and the EMA are written by every
+rank into ``dcp/`` with ``torch.distributed.checkpoint`` (each rank its shards; keyed by parameter
+name, so a checkpoint saved on N ranks loads on M), next to rank 0's ``state.pt`` (without the
+optimizer) and ``meta.json`` (the model's vitlab metadata and the parameters made 1-D for FSDP,
+what ``vitlab convert`` needs to write one safetensors file). The same temporary folder, rename
+and pointer rule applies: every rank writes into the temporary folder, rank 0 renames it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from torch import nn
 from ..pretrained import read_weights, save_checkpoint
 
 LATEST = "latest"
+#: The DCP folder inside a sharded (``distributed.strategy=fsdp``) checkpoint.
+DCP_DIR = "dcp"
+#: The model description next to it: the vitlab metadata and the parameters made 1-D for FSDP.
+META_FILE = "meta.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,8 +94,6 @@ def save_training_checkpoint(
     name = f"epoch-{epoch:04d}"
     tmp = ck_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    final = ck_dir / name
-    replaced = None
     try:
         tmp.mkdir()
         files = [save_checkpoint(model, tmp / "model.safetensors", labels=labels, task=task)]
@@ -92,6 +101,17 @@ def save_training_checkpoint(
             files.append(save_checkpoint(ema_model, tmp / "ema.safetensors", labels=labels, task=task))
         _torch_save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
         files.append(tmp / "state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit(ck_dir, name, tmp, files, keep)
+
+
+def _commit(ck_dir: Path, name: str, tmp: Path, files: list[Path], keep: int) -> Path:
+    """fsync ``files``, rename the finished ``tmp`` folder to ``name``, point ``latest`` at it, prune old ones."""
+    final = ck_dir / name
+    replaced = None
+    try:
         for f in files:
             _fsync(f)
         if final.exists():  # the same epoch again: move the old folder aside in one step, never half-deleted
@@ -116,7 +136,8 @@ def save_training_checkpoint(
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file()
+    weights = (folder / "model.safetensors").is_file() or (folder / DCP_DIR / ".metadata").is_file()
+    return (folder / "state.pt").is_file() and weights
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -163,4 +184,101 @@ def load_training_checkpoint(folder: str | Path) -> dict[str, Any]:
     state["model"] = read_weights(folder / "model.safetensors").state_dict
     ema = folder / "ema.safetensors"
     state["ema"] = read_weights(ema).state_dict if ema.is_file() else None
+    return state
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema_model: nn.Module | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    sd: dict[str, Any] = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if ema_model is not None:
+        sd["ema"] = get_model_state_dict(ema_model)
+    return sd
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    ema_model: nn.Module | None = None,
+    keep: int = 2,
+    is_main: bool = True,
+) -> Path:
+    """Write ``checkpoints/epoch-NNNN`` of an FSDP run (called on every rank, a collective).
+
+    Args:
+        run_dir: The run directory (shared by the ranks).
+        epoch: Number of finished epochs.
+        model: The sharded model.
+        optimizer: Its optimizer (its state goes into ``dcp/``, keyed by parameter name).
+        state: Scheduler/scaler states, counters, metrics (rank 0's, into ``state.pt``).
+        meta: ``meta.json``'s content (the vitlab metadata and the 1-D scalar names).
+        ema_model: The sharded EMA model, if any.
+        keep: How many most recent checkpoints to keep.
+        is_main: True on rank 0, which prepares and renames the folder.
+    """
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    ck_dir = Path(run_dir) / "checkpoints"
+    name = f"epoch-{epoch:04d}"
+    tmp = ck_dir / f".{name}.tmp"
+    if is_main:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    try:
+        dcp.save(_sharded_state(model, optimizer, ema_model), checkpoint_id=str(tmp / DCP_DIR))
+        _barrier()
+        if not is_main:
+            _barrier()
+            return ck_dir / name
+        _torch_save({**state, "epoch": epoch, "rng": rng_state()}, tmp / "state.pt")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        files = [tmp / "state.pt", tmp / META_FILE, *sorted((tmp / DCP_DIR).iterdir())]
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = _commit(ck_dir, name, tmp, files, keep)
+    _barrier()
+    return final
+
+
+def load_sharded_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            ema_model: nn.Module | None = None) -> dict[str, Any]:
+    """Load an FSDP checkpoint (saved on any number of ranks) into the sharded ``model``,
+    ``optimizer`` and ``ema_model`` in place (a collective); returns ``state.pt``'s content
+    with ``has_ema`` (whether the checkpoint holds an EMA)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    folder = Path(folder)
+    if not (folder / DCP_DIR / ".metadata").is_file():
+        raise FileNotFoundError(f"{folder} is not a sharded (distributed.strategy=fsdp) checkpoint: no {DCP_DIR}/.metadata")
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+        raise ValueError(f"cannot read {folder / 'state.pt'} (missing, truncated or corrupt?): {e}") from None
+    stored = dcp.FileSystemReader(str(folder / DCP_DIR)).read_metadata().state_dict_metadata
+    has_ema = any(k.startswith("ema.") for k in stored)
+    sd = _sharded_state(model, optimizer, ema_model if has_ema else None)
+    dcp.load(sd, checkpoint_id=str(folder / DCP_DIR))
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optimizer, sd["optim"])
+    if ema_model is not None and has_ema:
+        set_model_state_dict(ema_model, sd["ema"])
+    state["has_ema"] = has_ema
     return state

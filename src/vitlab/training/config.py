@@ -118,6 +118,16 @@ class LogSection:
 
 
 @dataclass
+class DistributedSection:
+    """How several ranks (torchrun) share the work: ``strategy`` ``ddp`` (replicated weights,
+    the default) or ``fsdp`` (FSDP2: parameters, gradients, optimizer state and EMA sharded per
+    transformer block, DCP checkpoints); ``compile`` compiles each block before sharding (fsdp)."""
+
+    strategy: str = "ddp"
+    compile: bool = False
+
+
+@dataclass
 class TrainConfig:
     """A whole training run.
 
@@ -135,6 +145,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     distill: DistillSection = field(default_factory=DistillSection)
     log: LogSection = field(default_factory=LogSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     epochs: int = 30
     seed: int = 0
     device: str = "auto"
@@ -189,6 +200,12 @@ class TrainConfig:
             errors.append(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.batch_size <= 0:
             errors.append(f"data.batch_size must be positive, got {self.data.batch_size}")
+        if self.distributed.strategy not in ("ddp", "fsdp"):
+            errors.append(f"distributed.strategy must be ddp or fsdp, got {self.distributed.strategy!r}")
+        elif self.distributed.strategy == "fsdp" and self.precision == "fp16":
+            errors.append("distributed.strategy=fsdp trains in fp32 or bf16 (precision=bf16), not fp16")
+        if self.distributed.compile and self.distributed.strategy != "fsdp":
+            errors.append("distributed.compile compiles each block before FSDP sharding: it needs distributed.strategy=fsdp")
         errors += range_errors(self)
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))

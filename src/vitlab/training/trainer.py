@@ -2,7 +2,7 @@
 
 Per step: the task prepares the batch (to the device, resized to the epoch's size for
 progressive resizing, augmented) -> forward and loss under autocast -> backward
-(accumulated; DDP gradients synchronised on the last micro-batch only) -> the NaN stop ->
+(accumulated; DDP / FSDP gradients synchronised on the last micro-batch only) -> the NaN stop ->
 clip -> optimizer step -> lr schedule -> the task's ``after_step`` -> EMA. Per epoch: evaluation (model and EMA),
 ``metrics.jsonl`` (and TensorBoard when ``log.tensorboard``), an atomic checkpoint. At the
 end: test metrics in ``results.json`` and the task's plots.
@@ -28,10 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..tasks.base import Task, autocast, evaluate_task, resolve_device
 from ..tasks.registry import get_task
-from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
+from .checkpoint import (latest_checkpoint, load_sharded_checkpoint, load_training_checkpoint, save_sharded_checkpoint,
+                         save_training_checkpoint, set_rng_state)
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, GlobalBatchSampler, all_reduce_mean, init_distributed
 from .ema import ModelEma
+from .fsdp import init_fsdp_process_group, prepare_fsdp
 from .optim import WarmupCosineScheduler, build_optimizer
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -108,7 +110,8 @@ class Trainer:
                              "mixup, criterion), not both: the task owns them")
         self.cfg = config
         self.device = resolve_device(config.device)
-        self.dist = init_distributed(self.device)
+        self.fsdp = config.distributed.strategy == "fsdp"
+        self.dist = init_fsdp_process_group(self.device) if self.fsdp else init_distributed(self.device)
         self.log_fn = log
         self.out = Path(output_dir or config.output_dir)
         if self.dist.is_main:
@@ -128,6 +131,11 @@ class Trainer:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
             model.set_grad_checkpointing(True)
+        self.ema: ModelEma | None = None
+        self.scalar_params: list[str] = []  # FSDP: 0-d parameters made 1-D (0-d again in exported files)
+        if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            _, self.ema, self.scalar_params = prepare_fsdp(model, self.device, self.dist.world_size,
+                                                           config.distributed.compile, config.ema_decay)
         self.train_loader = self._loader(train_data, train=True)
         self.val_loader = self._loader(val_data, train=False) if val_data is not None else None
         self.test_loader = self._loader(test_data, train=False) if test_data is not None else None
@@ -142,8 +150,9 @@ class Trainer:
         if self.amp_dtype is torch.float16 and self.device.type != "cuda":
             raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
-        self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
-        if self.dist.enabled:
+        if config.ema_decay and not self.fsdp:
+            self.ema = ModelEma(model, config.ema_decay)
+        if self.dist.enabled and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.epoch = 0
@@ -239,7 +248,9 @@ class Trainer:
             batch = self.task.prepare(raw, self.device, size, gen)
             last_micro = (i + 1) % self.accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext()
-            if self.dist.enabled and not last_micro:
+            if self.fsdp:  # reduce-scatter the gradients on the last micro-batch only
+                model.set_requires_gradient_sync(last_micro)
+            elif self.dist.enabled and not last_micro:
                 sync = model.no_sync()
             with sync:
                 with self._autocast():
@@ -300,10 +311,11 @@ class Trainer:
 
     # ---------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
-        """Everything besides the weights that an exact resume needs (the task's state included)."""
+        """Everything besides the weights that an exact resume needs (the task's state included;
+        with FSDP the optimizer's state goes into the sharded checkpoint instead)."""
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            **({} if self.fsdp else {"optimizer": self.optimizer.state_dict()}),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema_updates": self.ema.updates if self.ema else 0,
@@ -313,7 +325,14 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write this epoch's checkpoint (rank 0 only); returns its folder."""
+        """Write this epoch's checkpoint (rank 0 only; FSDP: every rank its shards); returns its folder."""
+        if self.fsdp:
+            from ..pretrained.io import checkpoint_metadata
+
+            meta = {"vitlab": checkpoint_metadata(self.model, self.task.labels, self.task.name),
+                    "scalar_params": self.scalar_params}
+            return save_sharded_checkpoint(self.out, self.epoch, self.model, self.optimizer, self.state(), meta,
+                                           self.ema.module if self.ema else None, is_main=self.dist.is_main)
         if not self.dist.is_main:
             return None
         return save_training_checkpoint(self.out, self.epoch, unwrap(self.model), self.state(),
@@ -325,14 +344,19 @@ class Trainer:
         folder = Path(folder) if folder is not None else latest_checkpoint(self.out)
         if folder is None:
             return False
-        st = load_training_checkpoint(folder)
-        unwrap(self.model).load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        if self.fsdp:
+            st = load_sharded_checkpoint(folder, self.model, self.optimizer, self.ema.module if self.ema else None)
+        else:
+            st = load_training_checkpoint(folder)
+            unwrap(self.model).load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
         for g in self.optimizer.param_groups:  # keep our extra keys' values from the checkpoint
             g.setdefault("lr_scale", 1.0)
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
-        if self.ema is not None and st.get("ema") is not None:
+        if self.ema is not None and self.fsdp and st["has_ema"]:
+            self.ema.updates = int(st["ema_updates"])
+        elif self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"], int(st["ema_updates"]))
         self.epoch = int(st["epoch"])
         self.step = int(st["step"])
