@@ -50,7 +50,7 @@ class ShardDataset(_ShardMeta, IterableDataset):
         rank, world_size: This rank and the number of ranks; torch.distributed's (or 0 / 1)
             when left out.
         transform: Applied to each (C, H, W) image.
-        return_key: Yield ``(key, item)`` (the sample's key in its shard, e.g. to check coverage).
+        return_key: Yield ``(name, item)``, ``name`` being ``"shard-000003.tar/00000412"`` (e.g. to check coverage).
 
     Raises:
         FileNotFoundError, ShardError: No usable shard set at ``path``.
