@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
