@@ -16,7 +16,7 @@ In-process iteration tracks the position itself; with DataLoader workers use
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -172,19 +172,28 @@ class ShardDataset(_ShardMeta, IterableDataset):
 
     def _generate(self, worker: int, num_workers: int, start: int, tagged: bool) -> Iterator[Any]:
         pos = 0
-        for s, key, members in self._shuffled(worker, num_workers):
-            pos += 1
-            if pos <= start:  # resuming: skipped by reference, never read
-                continue
-            file = self.shard_files[s]
-            item = self.decode(key, read_members(file, members), f"{file.name}:")
-            if self.return_key:
-                item = (f"{file.name}/{key}", item)
-            if tagged:
-                yield item, worker, pos
-            else:
-                self.positions[worker] = pos
-                yield item
+        handles: dict[int, BinaryIO] = {}  # the few shards the buffer is reading from, kept open
+        try:
+            for s, key, members in self._shuffled(worker, num_workers):
+                pos += 1
+                if pos <= start:  # resuming: skipped by reference, never read
+                    continue
+                if s not in handles:
+                    if len(handles) >= 8:
+                        handles.pop(next(iter(handles))).close()
+                    handles[s] = open(self.shard_files[s], "rb")
+                name = self.shard_files[s].name
+                item = self.decode(key, read_members(handles[s], members), f"{name}:")
+                if self.return_key:
+                    item = (f"{name}/{key}", item)
+                if tagged:
+                    yield item, worker, pos
+                else:
+                    self.positions[worker] = pos
+                    yield item
+        finally:
+            for f in handles.values():
+                f.close()
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -341,14 +341,12 @@ def tar_index(file: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, i
     return out
 
 
-def read_members(file: str | os.PathLike, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
-    """The bytes of one sample's members, ``{ext: (offset, size)}`` from :func:`tar_index`."""
-    out = {}
+def read_members(file: str | os.PathLike | BinaryIO, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """The bytes of one sample's members, ``{ext: (offset, size)}`` from :func:`tar_index` (a path or an open file)."""
+    if not isinstance(file, (str, os.PathLike)):
+        return {ext: (file.seek(offset), file.read(size))[1] for ext, (offset, size) in members.items()}
     with open(file, "rb") as f:
-        for ext, (offset, size) in members.items():
-            f.seek(offset)
-            out[ext] = f.read(size)
-    return out
+        return read_members(f, members)
 
 
 def iter_tar_samples(file: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
