@@ -1,7 +1,8 @@
 """Run by tests/test_fsdp.py (alone or under torchrun): the tiny digits ViT through the engine.
 
 ``python fsdp_worker.py MODE OUT [overrides...]``; MODE ``train`` trains (``fit``), ``resume``
-only restores the run's latest checkpoint. Rank 0 then writes the whole (unsharded) state:
+only restores the run's latest checkpoint, ``stop`` trains and exits right after the first
+checkpoint, ``continue`` resumes and trains to the end. Rank 0 then writes the whole (unsharded) state:
 ``OUT/weights.safetensors`` (model and EMA), ``OUT/optim.safetensors`` (per-parameter optimizer
 tensors) and ``OUT/state.json`` (counters, scheduler). A 0-d parameter ``temp`` (a stand-in for
 CLIP's logit scale) scales the logits, so the scalar-to-1-D path is trained too.
@@ -37,7 +38,21 @@ def with_temperature(c):
 
 run_module.get_task(cfg.task).from_config = with_temperature
 trainer = build_trainer(cfg, log=lambda s: None)
-if mode == "train":
+if mode == "stop":  # train, and stop (as a kill would) right after the first epoch's checkpoint
+    original_save = trainer.save
+
+    def save_then_stop():
+        original_save()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(0)
+
+    trainer.save = save_then_stop
+    trainer.fit()
+elif mode == "train":
+    trainer.fit()
+elif mode == "continue":
+    assert trainer.resume(), "no checkpoint to resume"
     trainer.fit()
 else:
     assert trainer.resume(), "no checkpoint to resume"
@@ -60,7 +75,8 @@ if trainer.dist.is_main:
     save_file({k: v.reshape(-1).contiguous() for k, v in optim.items()}, str(out / "optim.safetensors"))
     state = {"epoch": trainer.epoch, "step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
              "ema_updates": trainer.ema.updates if trainer.ema else 0, "history": trainer.history,
-             "lr": [g["lr"] for g in trainer.optimizer.param_groups], "rng": torch.get_rng_state().tolist()}
+             "lr": [g["lr"] for g in trainer.optimizer.param_groups], "rng": torch.get_rng_state().tolist(),
+             "compiled_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
     (out / "state.json").write_text(json.dumps(state, default=str))
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

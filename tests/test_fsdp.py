@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,21 +59,28 @@ def test_strategy_is_validated():
         load_config(None, ["distributed.compile=true"])
 
 
-def test_two_rank_fsdp_equals_one_process_with_the_global_batch(tmp_path):
-    _run(tmp_path / "single", 1, "epochs=2", "data.batch_size=32")  # plain single-process training
-    _run(tmp_path / "fsdp", 2, "epochs=2", "data.batch_size=16", *FSDP)
-    _run(tmp_path / "accum", 2, "epochs=2", "data.batch_size=8", "optim.accumulation_steps=2", *FSDP)
-    ref, _, ref_state = _read(tmp_path / "single")
-    init = None
-    for name in ("fsdp", "accum"):
-        got, _, state = _read(tmp_path / name)
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> dict[str, Path]:
+    """Two epochs of plain single-process training (global batch 32) and of 2-rank FSDP (16 per rank)."""
+    root = tmp_path_factory.mktemp("two_epochs")
+    _run(root / "single", 1, "epochs=2", "data.batch_size=32")
+    _run(root / "fsdp", 2, "epochs=2", "data.batch_size=16", *FSDP)
+    return {"single": root / "single", "fsdp": root / "fsdp"}
+
+
+def test_two_rank_fsdp_equals_one_process_with_the_global_batch(tmp_path, two_epochs):
+    # Accumulation (2 micro-batches of 8 per rank), with activation checkpointing on.
+    _run(tmp_path / "accum", 2, "epochs=2", "data.batch_size=8", "optim.accumulation_steps=2",
+         "model.grad_checkpointing=true", *FSDP)
+    ref, _, ref_state = _read(two_epochs["single"])
+    for name, folder in (("fsdp", two_epochs["fsdp"]), ("accum", tmp_path / "accum")):
+        got, _, state = _read(folder)
         assert state["step"] == ref_state["step"] > 2 and set(got) == set(ref)
         assert any(k.startswith("ema/") for k in got)  # the sharded EMA, gathered
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
-        init = init or got
     # The weights (and the 0-d stand-in for CLIP's logit scale) moved: the comparison is not vacuous.
-    run = tmp_path / "fsdp" / "run" / "checkpoints"
+    run = two_epochs["fsdp"] / "run" / "checkpoints"
     meta = json.loads(next(run.glob("epoch-*/meta.json")).read_text())
     assert meta["scalar_params"] == ["temp"] and meta["vitlab"]["family"]
     assert abs(float(ref["model/temp"]) - 1.25) > 1e-4
@@ -148,3 +156,35 @@ def test_convert_dcp_to_safetensors_and_back_bit_exactly(tmp_path, saved_on_two,
     capsys.readouterr()
     assert cli(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "back"), "--to-dcp"]) != 0
     assert "already exists" in capsys.readouterr().err
+
+
+def test_fsdp_run_stopped_and_resumed_continues_exactly(tmp_path, two_epochs):
+    opts = ["epochs=2", *FSDP]
+    _run(tmp_path / "stopped", 2, *opts, "data.batch_size=16", mode="stop")
+    assert (tmp_path / "stopped" / "run" / "checkpoints" / "latest").read_text() == "epoch-0001"
+    assert not (tmp_path / "stopped" / "weights.safetensors").exists()  # it stopped after epoch 1
+    for nproc in (2, 1):
+        out = tmp_path / f"continued{nproc}"
+        out.mkdir()
+        os.symlink(tmp_path / "stopped" / "run", out / "run")
+        _run(out, nproc, *opts, f"data.batch_size={32 // nproc}", mode="continue")
+        got, _, state = _read(out)
+        ref, _, ref_state = _read(two_epochs["fsdp"])
+        assert state["step"] == ref_state["step"] and state["epoch"] == 2
+        for k in ref:
+            if nproc == 2:  # the same ranks: bit for bit the uninterrupted run
+                assert torch.equal(got[k], ref[k]), f"resumed run differs at {k}"
+            else:  # one rank with the global batch: the same up to summation order
+                torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4, msg=k)
+        shutil.rmtree(tmp_path / "stopped" / "run" / "checkpoints" / "epoch-0002", ignore_errors=True)
+        (tmp_path / "stopped" / "run" / "checkpoints" / "latest").write_text("epoch-0001")
+
+
+def test_blocks_compiled_before_sharding_train_like_eager(tmp_path, two_epochs):
+    _run(tmp_path / "compiled", 1, "epochs=2", "data.batch_size=32", "distributed.compile=true",
+         "model.grad_checkpointing=true", *FSDP)
+    got, _, state = _read(tmp_path / "compiled")
+    ref, _, _ = _read(two_epochs["single"])
+    assert state["compiled_graphs"] > 0
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3, msg=k)

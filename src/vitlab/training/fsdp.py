@@ -32,11 +32,13 @@ STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 
 
 def init_fsdp_process_group(device: torch.device) -> DistInfo:
-    """The torchrun group (as for DDP), or a 1-rank gloo group when run as a single process."""
+    """The torchrun group (as for DDP), or a 1-rank group of its own (gloo; nccl on CUDA) when run
+    as a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return init_distributed(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo()
 
 
