@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark.harness import add_benchmark_command
     from .deploy.onnx_export import add_export_command
     from .evaluation.explain import add_explain_command
+    from .datasets.shards import add_data_command
 
-    for add in (add_benchmark_command, add_export_command, add_explain_command):
+    for add in (add_benchmark_command, add_export_command, add_explain_command, add_data_command):
         add(sub)
     from .tasks.registry import list_inference
 
