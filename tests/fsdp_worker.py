@@ -32,7 +32,7 @@ def with_temperature(c):
     setup = _build(c)
     model = setup.model
     model.temp = nn.Parameter(torch.tensor(1.25))
-    model.head.register_forward_hook(lambda mod, inp, o: o * model.temp)
+    model.register_forward_hook(lambda mod, inp, o: o * mod.temp)  # mod: the model or its EMA copy
     return setup
 
 

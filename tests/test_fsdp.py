@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from safetensors import safe_open
 
+from optional import needs
 from vitlab.cli import main as cli
 from vitlab.pretrained import read_weights
 from vitlab.training import load_config
@@ -82,7 +83,7 @@ def test_two_rank_fsdp_equals_one_process_with_the_global_batch(tmp_path, two_ep
     # The weights (and the 0-d stand-in for CLIP's logit scale) moved: the comparison is not vacuous.
     run = two_epochs["fsdp"] / "run" / "checkpoints"
     meta = json.loads(next(run.glob("epoch-*/meta.json")).read_text())
-    assert meta["scalar_params"] == ["temp"] and meta["vitlab"]["family"]
+    assert meta["scalar_params"] == ["temp"] and meta["vitlab"]["family"] == "vit"  # not FSDPViT
     assert abs(float(ref["model/temp"]) - 1.25) > 1e-4
 
 
@@ -188,3 +189,31 @@ def test_blocks_compiled_before_sharding_train_like_eager(tmp_path, two_epochs):
     assert state["compiled_graphs"] > 0
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+CLIP = ["--task", "clip", "--epochs", "2", "--no-progress", "device=cpu", "augment.affine_p=0.0", "ema_decay=0.9",
+        "model.overrides={patch_size: 4, dim: 16, depth: 1, heads: 2, mlp_dim: 32}",
+        "clip={embed_dim: 16, text_overrides: {dim: 16, depth: 1, heads: 2, mlp_dim: 32}, captions_per_image: 1, "
+        "vocab_size: 64}"]
+
+
+@needs("tokenizers", "sklearn.datasets", extra="pip install 'vitlab[clip,digits]'")
+def test_clip_trains_under_fsdp_like_ddp_and_converts_to_a_loadable_file(tmp_path):
+    """CLIP calls its towers and temperature outside ``forward`` (registered FSDP forward methods)
+    and has a 0-d logit scale; evaluation, plots, the DCP checkpoint and its conversion all work."""
+    import vitlab
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    for name, extra in (("ddp", []), ("fsdp", FSDP)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab.cli",
+               "train", *CLIP, "--output-dir", str(tmp_path / name), *extra]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "fsdp" / "similarity_matrix.png").is_file()  # the task's plot, from rank 0
+    assert cli(["convert", str(tmp_path / "fsdp" / "checkpoints" / "epoch-0002"), str(tmp_path / "clip.safetensors")]) == 0
+    got = load_file(str(tmp_path / "clip.safetensors"))
+    ref = load_file(str(tmp_path / "ddp" / "checkpoints" / "epoch-0002" / "model.safetensors"))
+    assert set(got) == set(ref) and got["logit_scale"].shape == ()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert type(vitlab.load(str(tmp_path / "clip.safetensors"))).__name__ == "CLIP"

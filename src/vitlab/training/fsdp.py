@@ -85,10 +85,19 @@ def scalars_forward(state: dict[str, torch.Tensor], names: list[str]) -> dict[st
     return out
 
 
+#: Methods besides ``forward`` that tasks call on a model with its weights (the backbone contract's
+#: ``forward_*``, CLIP's towers and temperature); on the sharded root they are registered with
+#: ``register_fsdp_forward_method`` so they gather the root's parameters as ``forward`` does. A
+#: model adds its own through a ``fsdp_forward_methods`` attribute (a tuple of names).
+FORWARD_METHODS: tuple[str, ...] = ("forward_features", "forward_head", "forward_intermediates", "image_features",
+                                    "text_features", "encode_image", "encode_text", "itm_logits", "scale")
+
+
 def shard(model: nn.Module, device: torch.device, world_size: int, compile_blocks: bool = False) -> nn.Module:
-    """Compile (optionally) and ``fully_shard`` each block, then ``fully_shard`` the root, in place."""
+    """Compile (optionally) and ``fully_shard`` each block, then ``fully_shard`` the root, in place;
+    the root's :data:`FORWARD_METHODS` are registered as forward methods."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (world_size,))
     units = fsdp_units(model)
@@ -98,6 +107,9 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile_block
     for block in units:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for name in (*FORWARD_METHODS, *getattr(model, "fsdp_forward_methods", ())):
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
     return model
 
 

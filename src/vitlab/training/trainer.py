@@ -134,6 +134,10 @@ class Trainer:
         self.ema: ModelEma | None = None
         self.scalar_params: list[str] = []  # FSDP: 0-d parameters made 1-D (0-d again in exported files)
         if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            from ..pretrained.io import checkpoint_metadata
+
+            # the model's description, taken before fully_shard renames its class (FSDP<Name>)
+            self._meta = checkpoint_metadata(model, self.task.labels, self.task.name)
             _, self.ema, self.scalar_params = prepare_fsdp(model, self.device, self.dist.world_size,
                                                            config.distributed.compile, config.ema_decay)
         self.train_loader = self._loader(train_data, train=True)
@@ -327,10 +331,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Write this epoch's checkpoint (rank 0 only; FSDP: every rank its shards); returns its folder."""
         if self.fsdp:
-            from ..pretrained.io import checkpoint_metadata
-
-            meta = {"vitlab": checkpoint_metadata(self.model, self.task.labels, self.task.name),
-                    "scalar_params": self.scalar_params}
+            meta = {"vitlab": self._meta, "scalar_params": self.scalar_params}
             return save_sharded_checkpoint(self.out, self.epoch, self.model, self.optimizer, self.state(), meta,
                                            self.ema.module if self.ema else None, is_main=self.dist.is_main)
         if not self.dist.is_main:
@@ -388,7 +389,7 @@ class Trainer:
                 if self.val_loader is not None and ((self.epoch + 1) % self.cfg.eval_every == 0 or last):
                     val = self.evaluate(self.val_loader)
                     rec.update(_prefixed("val", val))
-                    if self.dist.is_main:
+                    if self.dist.is_main or self.fsdp:
                         self._after_evaluation(val)
                     if self.ema is not None:
                         rec.update(_prefixed("ema_val", self.evaluate(self.val_loader, self.ema.module)))
@@ -452,18 +453,33 @@ class Trainer:
             results["split"] = split
         if self.dist.is_main:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        if self.dist.is_main or self.fsdp:
             self._plots(final)
         return results
 
+    @contextlib.contextmanager
+    def _hook_dir(self):
+        """Where the task's output hooks write: the run directory on rank 0. Under FSDP every rank
+        runs them (a forward of the sharded model is a collective), the others into a folder thrown away."""
+        if self.dist.is_main:
+            yield self.out
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="vitlab-rank") as tmp:
+                yield Path(tmp)
+
     def _after_evaluation(self, metrics: dict[str, Any]) -> None:
         try:
-            self.task.after_evaluation(self.out, self.epoch + 1, metrics)
+            with self._hook_dir() as out:
+                self.task.after_evaluation(out, self.epoch + 1, metrics)
         except ImportError as e:
             self.log(f"evaluation outputs skipped: {e}")
 
     def _plots(self, final: dict[str, Any] | None) -> None:
         try:
-            self.task.plots(self.out, self.history, final)
+            with self._hook_dir() as out:
+                self.task.plots(out, self.history, final)
         except ImportError as e:
             self.log(f"plots skipped: {e}")
 
