@@ -217,3 +217,39 @@ def test_clip_trains_under_fsdp_like_ddp_and_converts_to_a_loadable_file(tmp_pat
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4, msg=k)
     assert type(vitlab.load(str(tmp_path / "clip.safetensors"))).__name__ == "CLIP"
+
+
+def test_a_failed_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """In one process (a 1-rank group of its own): a save that fails half-way (disk full inside DCP)
+    leaves the previous checkpoint, the ``latest`` pointer and no temporary folder; resuming reads it."""
+    import torch.distributed.checkpoint as dcp
+
+    import toy_task  # noqa: F401  (registers "toy_regression")
+    from vitlab.training import build_trainer
+    from vitlab.training.fsdp import full_model_state
+
+    toy = ["task=toy_regression", "progress=false", "optim.name=adamw", "epochs=2", "ema_decay=0.9",
+           f"output_dir={tmp_path}", *FSDP]
+    trainer = build_trainer(load_config(None, toy), log=lambda s: None)
+    trainer.train_epoch()
+    trainer.epoch = 1
+    trainer.save()
+    saved = full_model_state(trainer.model)
+    trainer.train_epoch()
+    trainer.epoch = 2
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save()
+    monkeypatch.undo()
+    ck = tmp_path / "checkpoints"
+    assert (ck / "latest").read_text() == "epoch-0001"
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch-0001", "latest"]
+    again = build_trainer(load_config(None, toy), log=lambda s: None)
+    assert again.resume() and again.epoch == 1
+    resumed = full_model_state(again.model)
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+    assert not all(torch.equal(saved[k], v) for k, v in full_model_state(trainer.model).items())
