@@ -253,3 +253,11 @@ def test_a_failed_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypa
     resumed = full_model_state(again.model)
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
     assert not all(torch.equal(saved[k], v) for k, v in full_model_state(trainer.model).items())
+
+
+def test_loading_a_sharded_checkpoint_says_to_convert_it(saved_on_two):
+    from vitlab.errors import CheckpointError
+
+    for path in (saved_on_two / "run", saved_on_two / "run" / "checkpoints" / "epoch-0001"):
+        with pytest.raises(CheckpointError, match=r"sharded .*vitlab convert .*epoch-0001 model\.safetensors"):
+            read_weights(path)

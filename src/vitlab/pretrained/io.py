@@ -130,6 +130,9 @@ def read_weights(path: str | Path) -> Checkpoint:
             if path.suffix.lower() in _IMAGE_SUFFIXES else ""
         raise CheckpointError(f"{path} is not a checkpoint{hint}; expected a {'/'.join(WEIGHT_SUFFIXES)} file, "
                               f"a checkpoint folder, a run directory or a run's checkpoints/latest")
+    if path.is_dir() and (path / "dcp" / ".metadata").is_file():  # an FSDP run's sharded checkpoint
+        raise CheckpointError(f"{path} is a sharded (distributed.strategy=fsdp, DCP) checkpoint; gather it into one "
+                              f"file first: vitlab convert {path} model.safetensors (then load model.safetensors)")
     folder = path if path.is_dir() else path.parent
     file = find_weights_file(path) if path.is_dir() else path
     meta: dict[str, str] = {}
