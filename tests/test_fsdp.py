@@ -219,7 +219,16 @@ def test_clip_trains_under_fsdp_like_ddp_and_converts_to_a_loadable_file(tmp_pat
     assert type(vitlab.load(str(tmp_path / "clip.safetensors"))).__name__ == "CLIP"
 
 
-def test_a_failed_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def own_group():
+    """The engine joins a 1-rank group of its own in this process: none is left behind for later
+    tests (a forked worker would inherit it and fail to join its own)."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_a_failed_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, own_group):
     """In one process (a 1-rank group of its own): a save that fails half-way (disk full inside DCP)
     leaves the previous checkpoint, the ``latest`` pointer and no temporary folder; resuming reads it."""
     import torch.distributed.checkpoint as dcp

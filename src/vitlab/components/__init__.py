@@ -26,10 +26,10 @@ from .embeddings import (
 )
 from .layers import ACT_LAYERS, Block, QuickGELU, DropPath, LayerScale, Mlp, checkpoint_seq, drop_path, drop_path_rates, tokens_to_map
 from .tome import ToMeState, apply_tome, remove_tome, tome, tome_state, unmerge_tokens
-from .evit import EViTState, apply_evit, evit, evit_state, remove_evit
-from .sparse_attention import (
-    SparseAttentionState, apply_sparse_attention, remove_sparse_attention, sparse_attention, sparse_attention_state,
-)
+# Not the context managers ``evit`` / ``sparse_attention``: they would shadow their modules'
+# names on the package (``vitlab.components.evit`` must stay the module).
+from .evit import EViTState, apply_evit, evit_state, remove_evit
+from .sparse_attention import SparseAttentionState, apply_sparse_attention, remove_sparse_attention, sparse_attention_state
 from .layout import AttentionLayout, FeatureLayout, Segment, SegmentKey, TokenGrid, TokenLayout, square_cell
 
 __all__ = [
@@ -40,8 +40,7 @@ __all__ = [
     "LearnedPosEmbed",
     "ACT_LAYERS", "QuickGELU", "Block", "DropPath", "LayerScale", "Mlp", "checkpoint_seq", "drop_path", "drop_path_rates", "tokens_to_map",
     "ToMeState", "apply_tome", "remove_tome", "tome", "tome_state", "unmerge_tokens",
-    "EViTState", "apply_evit", "evit", "evit_state", "remove_evit",
-    "SparseAttentionState", "apply_sparse_attention", "remove_sparse_attention", "sparse_attention",
-    "sparse_attention_state",
+    "EViTState", "apply_evit", "evit_state", "remove_evit",
+    "SparseAttentionState", "apply_sparse_attention", "remove_sparse_attention", "sparse_attention_state",
     "AttentionLayout", "FeatureLayout", "Segment", "SegmentKey", "TokenGrid", "TokenLayout", "square_cell",
 ]
