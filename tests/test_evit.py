@@ -226,3 +226,18 @@ def test_refusals():
     model.set_grad_checkpointing(True)
     with pytest.raises(ValueError, match="checkpointing"):
         apply_evit(model, 0.5)
+
+
+def test_evit_and_token_merging_refuse_each_other():
+    from vitlab.components.tome import apply_tome, remove_tome, tome_state
+
+    model = make("vit")
+    apply_tome(model, 2)
+    with pytest.raises(ValueError, match="remove_tome"):
+        apply_evit(model, 0.5)
+    assert tome_state(model).r  # token merging is still in place
+    remove_tome(model)
+    apply_evit(model, 0.5)
+    with pytest.raises(ValueError, match="remove_evit"):
+        apply_tome(model, 2)
+    assert "_tome_state" not in model.__dict__

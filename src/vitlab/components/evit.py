@@ -269,6 +269,8 @@ def apply_evit(model: nn.Module, keep_rate: float | Sequence[float], locations: 
     if metric not in ("cls", "mean"):
         raise ValueError(f"metric must be 'cls' (class-token attention) or 'mean' (mean attention received), "
                          f"got {metric!r}")
+    if "_tome_state" in model.__dict__:
+        raise ValueError("EViT and token merging both replace the blocks' forward: call remove_tome(model) first")
     remove_evit(model)
     blocks = _evit_blocks(model)
     names = [n for n, _ in blocks]

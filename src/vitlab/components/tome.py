@@ -390,6 +390,8 @@ def apply_tome(model: nn.Module, r: Schedule, prop_attn: bool = True, trace_sour
     if getattr(model, "grad_checkpointing", False):
         raise ValueError("token merging does not work with activation checkpointing (a recomputed block would "
                          "merge twice): call model.set_grad_checkpointing(False) first")
+    if "_evit_state" in model.__dict__:
+        raise ValueError("token merging and EViT both replace the blocks' forward: call remove_evit(model) first")
     remove_tome(model)
     blocks = _tome_blocks(model)
     names = [n for n, _ in blocks]
