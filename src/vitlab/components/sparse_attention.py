@@ -204,7 +204,8 @@ def _sparse_forward(attn: Attention, state: SparseAttentionState) -> Callable[..
         if n != state.num_tokens:
             raise ValueError(f"sparse attention was set up for {state.prefix} prefix token(s) + a "
                              f"{state.grid[0]}x{state.grid[1]} grid ({state.num_tokens} tokens), got {n} tokens: "
-                             "pass image_size=<the input size> to apply_sparse_attention")
+                             "pass image_size=<the input size> to apply_sparse_attention (token merging and EViT "
+                             "change the token count between blocks: they do not combine with sparse attention)")
         q, k, v = attn.qkv_heads(x)  # each (B, heads, N, d)
         why = _flex_refusal(attn, state, attn_bias, q)
         if why is None:
